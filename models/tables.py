@@ -1,0 +1,122 @@
+"""The results store: jobs, their requests, and one result row per (request, sample)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, BigId
+
+
+class JobStatus:
+    SUBMITTING = "submitting"  # rows being written / messages being sent by `producer submit`
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    FINAL = (COMPLETED, FAILED, CANCELLED)
+
+
+class RequestStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[Optional[str]] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(500))
+    source: Mapped[Optional[str]] = mapped_column(Text)
+    """The submitted file's path."""
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.SUBMITTING, index=True)
+    defaults: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Job-level sampling defaults from the submit flags; a request's own params override them."""
+    total_requests: Mapped[int] = mapped_column(Integer, default=0)
+    total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Expected result rows: the sum of n over the requests."""
+    done_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    rejected_count: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    """Set once every request's message is on the queue; NULL means the submit did not finish."""
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id}, model={self.model!r}, status={self.status!r}, total={self.total_requests})"
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("job_id", "custom_id"),
+        Index("ix_requests_job_id_status", "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    line_no: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    prompt: Mapped[Optional[str]] = mapped_column(Text)
+    messages: Mapped[Optional[list[dict[str, str]]]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Only the sampling values set on this request's line."""
+    meta: Mapped[Optional[dict[str, Any]]] = mapped_column("metadata", JSON)
+    status: Mapped[str] = mapped_column(String(20), default=RequestStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    worker: Mapped[Optional[str]] = mapped_column(String(300))
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, job_id={self.job_id}, custom_id={self.custom_id!r}, status={self.status!r})"
+
+
+class Result(Base):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("request_id", "sample_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sample_index: Mapped[int] = mapped_column(Integer, default=0)
+    text: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(20))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The sampling parameters actually used, with this sample's seed."""
+    seed: Mapped[Optional[int]] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(500))
+    dtype: Mapped[str] = mapped_column(String(20))
+    quantization: Mapped[str] = mapped_column(String(20))
+    worker_host: Mapped[str] = mapped_column(String(300))
+    device: Mapped[str] = mapped_column(String(50))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    generation_seconds: Mapped[float] = mapped_column(Float)
+
+    def __repr__(self) -> str:
+        return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"
+
+
+class Reject(Base):
+    """A line that `submit --skip-invalid` left out, with why."""
+
+    __tablename__ = "rejects"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    line_no: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)

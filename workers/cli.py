@@ -1,0 +1,87 @@
+"""`workers start`: a Celery worker that holds one model and consumes that model's queue."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import click
+
+from models.db import SchemaBehind, check_schema, make_engine
+from workers import registry
+from workers.settings import ENV_PREFIX, get_settings, redact
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run generation workers."""
+
+
+@main.command()
+@click.option("--model", default=None, help="Model alias, local model directory or cached model id [env BULKGEN_MODEL].")
+@click.option("--device", default=None, help="cpu or cuda:N; one worker process per GPU [env BULKGEN_DEVICE].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weights' precision [env BULKGEN_DTYPE].")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Worker processes (each loads the model). CPU only; a GPU gets one.")
+@click.option("--batch-size", type=int, default=None, help="Most rows (requests x samples) per engine batch [env BULKGEN_BATCH_SIZE].")
+@click.option("--database-url", default=None, help="Results store URL [env BULKGEN_DATABASE_URL].")
+@click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_BROKER_URL].")
+@click.option("--loglevel", default="INFO", show_default=True)
+def start(model, device, dtype, concurrency, batch_size, database_url, broker_url, loglevel) -> None:  # type: ignore[no-untyped-def]
+    """Start a worker that loads MODEL once per process and generates what its queue holds.
+
+    \b
+    Examples:
+      workers start                                  # bundled SmolLM2 on the CPU
+      workers start --model ./my-model --device cuda:0
+      for i in 0 1 2 3; do workers start --device cuda:$i & done   # one per GPU
+    """
+    overrides = {
+        "MODEL": model, "DEVICE": device, "DTYPE": dtype, "BATCH_SIZE": batch_size,
+        "DATABASE_URL": database_url, "BROKER_URL": broker_url,
+    }
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        if value is not None:
+            env[ENV_PREFIX + key] = str(value)
+    os.environ.update(env)
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    if concurrency < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--concurrency")
+    device = settings.device
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise click.BadParameter(f"must be cpu or cuda:N, got {device!r}", param_hint="--device")
+    if device.startswith("cuda") and concurrency != 1:
+        raise click.BadParameter("a GPU worker runs one process; start one worker per GPU", param_hint="--concurrency")
+    if device == "cpu" and settings.dtype == "float16":
+        raise click.BadParameter("float16 does not run on the CPU; use float32 or bfloat16", param_hint="--dtype")
+    try:
+        spec = registry.resolve(settings.model)
+    except registry.ModelNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        check_schema(make_engine(settings.database_url))
+    except SchemaBehind as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # an unreachable database at start-up is a user error, not a traceback
+        raise click.ClickException(f"cannot reach the database {redact(settings.database_url)}: {exc}") from None
+
+    env["BULKGEN_POOL_SIZE"] = str(concurrency)
+    click.echo(
+        f"worker: model {spec.name} ({spec.kind}), device {device}, dtype {settings.dtype}, "
+        f"queue {spec.queue}, broker {redact(settings.broker_url)}, store {redact(settings.database_url)}",
+        err=True,
+    )
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "--queues", spec.queue,
+        "--pool", "prefork",
+        "--concurrency", str(concurrency),
+        "--hostname", f"bulkgen-{spec.queue}-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", loglevel,
+        "--events",
+    ]
+    os.execve(sys.executable, argv, env)

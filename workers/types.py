@@ -1,0 +1,87 @@
+"""The data that crosses the engine's boundary: requests with their sampling parameters in, results out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k filter (transformers' implicit top_k=50 is never applied)."""
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    """Seed of sample 0; sample i uses seed + i. None: the engine picks one and reports it."""
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    num_beams: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.num_beams > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "n": self.n,
+            "num_beams": self.num_beams,
+        }
+
+
+@dataclass
+class GenerationRequest:
+    """Exactly one of prompt (raw completion) and messages (chat, rendered with the chat template)."""
+
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass
+class Sample:
+    text: str
+    finish_reason: str
+    """'stop' (EOS or a stop string) or 'length' (max_new_tokens reached)."""
+    completion_tokens: int
+    seed: int | None
+    """The seed this sample was drawn with (None for greedy and beam search)."""
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    samples: list[Sample]
+    """n samples, in sample-index order; empty when error is set."""
+    error: str | None = None
+    """A permanent, per-request failure (e.g. the prompt does not fit the context)."""
+
+
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n", "num_beams")
+
+
+def resolve_params(job_defaults: dict[str, Any], overrides: dict[str, Any]) -> SamplingParams:
+    """Merge a job's defaults (from submit flags) with one line's own values; the line wins.
+
+    A temperature given nowhere means 1.0 for sampling rows and greedy for beam-search rows.
+    """
+    merged: dict[str, Any] = {}
+    for name in SAMPLING_FIELDS:
+        if overrides.get(name) is not None:
+            merged[name] = overrides[name]
+        elif job_defaults.get(name) is not None:
+            merged[name] = job_defaults[name]
+    if "temperature" not in merged:
+        merged["temperature"] = 0.0 if merged.get("num_beams", 1) > 1 else 1.0
+    if "stop" in merged:
+        merged["stop"] = list(merged["stop"])
+    return SamplingParams(**merged)
