@@ -71,7 +71,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     {"prompt": "Once upon a time", "max_new_tokens": 50}
     {"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.7, "n": 3}
     """
-    from producer.reader import EmptyInput, format_error
+    from producer.reader import EmptyInput, InputFileError, format_error
     from producer.schema import validate_defaults
     from producer.submit import enqueue_job, store_job, validate_file
     from workers.registry import ModelNotFound, context_length
@@ -94,7 +94,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
 
     try:
         validation = validate_file(file, defaults, context)
-    except EmptyInput as exc:
+    except (EmptyInput, InputFileError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"{file}: {exc.strerror or exc}") from None

@@ -1,0 +1,28 @@
+"""compose.yaml is valid and passes only settings the code reads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from workers.settings import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_services_and_settings() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"redis", "postgres", "migrate", "worker"} <= set(services)
+    assert services["migrate"]["command"] == ["producer", "db", "upgrade"]
+    assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for name in ("migrate", "worker"):
+        env = services[name]["environment"]
+        bulkgen_vars = {key for key in env if key.startswith(ENV_PREFIX)}
+        assert bulkgen_vars, name
+        assert bulkgen_vars <= known, bulkgen_vars - known
+    assert services["worker"]["environment"]["BULKGEN_DEVICE"].startswith("cuda")
+    assert (ROOT / "Dockerfile").is_file()
