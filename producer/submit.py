@@ -60,7 +60,7 @@ def _request_row(job_id: int, outcome: LineOutcome) -> dict[str, Any]:
         "prompt": request.prompt,
         "messages": request.messages,
         "params": request.params,
-        "meta": request.metadata,
+        "metadata": request.metadata,  # the column name (the ORM attribute is Request.meta)
         "status": "queued",
         "attempts": 0,
     }

@@ -79,7 +79,6 @@ class WorkerProcess:
         )
 
     def output(self) -> str:
-        self.log.flush()
         return self.log_path.read_text()
 
     def stop(self, timeout: float = 30) -> None:
