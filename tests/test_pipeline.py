@@ -135,3 +135,56 @@ def test_refuses_a_schema_that_is_behind(tmp_path: Path, broker_url: str) -> Non
     assert "producer db upgrade" in worker.output()
     assert producer(["db", "upgrade"], env).returncode == 0
     assert producer(["submit", str(prompts), "--model", TINY], env).returncode == 0
+
+
+def test_real_model_end_to_end(pg_url: str, broker_url: str, tmp_path: Path) -> None:
+    """The bundled SmolLM2 through the whole pipeline into PostgreSQL; counts checked with its own tokenizer."""
+    import torch
+
+    from workers.engine import Engine
+    from workers.registry import SMOLLM2, resolve
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    lines = [
+        {"custom_id": "greedy", "messages": question, "temperature": 0, "max_new_tokens": 24},
+        {"custom_id": "seeded-a", "messages": [{"role": "user", "content": "Name a fruit."}], "temperature": 0.9, "seed": 5, "max_new_tokens": 20},
+        {"custom_id": "seeded-b", "messages": [{"role": "user", "content": "Name a fruit."}], "temperature": 0.9, "seed": 5, "max_new_tokens": 20},
+        {"custom_id": "raw", "prompt": "The three primary colours are", "temperature": 0, "max_new_tokens": 16},
+        {"custom_id": "stopped", "prompt": "1, 2, 3, 4,", "temperature": 0, "stop": [" 7"], "max_new_tokens": 30},
+    ]
+    env = env_for(pg_url, broker_url)
+    prompts = write_jsonl(tmp_path / "real.jsonl", lines)
+    job_id = int(producer(["submit", str(prompts)], env, check=True).stdout.split()[-1])
+    worker = WorkerProcess(env, model=SMOLLM2)
+    try:
+        assert wait_for_job(pg_url, job_id, timeout=400) == "completed", worker.output()[-3000:]
+    finally:
+        worker.stop()
+    rows = {
+        r["custom_id"]: r
+        for r in _rows(pg_url, "SELECT q.custom_id, r.* FROM results r JOIN requests q ON q.id = r.request_id WHERE r.job_id = :j", j=job_id)
+    }
+    assert set(rows) == {line["custom_id"] for line in lines}
+
+    engine = Engine.load(resolve(SMOLLM2), "cpu", "float32")
+    tokenizer = engine.tokenizer
+    rendered = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user" in rendered
+    prompt_ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    assert rows["greedy"]["prompt_tokens"] == len(prompt_ids)
+    assert rows["raw"]["prompt_tokens"] == len(tokenizer("The three primary colours are", add_special_tokens=False).input_ids)
+    for name in ("greedy", "raw", "seeded-a"):
+        assert rows[name]["completion_tokens"] == len(tokenizer(rows[name]["text"], add_special_tokens=False).input_ids), name
+    assert "Paris" in rows["greedy"]["text"]
+    assert rows["seeded-a"]["text"] == rows["seeded-b"]["text"] and rows["seeded-a"]["seed"] == 5
+    assert rows["stopped"]["finish_reason"] == "stop" and " 7" not in rows["stopped"]["text"]
+    assert rows["stopped"]["text"].startswith(" 5, 6,")
+
+    # temperature 0 is exactly transformers' greedy search
+    with torch.inference_mode():
+        reference = engine.model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False, max_new_tokens=24, top_k=None, top_p=None,
+        )
+    expected = tokenizer.decode(reference[0, len(prompt_ids):], skip_special_tokens=True)
+    assert rows["greedy"]["text"] == expected
