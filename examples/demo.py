@@ -46,21 +46,26 @@ def main() -> int:
     print(f"worker started (pid {worker.pid}, log {WORKDIR / 'worker.log'}); it loads the model once", flush=True)
     try:
         started = time.monotonic()
-        submitted = subprocess.run(
+        submit = subprocess.Popen(
             [sys.executable, "-c", "import sys; from producer.cli import main; sys.exit(main())",
              "submit", "examples/prompts.jsonl", "--name", "demo", "--wait"],
             env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
         )
-        job_id = submitted.stdout.strip().splitlines()[-1] if submitted.stdout.strip() else None
-        if worker.poll() is not None:
-            print((WORKDIR / "worker.log").read_text(), file=sys.stderr)
-            return 1
+        while submit.poll() is None:
+            if worker.poll() is not None:  # don't wait forever on a worker that died
+                submit.kill()
+                print((WORKDIR / "worker.log").read_text()[-5000:], file=sys.stderr)
+                print("the worker exited; its log is above", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        output = submit.stdout.read() if submit.stdout else ""
+        job_id = output.strip().splitlines()[-1] if output.strip() else None
         if job_id is None:
             return 1
         cli("producer.cli", "results", job_id, "--table", env=env)
         cli("producer.cli", "status", job_id, env=env)
         print(f"demo finished in {time.monotonic() - started:.0f}s; results are in {WORKDIR / 'store.db'}")
-        return submitted.returncode
+        return submit.returncode
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
