@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -22,7 +23,8 @@ def watch(db: Engine, job_id: int, poll_s: float = 0.5) -> str:
         TimeRemainingColumn(),
     )
     started = time.monotonic()
-    with Progress(*columns, transient=False) as progress:
+    # stderr, so that stdout keeps only the job id for scripts
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task("generating", total=None, job=job_id, rate=0.0)
         while True:
             with Session(db) as session:

@@ -23,12 +23,13 @@ def main() -> None:
 @click.option("--model", default=None, help="Model alias, local model directory or cached model id [env BULKGEN_MODEL].")
 @click.option("--device", default=None, help="cpu or cuda:N; one worker process per GPU [env BULKGEN_DEVICE].")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weights' precision [env BULKGEN_DTYPE].")
+@click.option("--quantize", type=click.Choice(("none", "int8", "int4")), default=None, help="Weight quantization [env BULKGEN_QUANTIZE].")
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Worker processes (each loads the model). CPU only; a GPU gets one.")
 @click.option("--batch-size", type=int, default=None, help="Most rows (requests x samples) per engine batch [env BULKGEN_BATCH_SIZE].")
 @click.option("--database-url", default=None, help="Results store URL [env BULKGEN_DATABASE_URL].")
 @click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_BROKER_URL].")
 @click.option("--loglevel", default="INFO", show_default=True)
-def start(model, device, dtype, concurrency, batch_size, database_url, broker_url, loglevel) -> None:  # type: ignore[no-untyped-def]
+def start(model, device, dtype, quantize, concurrency, batch_size, database_url, broker_url, loglevel) -> None:  # type: ignore[no-untyped-def]
     """Start a worker that loads MODEL once per process and generates what its queue holds.
 
     \b
@@ -38,7 +39,7 @@ def start(model, device, dtype, concurrency, batch_size, database_url, broker_ur
       for i in 0 1 2 3; do workers start --device cuda:$i & done   # one per GPU
     """
     overrides = {
-        "MODEL": model, "DEVICE": device, "DTYPE": dtype, "BATCH_SIZE": batch_size,
+        "MODEL": model, "DEVICE": device, "DTYPE": dtype, "QUANTIZE": quantize, "BATCH_SIZE": batch_size,
         "DATABASE_URL": database_url, "BROKER_URL": broker_url,
     }
     env = dict(os.environ)

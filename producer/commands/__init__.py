@@ -1,0 +1,1 @@
+"""One module per group of producer commands; producer.cli registers them."""
