@@ -16,6 +16,8 @@ from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
+STANDIN = "stand-in"
+"""Not a model: workers.standin returns fixed text at once, to measure the queue and the store alone."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONTEXT = 8192
 TINY_CONTEXT = 2048
@@ -30,7 +32,8 @@ class ModelSpec:
     name: str
     """The name users give (--model)."""
     kind: str
-    """'gguf' (bundled SmolLM2), 'tiny' (random Llama for tests) or 'pretrained' (a directory or cached id)."""
+    """'gguf' (bundled SmolLM2), 'tiny' (random Llama for tests), 'pretrained' (a directory or cached id)
+    or 'stand-in' (no model: workers.standin)."""
     path: str
     """Directory to load from (for 'tiny': where its tokenizer comes from)."""
     gguf_file: str | None
@@ -86,6 +89,8 @@ def resolve(name: str) -> ModelSpec:
         return ModelSpec(name, "gguf", str(smollm2_dir()), SMOLLM2_GGUF, SMOLLM2_CONTEXT)
     if name == TINY:
         return ModelSpec(name, "tiny", str(smollm2_dir()), SMOLLM2_GGUF, TINY_CONTEXT)
+    if name == STANDIN:
+        return ModelSpec(name, "stand-in", "", None, TINY_CONTEXT)
     path = Path(name).expanduser()
     looked = [f"the aliases {SMOLLM2!r} and {TINY!r}", f"a directory {path.resolve()}"]
     if path.is_dir():
@@ -115,6 +120,6 @@ def context_length(name: str) -> int:
     """The model's context, known for the aliases without their files (a producer may not hold the model)."""
     if name == SMOLLM2:
         return SMOLLM2_CONTEXT
-    if name == TINY:
+    if name in (TINY, STANDIN):
         return TINY_CONTEXT
     return resolve(name).context_length

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.db import check_schema, make_engine, session_factory, utcnow
 from models.store import Outcome, claim_requests, record_outcomes
 from workers import registry
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 from workers.types import GenerationRequest, GenerationResult, resolve_params
 
 if TYPE_CHECKING:
     from workers.engine import Engine
+    from workers.standin import StandInEngine
 
 log = logging.getLogger("bulkgen.worker")
 T = TypeVar("T")
@@ -31,7 +32,7 @@ class TransientError(Exception):
 
 @dataclass
 class WorkerState:
-    engine: "Engine"
+    engine: "Engine | StandInEngine"
     sessions: sessionmaker[Session]
     model: str
     device: str
@@ -50,15 +51,8 @@ def init_process() -> WorkerState:
     db = make_engine(settings.database_url)
     check_schema(db)
     spec = registry.resolve(settings.model)
-    import torch
-
-    from workers.engine import Engine
-
-    children = int(os.environ.get("BULKGEN_POOL_SIZE", "1"))
-    if settings.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, children)))
     started = time.perf_counter()
-    engine = Engine.load(spec, settings.device, settings.dtype, settings.quantize, settings.batch_size)
+    engine = _load_engine(spec, settings)
     log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, time.perf_counter() - started)
     _state = WorkerState(
         engine=engine,
@@ -68,6 +62,21 @@ def init_process() -> WorkerState:
         worker=f"{socket.gethostname()}:{os.getpid()}",
     )
     return _state
+
+
+def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | StandInEngine":
+    if spec.kind == "stand-in":
+        from workers.standin import StandInEngine
+
+        return StandInEngine(spec.name)
+    import torch
+
+    from workers.engine import Engine
+
+    children = int(os.environ.get("BULKGEN_POOL_SIZE", "1"))
+    if settings.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, children)))
+    return Engine.load(spec, settings.device, settings.dtype, settings.quantize, settings.batch_size)
 
 
 def with_db_retry(action: Callable[[], T], *, attempts: int = 8, first_wait_s: float = 0.5) -> T:
