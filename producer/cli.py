@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from producer.commands import db, jobs, submit
+from producer.commands import db, jobs, results, submit
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -22,5 +22,5 @@ def main() -> None:
 main.add_command(submit.submit)
 main.add_command(jobs.jobs)
 main.add_command(jobs.status)
-main.add_command(jobs.results)
+main.add_command(results.results)
 main.add_command(db.db)

@@ -1,9 +1,7 @@
-"""Reading jobs: `producer jobs`, `producer status`, `producer results`."""
+"""Reading jobs: `producer jobs`, `producer status`."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import click
 
@@ -41,35 +39,3 @@ def status(job_id: int, as_json: bool, database_url: str | None) -> None:
         click.echo(json.dumps(info, default=str, indent=2))
     else:
         print_status(info)
-
-
-@click.command()
-@click.argument("job_id", type=int)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSONL here instead of stdout.")
-@click.option("--table", is_flag=True, help="Print a table instead of JSONL.")
-@database_option
-def results(job_id: int, output: Path | None, table: bool, database_url: str | None) -> None:
-    """Export a job's results as JSONL: custom_id, sample_index, text, token counts, finish_reason, metadata.
-
-    Failed requests appear with their error instead of a text. Streams: any size in bounded memory.
-    """
-    from producer.views import print_results_table, result_records
-
-    db = open_store(settings_with(database_url))
-    from models.tables import Job
-    from sqlalchemy.orm import Session
-
-    with Session(db) as session:
-        if session.get(Job, job_id) is None:
-            raise click.ClickException(f"no job {job_id}")
-    records = result_records(db, job_id)
-    if table:
-        print_results_table(records)
-        return
-    out = output.open("w", encoding="utf-8") if output else sys.stdout
-    try:
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()

@@ -1,0 +1,59 @@
+"""`producer results`: export a job's results, streamed, as JSONL, CSV, Parquet or OpenAI Batch output."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from sqlalchemy.orm import Session
+
+from producer.context import database_option, open_store, settings_with
+from producer.export import FORMATS, flat_records, write_csv, write_jsonl, write_openai, write_parquet
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True, help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of stdout (required for parquet).")
+@click.option("--table", is_flag=True, help="Print a table for reading in a terminal instead.")
+@database_option
+def results(job_id: int, fmt: str, output: Path | None, table: bool, database_url: str | None) -> None:
+    """Export a job's results: custom_id, sample_index, text, token counts, finish_reason, seed, metadata.
+
+    Requests without a result (failed, cancelled, not done yet) appear with their status and error.
+    Streams: a job of any size exports in bounded memory.
+
+    \b
+    producer results 7 -o out.jsonl
+    producer results 7 --format openai -o batch_output.jsonl   # OpenAI Batch output format
+    producer results 7 --format parquet -o out.parquet         # pandas / datasets.load_dataset("parquet", ...)
+    """
+    from models.tables import Job
+
+    db = open_store(settings_with(database_url))
+    with Session(db) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise click.ClickException(f"no job {job_id}")
+        model = job.model
+    if table:
+        from producer.views import print_results_table
+
+        print_results_table(flat_records(db, job_id))
+        return
+    if fmt == "parquet":
+        if output is None:
+            raise click.BadParameter("parquet needs a file: -o results.parquet", param_hint="--output")
+        write_parquet(db, job_id, str(output))
+        return
+    out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        if fmt == "jsonl":
+            write_jsonl(db, job_id, out)
+        elif fmt == "csv":
+            write_csv(db, job_id, out)
+        else:
+            write_openai(db, job_id, out, model)
+    finally:
+        if output:
+            out.close()

@@ -1,0 +1,156 @@
+"""Writing a job's results as JSONL, CSV, Parquet or the OpenAI Batch output format, streamed.
+
+Every writer takes records one request at a time from the store (models.store.iter_results, keyset
+pagination), so a job of a million results exports in bounded memory.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timezone
+from itertools import groupby
+from typing import IO, Any
+
+from sqlalchemy import Engine
+
+from models.store import iter_results
+from models.tables import Request, Result
+
+FORMATS = ("jsonl", "csv", "parquet", "openai")
+FLAT_COLUMNS = (
+    "custom_id", "sample_index", "status", "text", "finish_reason", "prompt_tokens", "completion_tokens",
+    "seed", "error", "metadata",
+)
+
+
+@dataclass
+class RequestResults:
+    request: Request
+    results: list[Result] = field(default_factory=list)
+
+
+def iter_request_results(db: Engine, job_id: int) -> Iterator[RequestResults]:
+    """Each request of the job with all its results, in line order."""
+    for _, pairs in groupby(iter_results(db, job_id), key=lambda pair: pair[0].id):
+        pairs = list(pairs)
+        yield RequestResults(pairs[0][0], [result for _, result in pairs if result is not None])
+
+
+def flat_records(db: Engine, job_id: int) -> Iterator[dict[str, Any]]:
+    """One record per result (per request when it has none: failed, cancelled or not yet done)."""
+    for item in iter_request_results(db, job_id):
+        request = item.request
+        base = {"custom_id": request.custom_id, "status": request.status, "error": request.error, "metadata": request.meta}
+        if not item.results:
+            yield {**dict.fromkeys(FLAT_COLUMNS), **base}
+            continue
+        for result in item.results:
+            yield {
+                **base,
+                "sample_index": result.sample_index,
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "seed": result.seed,
+            }
+
+
+def write_jsonl(db: Engine, job_id: int, out: IO[str]) -> int:
+    count = 0
+    for record in flat_records(db, job_id):
+        if record["text"] is not None:
+            record = {k: v for k, v in record.items() if k not in ("status", "error")}
+        else:
+            record = {k: record[k] for k in ("custom_id", "status", "error", "metadata")}
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+def write_csv(db: Engine, job_id: int, out: IO[str]) -> int:
+    writer = csv.DictWriter(out, fieldnames=FLAT_COLUMNS)
+    writer.writeheader()
+    count = 0
+    for record in flat_records(db, job_id):
+        record["metadata"] = None if record["metadata"] is None else json.dumps(record["metadata"], ensure_ascii=False)
+        writer.writerow(record)
+        count += 1
+    return count
+
+
+def write_parquet(db: Engine, job_id: int, path: str, row_group: int = 10_000) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("custom_id", pa.string()), ("sample_index", pa.int32()), ("status", pa.string()), ("text", pa.string()),
+        ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+        ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()),
+    ])
+    count = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        batch: list[dict[str, Any]] = []
+        for record in flat_records(db, job_id):
+            record["metadata"] = None if record["metadata"] is None else json.dumps(record["metadata"], ensure_ascii=False)
+            batch.append(record)
+            if len(batch) == row_group:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                count += len(batch)
+                batch = []
+        if batch or count == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            count += len(batch)
+    return count
+
+
+def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
+    """One line of the OpenAI Batch output format for a request and its n results."""
+    request = item.request
+    line: dict[str, Any] = {"id": f"batch_req_{request.id}", "custom_id": request.custom_id, "response": None, "error": None}
+    if not item.results:
+        reason = request.error or f"request is {request.status}"
+        line["error"] = {"code": "failed" if request.status == "failed" else request.status, "message": reason}
+        return line
+    chat = request.messages is not None
+    choices = []
+    for result in item.results:
+        choice: dict[str, Any] = {"index": result.sample_index, "finish_reason": result.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice["text"] = result.text
+        choices.append(choice)
+    prompt_tokens = item.results[0].prompt_tokens
+    completion_tokens = sum(r.completion_tokens for r in item.results)
+    finished = max(r.finished_at for r in item.results)
+    created = int((finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc)).timestamp())
+    line["response"] = {
+        "status_code": 200,
+        "request_id": f"req_{request.id}",
+        "body": {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request.id}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        },
+    }
+    return line
+
+
+def write_openai(db: Engine, job_id: int, out: IO[str], model: str) -> int:
+    count = 0
+    for item in iter_request_results(db, job_id):
+        out.write(json.dumps(openai_line(item, model), ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+

@@ -1,0 +1,103 @@
+"""Exports stream every request of a job, in each format, with the right fields and types."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from models.db import make_engine, session_factory, utcnow
+from models.store import Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, set_job_totals
+from producer.cli import main
+
+
+def _job_with_results(url: str) -> int:
+    """A job of three requests: a chat one with n=2, a raw one, and one that failed."""
+    db = make_engine(url)
+    with db.begin() as c:
+        job_id = create_job(c, name="x", model="tiny-random-llama", source=None, defaults={})
+        insert_requests(c, [
+            {"job_id": job_id, "line_no": 1, "custom_id": "chat", "prompt": None, "messages": [{"role": "user", "content": "hi"}],
+             "params": {"n": 2}, "metadata": {"k": 1}, "status": "queued", "attempts": 0},
+            {"job_id": job_id, "line_no": 2, "custom_id": "raw", "prompt": "once", "messages": None, "params": {},
+             "metadata": None, "status": "queued", "attempts": 0},
+            {"job_id": job_id, "line_no": 3, "custom_id": "bad", "prompt": "x" * 10, "messages": None, "params": {},
+             "metadata": None, "status": "queued", "attempts": 0},
+        ])
+        set_job_totals(c, job_id, total_requests=3, total_samples=4, rejected=0)
+        mark_enqueued(c, job_id)
+    sessions = session_factory(db)
+    with sessions() as s:
+        claim = claim_requests(s, job_id, [1, 2, 3], "w")
+        assert claim is not None
+        ids = {r.custom_id: r.id for r in claim.requests}
+    now = utcnow()
+
+    def row(request_id: int, sample: int, text: str, tokens: int) -> dict:
+        return {"request_id": request_id, "job_id": job_id, "sample_index": sample, "text": text, "finish_reason": "stop",
+                "prompt_tokens": 7, "completion_tokens": tokens, "params": {"seed": sample}, "seed": 40 + sample,
+                "model": "tiny-random-llama", "dtype": "float32", "quantization": "none", "worker_host": "h",
+                "device": "cpu", "started_at": now, "finished_at": now, "generation_seconds": 0.5}
+
+    with sessions() as s:
+        record_outcomes(s, job_id, [
+            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3), row(ids["chat"], 1, "Hi,\nthere", 4)]),
+            Outcome(ids["raw"], 7, [row(ids["raw"], 0, "upon a time", 3)]),
+            Outcome(ids["bad"], 0, error="prompt has 9000 tokens"),
+        ])
+    db.dispose()
+    return job_id
+
+
+def _export(url: str, job_id: int, *args: str) -> str:
+    result = CliRunner().invoke(main, ["results", str(job_id), "--database-url", url, *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_jsonl_and_csv(store_url: str) -> None:
+    job_id = _job_with_results(store_url)
+    lines = [json.loads(x) for x in _export(store_url, job_id).splitlines()]
+    assert [(x["custom_id"], x.get("sample_index")) for x in lines] == [("chat", 0), ("chat", 1), ("raw", 0), ("bad", None)]
+    assert lines[0]["text"] == "Hello, “friend”" and lines[0]["metadata"] == {"k": 1} and lines[0]["completion_tokens"] == 3
+    assert lines[3] == {"custom_id": "bad", "status": "failed", "error": "prompt has 9000 tokens", "metadata": None}
+    rows = list(csv.DictReader(io.StringIO(_export(store_url, job_id, "--format", "csv"))))
+    assert len(rows) == 4 and rows[1]["text"] == "Hi,\nthere" and rows[0]["metadata"] == '{"k": 1}'
+    assert rows[3]["status"] == "failed" and rows[3]["text"] == ""
+
+
+def test_parquet_loads_with_types(sqlite_url: str, tmp_path: Path) -> None:
+    job_id = _job_with_results(sqlite_url)
+    out = tmp_path / "r.parquet"
+    _export(sqlite_url, job_id, "--format", "parquet", "-o", str(out))
+    table = pq.read_table(out)
+    assert table.num_rows == 4
+    assert str(table.schema.field("prompt_tokens").type) == "int32" and str(table.schema.field("seed").type) == "int64"
+    records = table.to_pylist()
+    assert records[1]["text"] == "Hi,\nthere" and records[1]["seed"] == 41 and records[3]["error"] == "prompt has 9000 tokens"
+
+
+def test_openai_batch_output_format(sqlite_url: str) -> None:
+    job_id = _job_with_results(sqlite_url)
+    lines = [json.loads(x) for x in _export(sqlite_url, job_id, "--format", "openai").splitlines()]
+    assert [x["custom_id"] for x in lines] == ["chat", "raw", "bad"]
+    chat = lines[0]
+    assert chat["error"] is None and chat["response"]["status_code"] == 200
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "tiny-random-llama"
+    assert [c["message"] for c in body["choices"]] == [
+        {"role": "assistant", "content": "Hello, “friend”"}, {"role": "assistant", "content": "Hi,\nthere"}]
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
+    raw = lines[1]["response"]["body"]
+    assert raw["object"] == "text_completion" and raw["choices"][0]["text"] == "upon a time"
+    assert lines[2]["response"] is None and lines[2]["error"]["message"] == "prompt has 9000 tokens"
+
+
+def test_parquet_needs_a_file(sqlite_url: str) -> None:
+    job_id = _job_with_results(sqlite_url)
+    result = CliRunner().invoke(main, ["results", str(job_id), "--database-url", sqlite_url, "--format", "parquet"])
+    assert result.exit_code != 0 and "-o" in result.output
