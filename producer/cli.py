@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from producer.commands import db, jobs, query, results, submit
+from producer.commands import db, jobs, query, results, stats, submit
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -25,3 +25,4 @@ main.add_command(jobs.status)
 main.add_command(results.results)
 main.add_command(db.db)
 main.add_command(query.query)
+main.add_command(stats.stats)

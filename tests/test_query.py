@@ -43,3 +43,20 @@ def test_writes_are_refused(store_url: str, statement: str) -> None:
         assert c.execute(text("SELECT count(*) FROM rejects")).scalar_one() == 0
         assert c.execute(text("SELECT status FROM jobs")).scalar_one() == "completed"
     engine.dispose()
+
+
+def test_stats_by_job_and_overall(store_url: str) -> None:
+    job_id = _job_with_results(store_url)
+    result = CliRunner().invoke(main, ["stats", str(job_id), "--json", "--database-url", store_url], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["requests"] == 3 and info["by_state"] == {"done": 2, "failed": 1}
+    assert info["completion_tokens"] == 10 and info["prompt_tokens"] == 14
+    assert info["per_worker"] == [{"worker": "h", "results": 3, "completion_tokens": 10, "tokens_per_s": None}]
+    assert info["per_model"][0]["model"] == "tiny-random-llama"
+    assert info["failures"] == [{"reason": "prompt has 9000 tokens", "count": 1}]
+    assert info["eta_s"] == 0.0
+    overall = CliRunner().invoke(main, ["stats", "--database-url", store_url], catch_exceptions=False)
+    assert overall.exit_code == 0 and "per worker" in overall.output
+    missing = CliRunner().invoke(main, ["stats", "999", "--database-url", store_url])
+    assert missing.exit_code != 0 and "no job 999" in missing.output

@@ -1,0 +1,45 @@
+"""`producer stats`: what runs, how fast, and what fails."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from producer.context import database_option, open_store, settings_with
+
+
+@click.command()
+@click.argument("job_id", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts instead of tables.")
+@database_option
+def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
+    """Requests by state, token totals, tokens/s overall, per worker and per model, elapsed time, ETA, failures.
+
+    Without JOB_ID: over every job in the store.
+    """
+    from producer.stats import collect
+
+    info = collect(open_store(settings_with(database_url)), job_id)
+    if job_id is not None and info["jobs"] == 0:
+        raise click.ClickException(f"no job {job_id}")
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table(title=f"job {job_id}" if job_id is not None else f"all {info['jobs']} jobs", show_header=False)
+    for key in ("requests", "prompt_tokens", "completion_tokens", "elapsed_s", "tokens_per_s", "eta_s"):
+        summary.add_row(key, "" if info[key] is None else str(info[key]))
+    for state, count in sorted(info["by_state"].items()):
+        summary.add_row(f"requests {state}", str(count))
+    console.print(summary)
+    for title, rows in (("per worker", info["per_worker"]), ("per model", info["per_model"]), ("failures by reason", info["failures"])):
+        if rows:
+            table = Table(title=title)
+            for column in rows[0]:
+                table.add_column(column)
+            for row in rows:
+                table.add_row(*("" if v is None else str(v) for v in row.values()))
+            console.print(table)
