@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     """Most rows (requests x samples) one engine batch holds."""
     ids_per_message: int = 32
     """Request ids carried by one queue message."""
+    metrics_port: int = 9400
+    """Prometheus endpoint of a worker (0 = off); pool child i of a worker on cuda:N serves on port + N + i."""
 
 
 @lru_cache(maxsize=1)
