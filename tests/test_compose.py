@@ -13,13 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_compose_services_and_settings() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"redis", "postgres", "migrate", "worker"} <= set(services)
+    assert {"redis", "postgres", "migrate", "worker", "flower"} <= set(services)
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
+    assert "--requirepass" in redis_command
+    assert "${REDIS_PASSWORD" in services["worker"]["environment"]["BULKGEN_BROKER_URL"]
+    assert "flower" in services["flower"]["command"]
+    assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert services["migrate"]["command"] == ["producer", "db", "upgrade"]
     assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    for name in ("migrate", "worker"):
+    for name in ("migrate", "worker", "flower"):
         env = services[name]["environment"]
         bulkgen_vars = {key for key in env if key.startswith(ENV_PREFIX)}
         assert bulkgen_vars, name
