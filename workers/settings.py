@@ -31,6 +31,24 @@ class Settings(BaseSettings):
     metrics_port: int = 9400
     """Prometheus endpoint of a worker (0 = off); pool child i of a worker on cuda:N serves on port + N + i."""
 
+    # Delivery and recovery (docs/reliability.md says why each is what it is).
+    visibility_timeout_s: int = 3 * 3600
+    """Redis hands an unacknowledged message to another worker after this long; every time limit stays below it."""
+    task_soft_time_limit_s: int = 2 * 3600
+    """A batch still generating after this long hands its requests back (they are retried one by one)."""
+    task_time_limit_s: int = 2 * 3600 + 600
+    """A pool process still busy after this long is killed (its requests come back through their lease)."""
+    lease_s: int = 120
+    """A running request's lease; its worker renews it every lease_s / 4. Expired = its holder is gone."""
+    max_attempts: int = 3
+    """Times a request may be started; one that loses its worker every time then ends failed."""
+    reconcile_interval_s: int = 30
+    """How often one worker of the fleet re-enqueues lost requests (0 = never; `producer reconcile` can)."""
+    reconcile_grace_s: int = 120
+    """A queued request missing from Redis is re-enqueued only this long after it was last enqueued."""
+    db_retry_s: int = 600
+    """How long a worker waits out an unreachable store (with backoff) before handing its batch back."""
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
