@@ -36,7 +36,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     """
     from producer.reader import EmptyInput, InputFileError, format_error
     from producer.schema import validate_defaults
-    from producer.submit import enqueue_job, store_job, validate_file
+    from producer.submit import BatchSender, enqueue_job, store_job, validate_file
     from workers.registry import ModelNotFound, context_length
 
     settings = settings_with(database_url, broker_url)
@@ -82,11 +82,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
         raise click.ClickException(f"cannot reach the broker {redact(settings.broker_url)}: {exc}") from None
 
     job_id = store_job(db, file, model=model, name=name, defaults=defaults, context_length=context, validation=validation)
-    with app.producer_or_acquire() as amqp_producer:
-
-        def send(queue: str, job: int, ids: list[int]) -> None:
-            app.send_task(GENERATE_TASK, args=[job, ids], queue=queue, producer=amqp_producer)
-
+    with BatchSender(app, GENERATE_TASK) as send:
         enqueue_job(db, job_id, model, settings.ids_per_message, send)
     if validation.rejected_lines:
         click.echo(f"skipped {validation.rejected_lines} invalid line(s); see: producer status {job_id}", err=True)
