@@ -195,7 +195,23 @@ def store_job(
         if spool is not None:
             spool.close()
             validation.spool = None
+    refresh_statistics(db)
     return job_id
+
+
+def refresh_statistics(db: Engine) -> None:
+    """ANALYZE requests on PostgreSQL, so the planner knows the new job before its first message.
+
+    Without it, right after a bulk insert the planner believes a job has almost no queued requests
+    and answers a worker's claim (`job_id = J AND id IN (<32 ids>) AND status ...`) by scanning the
+    whole job through ix_requests_job_id_status (measured: 10 ms per claim on a 40k job, growing with
+    the job) instead of 32 primary-key lookups. ANALYZE samples a fixed 30,000 rows: well under a second.
+    """
+    if db.dialect.name != "postgresql":
+        return
+    with db.connect() as connection:
+        connection.exec_driver_sql("ANALYZE requests")
+        connection.commit()
 
 
 def _chunks_from_file(path: Path, defaults: dict[str, Any], context_length: int) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]:
