@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.db import utcnow
@@ -109,37 +110,113 @@ class Claim:
     model: str
     defaults: dict[str, Any]
     requests: list[Request]
+    one_by_one: bool = False
+    """The claimed request was started before and did not finish: it is generated alone, so that a
+    request that kills its worker takes no other request down with it."""
+    gave_up: list[int] = field(default_factory=list)
+    """Ids this claim marked failed because they had been started max_attempts times already."""
 
 
-def claim_requests(session: Session, job_id: int, request_ids: Sequence[int], worker: str) -> Claim | None:
-    """Mark the still-open requests among request_ids as running and return them.
+def takeable(worker: str, now: datetime) -> ColumnElement[bool]:
+    """A request a worker may start: queued, or running under a lease that has passed (or is its own)."""
+    return or_(
+        Request.status == RequestStatus.QUEUED,
+        and_(
+            Request.status == RequestStatus.RUNNING,
+            or_(Request.lease_until.is_(None), Request.lease_until < now, Request.worker == worker),
+        ),
+    )
 
-    Requests already done or failed are left out (a redelivered message does no work twice);
+
+def gave_up_reason(attempts: int, last_error: str | None, worker: str | None) -> str:
+    why = last_error or f"its worker ({worker or 'unknown'}) was lost while generating it"
+    return f"gave up after {attempts} attempts; last: {why}"
+
+
+def claim_requests(
+    session: Session, job_id: int, request_ids: Sequence[int], worker: str, *, lease_s: float = 120, max_attempts: int = 3
+) -> Claim | None:
+    """Start the takeable requests among request_ids under a lease, and return them; commits.
+
+    Requests done, failed, or running under another worker's live lease are left out, so a redelivered
+    or duplicated message does no work twice. Requests never started are claimed together; once none
+    is left, one request that was started before (and did not finish) is claimed alone (one_by_one).
+    A request already started max_attempts times is marked failed instead. Each claim is one
+    conditional UPDATE, so two workers never both start the same request.
     None when the job is gone or cancelled.
     """
     job = session.get(Job, job_id)
     if job is None or job.status == JobStatus.CANCELLED:
+        session.rollback()
         return None
-    requests = list(
-        session.scalars(
-            select(Request)
-            .where(Request.job_id == job_id, Request.id.in_(request_ids), Request.status.in_((RequestStatus.QUEUED, RequestStatus.RUNNING)))
-            .order_by(Request.id)
-        )
-    )
     now = utcnow()
-    for request in requests:
-        request.status = RequestStatus.RUNNING
-        request.attempts += 1
-        request.worker = worker
-        request.started_at = now
+    mine = and_(Request.job_id == job_id, Request.id.in_(list(request_ids)), takeable(worker, now))
+    spent = session.execute(
+        select(Request.id, Request.attempts, Request.error, Request.worker).where(mine, Request.attempts >= max_attempts)
+    ).all()
+    gave_up = settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
+    start = {
+        "status": RequestStatus.RUNNING,
+        "attempts": Request.attempts + 1,
+        "worker": worker,
+        "lease_until": now + timedelta(seconds=lease_s),
+        "started_at": now,
+    }
+    ids = _returning_ids(session, update(Request).where(mine, Request.attempts == 0).values(**start))
+    one_by_one = False
+    if not ids:
+        first = session.scalar(
+            select(Request.id).where(mine, Request.attempts < max_attempts).order_by(Request.id).limit(1)
+        )
+        if first is not None:
+            ids = _returning_ids(session, update(Request).where(mine, Request.id == first).values(**start))
+            one_by_one = bool(ids)
+    requests = list(session.scalars(select(Request).where(Request.id.in_(ids)).order_by(Request.id))) if ids else []
     if requests and job.status in (JobStatus.SUBMITTING, JobStatus.QUEUED):
         job.status = JobStatus.RUNNING
     if requests and job.started_at is None:
         job.started_at = now
-    claim = Claim(job_id=job.id, model=job.model, defaults=dict(job.defaults or {}), requests=requests)
+    claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up)
     session.commit()
     return claim
+
+
+def _returning_ids(session: Session, statement: Any) -> list[int]:
+    return list(
+        session.scalars(statement.returning(Request.id), execution_options={"synchronize_session": False})
+    )
+
+
+def renew_leases(session: Session, request_ids: Sequence[int], worker: str, lease_s: float) -> int:
+    """Extend the leases this worker still holds; returns how many it holds. Commits."""
+    if not request_ids:
+        return 0
+    held = session.execute(
+        update(Request)
+        .where(Request.id.in_(list(request_ids)), Request.status == RequestStatus.RUNNING, Request.worker == worker)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    return held
+
+
+def release_requests(session: Session, request_ids: Sequence[int], worker: str, reason: str | None) -> list[int]:
+    """Hand requests this worker holds back to the queue state (their attempts stay counted). Commits.
+
+    The store then shows them queued and missing from Redis, so the reconciler sends them again;
+    the worker that released them may also take them again itself at once.
+    """
+    if not request_ids:
+        return []
+    ids = _returning_ids(
+        session,
+        update(Request)
+        .where(Request.id.in_(list(request_ids)), Request.status == RequestStatus.RUNNING, Request.worker == worker)
+        .values(status=RequestStatus.QUEUED, lease_until=None, error=reason),
+    )
+    session.commit()
+    return ids
 
 
 @dataclass
@@ -153,45 +230,203 @@ class Outcome:
 
 
 def record_outcomes(session: Session, job_id: int, outcomes: Sequence[Outcome]) -> None:
-    """Write a batch's results and settle its requests in ONE transaction."""
+    """Write a batch's results and settle its requests in ONE transaction.
+
+    The first write wins: results go in with "on conflict do nothing", and a request's tokens reach
+    the job's counters only on its first move to done or failed, whoever (and however often) writes it.
+    """
     rows = [row for outcome in outcomes if outcome.error is None for row in outcome.results]
     insert_ignore(session, Result, rows, ["request_id", "sample_index"])
     now = utcnow()
     by_id = {outcome.request_id: outcome for outcome in outcomes}
     done_ids = [o.request_id for o in outcomes if o.error is None]
     moved_done = _settle(session, done_ids, RequestStatus.DONE, now)
-    moved_failed: list[int] = []
-    for outcome in outcomes:
-        if outcome.error is not None:
-            moved_failed += _settle(session, [outcome.request_id], RequestStatus.FAILED, now, error=outcome.error)
-    if moved_done or moved_failed:
+    if moved_done:
         session.execute(
             update(Job)
             .where(Job.id == job_id)
             .values(
                 done_count=Job.done_count + len(moved_done),
-                failed_count=Job.failed_count + len(moved_failed),
                 prompt_tokens=Job.prompt_tokens + sum(by_id[i].prompt_tokens for i in moved_done),
                 completion_tokens=Job.completion_tokens
                 + sum(row["completion_tokens"] for i in moved_done for row in by_id[i].results),
             )
         )
+    failures = {o.request_id: o.error for o in outcomes if o.error is not None}
+    if not settle_failures(session, job_id, failures, now) and moved_done:
         complete_job_if_finished(session, job_id)
     session.commit()
+
+
+def settle_failures(session: Session, job_id: int, reasons: dict[int, str], now: datetime | None = None) -> list[int]:
+    """Mark requests failed with their reasons (those not final yet), count them once; no commit."""
+    now = now or utcnow()
+    moved: list[int] = []
+    for request_id, reason in reasons.items():
+        moved += _settle(session, [request_id], RequestStatus.FAILED, now, error=reason)
+    if moved:
+        session.execute(update(Job).where(Job.id == job_id).values(failed_count=Job.failed_count + len(moved)))
+        complete_job_if_finished(session, job_id)
+    return moved
 
 
 def _settle(session: Session, request_ids: list[int], status: str, now: Any, error: str | None = None) -> list[int]:
     """Move requests that are not yet final to status; return the ids that moved (for counting once)."""
     if not request_ids:
         return []
-    return list(
-        session.scalars(
-            update(Request)
-            .where(Request.id.in_(request_ids), Request.status.not_in((RequestStatus.DONE, RequestStatus.FAILED)))
-            .values(status=status, finished_at=now, error=error)
-            .returning(Request.id)
-        )
+    return _returning_ids(
+        session,
+        update(Request)
+        .where(Request.id.in_(request_ids), Request.status.not_in(RequestStatus.FINAL))
+        .values(status=status, finished_at=now, error=error, lease_until=None),
     )
+
+
+# --- lifecycle: cancel, retry, reconcile ---------------------------------------------------------
+
+def cancel_job(session: Session, job_id: int) -> dict[str, Any] | None:
+    """Cancel a job: its queued requests become 'cancelled' and workers skip its messages. Commits.
+
+    Requests already running finish and keep their results; results already written stay.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    if job.status in JobStatus.FINAL:
+        session.rollback()
+        return {"job_id": job_id, "status": job.status, "cancelled": 0, "running": 0, "changed": False}
+    now = utcnow()
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(OPEN_JOB_STATES)).values(status=JobStatus.CANCELLED, finished_at=now)
+    )
+    cancelled = session.execute(
+        update(Request)
+        .where(Request.job_id == job_id, Request.status == RequestStatus.QUEUED)
+        .values(status=RequestStatus.CANCELLED, lease_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    running = session.scalar(
+        select(func.count()).where(Request.job_id == job_id, Request.status == RequestStatus.RUNNING)
+    )
+    session.commit()
+    return {"job_id": job_id, "status": JobStatus.CANCELLED, "cancelled": cancelled, "running": running, "changed": True}
+
+
+def reopen_job(session: Session, job_id: int) -> dict[str, Any] | None:
+    """For `producer retry`: failed and cancelled requests go back to queued (failed ones with a fresh
+    attempt count), the job's failed counter drops by as many, and a finished job is open again. Commits.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    failed = _returning_ids(
+        session,
+        update(Request)
+        .where(Request.job_id == job_id, Request.status == RequestStatus.FAILED)
+        .values(status=RequestStatus.QUEUED, attempts=0, error=None, finished_at=None, lease_until=None),
+    )
+    cancelled = _returning_ids(
+        session,
+        update(Request)
+        .where(Request.job_id == job_id, Request.status == RequestStatus.CANCELLED)
+        .values(status=RequestStatus.QUEUED),
+    )
+    unfinished = session.scalar(
+        select(func.count()).where(Request.job_id == job_id, Request.status.not_in(RequestStatus.FINAL))
+    )
+    values: dict[str, Any] = {"failed_count": Job.failed_count - len(failed)}
+    if unfinished and job.status in JobStatus.FINAL:
+        values |= {"status": JobStatus.QUEUED if job.enqueued_at is not None else JobStatus.SUBMITTING, "finished_at": None}
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    session.commit()
+    return {"job_id": job_id, "failed": len(failed), "cancelled": len(cancelled), "unfinished": unfinished}
+
+
+@dataclass
+class OpenJob:
+    id: int
+    model: str
+    status: str
+    enqueued_at: datetime | None
+
+
+def open_jobs(session: Session) -> list[OpenJob]:
+    """Jobs whose submit finished and that are not final: those the reconciler looks after."""
+    rows = session.execute(
+        select(Job.id, Job.model, Job.status, Job.enqueued_at)
+        .where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.enqueued_at.is_not(None))
+        .order_by(Job.id)
+    ).all()
+    return [OpenJob(*row) for row in rows]
+
+
+def expire_leases(session: Session, job_id: int, max_attempts: int, now: datetime | None = None) -> tuple[list[int], list[int]]:
+    """Running requests of a job whose lease has passed: those started max_attempts times fail, the
+    others go back to queued. Returns (requeued ids, failed ids). Commits.
+    """
+    now = now or utcnow()
+    lapsed = and_(
+        Request.job_id == job_id,
+        Request.status == RequestStatus.RUNNING,
+        or_(Request.lease_until.is_(None), Request.lease_until < now),
+    )
+    spent = session.execute(
+        select(Request.id, Request.attempts, Request.error, Request.worker).where(lapsed, Request.attempts >= max_attempts)
+    ).all()
+    failed = settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
+    requeued = _returning_ids(
+        session, update(Request).where(lapsed, Request.attempts < max_attempts).values(status=RequestStatus.QUEUED, lease_until=None)
+    )
+    session.commit()
+    return requeued, failed
+
+
+def not_enqueued_since(job_enqueued_at: datetime | None, before: datetime) -> ColumnElement[bool]:
+    """Requests last enqueued before `before`: by their own enqueued_at, or, where that is NULL (sent
+    with the submit), by their job's; a job whose submit never finished counts as never enqueued."""
+    own = and_(Request.enqueued_at.is_not(None), Request.enqueued_at < before)
+    if job_enqueued_at is None or _as_utc(job_enqueued_at) < before:
+        return or_(Request.enqueued_at.is_(None), own)
+    return own
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def iter_stale_queued(engine: Engine, job: OpenJob, before: datetime, chunk: int = 10_000) -> Iterator[list[int]]:
+    """Ids of a job's queued requests not enqueued since `before`, in id order, chunk by chunk."""
+    last = 0
+    condition = not_enqueued_since(job.enqueued_at, before)
+    while True:
+        with engine.connect() as connection:
+            ids = list(
+                connection.execute(
+                    select(Request.id)
+                    .where(Request.job_id == job.id, Request.status == RequestStatus.QUEUED, Request.id > last, condition)
+                    .order_by(Request.id)
+                    .limit(chunk)
+                ).scalars()
+            )
+        if not ids:
+            return
+        yield ids
+        last = ids[-1]
+
+
+def mark_requests_enqueued(session: Session, request_ids: Sequence[int], now: datetime | None = None) -> list[int]:
+    """Record that a message with these requests is being sent; returns those still queued. Commits."""
+    if not request_ids:
+        return []
+    ids = _returning_ids(
+        session,
+        update(Request)
+        .where(Request.id.in_(list(request_ids)), Request.status == RequestStatus.QUEUED)
+        .values(enqueued_at=now or utcnow()),
+    )
+    session.commit()
+    return ids
 
 
 # --- reading ----------------------------------------------------------------------------------

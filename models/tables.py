@@ -25,6 +25,8 @@ class RequestStatus:
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its job was cancelled before it ran; `producer retry` queues it again
+    FINAL = (DONE, FAILED)
 
 
 class Job(Base):
@@ -74,8 +76,15 @@ class Request(Base):
     meta: Mapped[Optional[dict[str, Any]]] = mapped_column("metadata", JSON)
     status: Mapped[str] = mapped_column(String(20), default=RequestStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Times a worker started generating it; capped by the max_attempts setting."""
     error: Mapped[Optional[str]] = mapped_column(Text)
+    """Why it failed; on a request handed back for another attempt, why the last attempt did not finish."""
     worker: Mapped[Optional[str]] = mapped_column(String(300))
+    """host:pid of the worker process that holds (or last held) it."""
+    lease_until: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    """While running: its worker renews this; once it has passed, the holder is taken to be gone."""
+    enqueued_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    """When a message with this request was last sent by resume, retry or the reconciler (NULL: with the submit)."""
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
