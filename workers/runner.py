@@ -1,19 +1,30 @@
-"""What a worker process does: load its model once, then turn queue messages into stored results."""
+"""What a worker process does: load its model once, then turn queue messages into stored results.
+
+A message is a job id and request ids. run_batch claims the takeable ones under a lease (renewed by
+a heartbeat thread while the engine runs), generates, and stores results and request states in one
+transaction; it repeats until nothing in the message is left to take. Requests that were started
+before and did not finish are generated one at a time, so that a request that kills its worker takes
+no other request with it, and it ends failed once it has been started max_attempts times.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import check_schema, make_engine, session_factory, utcnow
-from models.store import Outcome, claim_requests, record_outcomes
+from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
 from workers import registry
 from workers.settings import Settings, get_settings
 from workers.types import GenerationRequest, GenerationResult, resolve_params
@@ -27,7 +38,7 @@ T = TypeVar("T")
 
 
 class TransientError(Exception):
-    """The store or the broker is unreachable for now; the work is retried, never failed."""
+    """The store stayed unreachable for the whole retry window; the batch is handed back, never failed."""
 
 
 @dataclass
@@ -37,19 +48,23 @@ class WorkerState:
     model: str
     device: str
     worker: str
+    settings: Settings
 
 
 _state: WorkerState | None = None
 
 
 def init_process() -> WorkerState:
-    """Load the model and connect to the store; runs once per worker process, after fork."""
+    """Load the model and connect to the store; runs once per worker process, after fork.
+
+    The store's engine is created here, in the pool child, never inherited from the parent.
+    """
     global _state
     if _state is not None:
         return _state
     settings = get_settings()
     db = make_engine(settings.database_url)
-    check_schema(db)
+    with_db_retry(lambda: check_schema(db), within_s=min(settings.db_retry_s, 120))
     spec = registry.resolve(settings.model)
     started = time.perf_counter()
     engine = _load_engine(spec, settings)
@@ -60,6 +75,7 @@ def init_process() -> WorkerState:
         model=spec.name,
         device=settings.device,
         worker=f"{socket.gethostname()}:{os.getpid()}",
+        settings=settings,
     )
     return _state
 
@@ -79,46 +95,109 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
     return Engine.load(spec, settings.device, settings.dtype, settings.quantize, settings.batch_size)
 
 
-def with_db_retry(action: Callable[[], T], *, attempts: int = 8, first_wait_s: float = 0.5) -> T:
-    """Run a store operation, waiting out a database that is briefly unreachable."""
-    for attempt in range(attempts):
+def is_transient(exc: BaseException) -> bool:
+    """The store is unreachable or busy (down, restarting, a deadlock, a lock timeout), not wrong."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(getattr(exc, "connection_invalidated", False))
+
+
+def with_db_retry(action: Callable[[], T], *, within_s: float | None = None, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> T:
+    """Run a store operation, waiting out a store that is unreachable, with exponential backoff.
+
+    Gives up with TransientError once within_s (the db_retry_s setting) has passed.
+    """
+    deadline = time.monotonic() + (get_settings().db_retry_s if within_s is None else within_s)
+    attempt = 0
+    while True:
         try:
             return action()
         except (OperationalError, DBAPIError) as exc:
-            if not getattr(exc, "connection_invalidated", False) and not isinstance(exc, OperationalError):
+            if not is_transient(exc):
                 raise
-            if attempt == attempts - 1:
-                raise TransientError(f"store unreachable: {exc}") from exc
-            wait = min(30.0, first_wait_s * 2**attempt)
-            log.warning("store error (%s); retrying in %.1fs", exc.__class__.__name__, wait)
+            wait = min(max_wait_s, first_wait_s * 2**attempt)
+            if time.monotonic() + wait > deadline:
+                raise TransientError(f"store unreachable: {type(exc.orig).__name__ if exc.orig else exc}") from exc
+            log.warning("store error (%s); retrying in %.1fs", type(exc.orig or exc).__name__, wait)
             time.sleep(wait)
-    raise AssertionError("unreachable")
+            attempt += 1
+
+
+class LeaseKeeper:
+    """Renews the leases of the requests a worker holds, from a thread, while the engine runs."""
+
+    def __init__(self, state: WorkerState, request_ids: list[int]) -> None:
+        self.state = state
+        self.request_ids = request_ids
+        self.every_s = max(0.5, state.settings.lease_s / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bulkgen-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                with self.state.sessions() as session:
+                    renew_leases(session, self.request_ids, self.state.worker, self.state.settings.lease_s)
+            except Exception as exc:  # the store is down: the lease may lapse, and the work is then redone
+                log.warning("cannot renew the lease of %d requests (%s)", len(self.request_ids), type(exc).__name__)
 
 
 def run_batch(job_id: int, request_ids: list[int]) -> int:
     """Generate and store the results of one message's requests; returns how many were generated."""
     state = init_process()
+    settings = state.settings
+    generated = 0
+    while True:
+        def claim() -> Claim | None:
+            with state.sessions() as session:
+                return claim_requests(
+                    session, job_id, request_ids, state.worker, lease_s=settings.lease_s, max_attempts=settings.max_attempts
+                )
 
-    def claim():  # type: ignore[no-untyped-def]
-        with state.sessions() as session:
-            return claim_requests(session, job_id, request_ids, state.worker)
+        claimed = with_db_retry(claim)
+        if claimed is None or not claimed.requests:
+            return generated
+        if claimed.gave_up:
+            log.warning("job %d: gave up on requests %s after %d attempts", job_id, claimed.gave_up, settings.max_attempts)
+        generated += _generate_claim(state, job_id, claimed)
 
-    claimed = with_db_retry(claim)
-    if claimed is None or not claimed.requests:
-        return 0
+
+def _generate_claim(state: WorkerState, job_id: int, claimed: Claim) -> int:
+    ids = [r.id for r in claimed.requests]
     if claimed.model != state.model:
+        _release(state, ids, f"this worker holds model {state.model!r}")
         raise RuntimeError(f"job {job_id} wants model {claimed.model!r}, this worker holds {state.model!r}")
-    requests = claimed.requests
-    generation = [
-        GenerationRequest(params=resolve_params(claimed.defaults, r.params or {}), prompt=r.prompt, messages=r.messages)
-        for r in requests
-    ]
-    started_at, t0 = utcnow(), time.perf_counter()
-    results = state.engine.generate(generation)
-    seconds, finished_at = time.perf_counter() - t0, utcnow()
+    if claimed.one_by_one:
+        log.info("job %d: request %d was started before without finishing; generating it alone", job_id, ids[0])
+    generation = []
+    with LeaseKeeper(state, ids):
+        try:
+            generation = [
+                GenerationRequest(params=resolve_params(claimed.defaults, r.params or {}), prompt=r.prompt, messages=r.messages)
+                for r in claimed.requests
+            ]
+            _test_faults_before_generation(claimed)
+            started_at, t0 = utcnow(), time.perf_counter()
+            results = state.engine.generate(generation)
+            seconds, finished_at = time.perf_counter() - t0, utcnow()
+        except SoftTimeLimitExceeded:
+            _release(state, ids, f"the batch outlived the soft time limit ({state.settings.task_soft_time_limit_s} s)")
+            raise
+        except Exception as exc:  # the engine failed on the batch: each request is tried again, alone
+            log.exception("job %d: generating %d requests failed; they are handed back", job_id, len(ids))
+            _release(state, ids, f"{type(exc).__name__}: {exc}"[:2000])
+            return 0
     outcomes = [
         _outcome(request.id, job_id, gen, result, state, started_at, finished_at, seconds)
-        for request, gen, result in zip(requests, generation, results)
+        for request, gen, result in zip(claimed.requests, generation, results)
     ]
 
     def record() -> None:
@@ -126,7 +205,19 @@ def run_batch(job_id: int, request_ids: list[int]) -> int:
             record_outcomes(session, job_id, outcomes)
 
     with_db_retry(record)
-    return len(requests)
+    _test_crash_after_commit(outcomes)
+    return len(ids)
+
+
+def _release(state: WorkerState, ids: list[int], reason: str) -> None:
+    def release() -> None:
+        with state.sessions() as session:
+            release_requests(session, ids, state.worker, reason)
+
+    try:
+        with_db_retry(release, within_s=60)
+    except TransientError:  # their leases lapse and the reconciler takes them back instead
+        log.warning("could not hand back requests %s; their leases will lapse", ids)
 
 
 def _outcome(
@@ -167,3 +258,41 @@ def _outcome(
             }
         )
     return Outcome(request_id=request_id, prompt_tokens=result.prompt_tokens, results=rows)
+
+
+# --- test-only fault hooks (tests/faults/, docs/reliability.md) ----------------------------------
+# Each is inert unless its BULKGEN_TEST_* environment variable is set; none is set in production.
+
+def _test_faults_before_generation(claimed: Claim) -> None:
+    """BULKGEN_TEST_POISON=TEXT: a request whose prompt holds TEXT kills its worker process (SIGKILL),
+    as a request that crashes the runtime or runs it out of memory would.
+    BULKGEN_TEST_DELAY_PER_REQUEST_S=S: each request takes S seconds longer (the stand-in engine is instant).
+    """
+    poison = os.environ.get("BULKGEN_TEST_POISON")
+    if poison and any(poison in (r.prompt or "") for r in claimed.requests):
+        log.error("BULKGEN_TEST_POISON: request in %s kills this worker process", [r.id for r in claimed.requests])
+        os.kill(os.getpid(), signal.SIGKILL)
+    delay = float(os.environ.get("BULKGEN_TEST_DELAY_PER_REQUEST_S") or 0)
+    if delay:
+        time.sleep(delay * len(claimed.requests))
+
+
+def _test_crash_after_commit(outcomes: list[Outcome]) -> None:
+    """BULKGEN_TEST_CRASH_AFTER_COMMIT=PATH: the first worker (fleet-wide) to commit a batch writes
+    the rows it committed to PATH and kills its own process before the message is acknowledged."""
+    path = os.environ.get("BULKGEN_TEST_CRASH_AFTER_COMMIT")
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    rows = [
+        {"request_id": row["request_id"], "sample_index": row["sample_index"], "text": row["text"], "seed": row["seed"]}
+        for outcome in outcomes
+        for row in outcome.results
+    ]
+    with os.fdopen(fd, "w") as out:
+        json.dump({"pid": os.getpid(), "rows": rows}, out)
+    log.error("BULKGEN_TEST_CRASH_AFTER_COMMIT: killing this worker process after its commit, before its ack")
+    os.kill(os.getpid(), signal.SIGKILL)
