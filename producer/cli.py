@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from producer.commands import db, jobs, query, results, stats, submit
+from producer.commands import db, jobs, lifecycle, query, results, stats, submit
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -26,3 +26,6 @@ main.add_command(results.results)
 main.add_command(db.db)
 main.add_command(query.query)
 main.add_command(stats.stats)
+main.add_command(lifecycle.cancel)
+main.add_command(lifecycle.retry)
+main.add_command(lifecycle.reconcile)

@@ -11,7 +11,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from models.store import iter_results, request_counts
-from models.tables import Job, Reject, Request, RequestStatus
+from models.db import utcnow
+from models.tables import Job, Reject, Request, RequestStatus, Result
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -71,6 +72,13 @@ def job_status(db: Engine, job_id: int) -> dict[str, Any] | None:
             .limit(20)
         ).all()
         info["failures"] = [{"reason": reason, "count": count} for reason, count in failures]
+        info["results"] = session.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
+        info["retried"] = session.scalar(select(func.count()).where(Request.job_id == job_id, Request.attempts > 1))
+        info["lease_lapsed"] = session.scalar(
+            select(func.count()).where(
+                Request.job_id == job_id, Request.status == RequestStatus.RUNNING, Request.lease_until < utcnow()
+            )
+        )
         rejects = session.execute(select(Reject.line_no, Reject.reason).where(Reject.job_id == job_id).order_by(Reject.line_no).limit(20)).all()
         info["rejects"] = [{"line": line, "reason": reason} for line, reason in rejects]
         return info
@@ -110,8 +118,9 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 def print_status(info: dict[str, Any]) -> None:
     console = Console()
     head = Table(title=f"job {info['id']}", show_header=False)
-    for key in ("name", "model", "status", "source", "requests", "done", "failed", "rejected",
-                "prompt_tokens", "completion_tokens", "tokens_per_s", "elapsed_s", "created_at", "submit_finished"):
+    for key in ("name", "model", "status", "source", "requests", "done", "failed", "rejected", "results", "retried",
+                "lease_lapsed", "prompt_tokens", "completion_tokens", "tokens_per_s", "elapsed_s", "created_at",
+                "submit_finished"):
         head.add_row(key, "" if info.get(key) is None else str(info[key]))
     console.print(head)
     states = Table(title="requests by state")
@@ -124,6 +133,8 @@ def print_status(info: dict[str, Any]) -> None:
         print_table("failures by reason", info["failures"])
     if info["rejects"]:
         print_table("rejected lines", info["rejects"])
+    if not info["submit_finished"] and info["status"] not in ("completed", "cancelled", "failed"):
+        console.print(f"its submit has not finished enqueueing; if it was interrupted: producer submit {info['source']} --resume {info['id']}")
 
 
 def print_results_table(records: Iterator[dict[str, Any]], width: int = 70) -> None:

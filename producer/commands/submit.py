@@ -22,9 +22,12 @@ from workers.settings import redact
 @click.option("--n", "n", type=int, default=None, help="Default samples per prompt (1 if unset).")
 @click.option("--skip-invalid", is_flag=True, help="Enqueue the good lines; record the bad ones as rejects.")
 @click.option("--wait", is_flag=True, help="Show a live progress bar until the job ends.")
+@click.option("--resume", "resume_job", type=int, default=None, metavar="JOB",
+              help="Finish JOB, submitted from this same FILE: enqueue only its requests that have no result yet "
+                   "(and are on no queue). Also finishes a submit interrupted while enqueueing. The job keeps its own flags.")
 @database_option
 @broker_option
-def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, seed, n, skip_invalid, wait, database_url, broker_url) -> None:  # type: ignore[no-untyped-def]
+def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, seed, n, skip_invalid, wait, resume_job, database_url, broker_url) -> None:  # type: ignore[no-untyped-def]
     """Validate FILE (JSONL, one request per line), store it as a job and enqueue it; print the job id.
 
     Every bad line is reported as FILE:LINE: reason, and then nothing is written or enqueued
@@ -40,6 +43,11 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     from workers.registry import ModelNotFound, context_length
 
     settings = settings_with(database_url, broker_url)
+    if resume_job is not None:
+        from producer.commands.lifecycle import resume_submit
+
+        resume_submit(file, resume_job, settings, wait)
+        return
     model = model or settings.model
     if not file.exists():
         raise click.ClickException(f"{file}: no such file")
@@ -82,8 +90,14 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
         raise click.ClickException(f"cannot reach the broker {redact(settings.broker_url)}: {exc}") from None
 
     job_id = store_job(db, file, model=model, name=name, defaults=defaults, context_length=context, validation=validation)
-    with BatchSender(app, GENERATE_TASK) as send:
-        enqueue_job(db, job_id, model, settings.ids_per_message, send)
+    try:
+        with BatchSender(app, GENERATE_TASK) as send:
+            enqueue_job(db, job_id, model, settings.ids_per_message, send)
+    except (Exception, KeyboardInterrupt) as exc:
+        raise click.ClickException(
+            f"job {job_id} is stored, but enqueueing it stopped ({type(exc).__name__}); "
+            f"finish it with: producer submit {file} --resume {job_id}"
+        ) from None
     if validation.rejected_lines:
         click.echo(f"skipped {validation.rejected_lines} invalid line(s); see: producer status {job_id}", err=True)
     click.echo(job_id)
