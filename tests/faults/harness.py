@@ -1,0 +1,266 @@
+"""Real processes to break: our own Redis and PostgreSQL servers on free ports, worker fleets, SQL counts.
+
+Never the shared servers: each server here lives in a temporary directory and is stopped and removed
+by its fixture, whatever the test did to it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import create_engine, text
+
+from tests.helpers import WorkerProcess, env_for, producer
+
+FAULT_SETTINGS = {
+    # short enough that a lost holder is noticed in seconds, long enough for a busy 2-core box
+    "BULKGEN_LEASE_S": "6",
+    "BULKGEN_RECONCILE_INTERVAL_S": "1",
+    "BULKGEN_RECONCILE_GRACE_S": "3",
+    "BULKGEN_MAX_ATTEMPTS": "3",
+    "BULKGEN_IDS_PER_MESSAGE": "8",
+    "BULKGEN_DB_RETRY_S": "120",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll condition until it returns something truthy; fail the test (never hang) after timeout."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # e.g. the database is down on purpose right now
+            last_error = exc
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+class Store:
+    """SQL counts straight from the store."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        engine = create_engine(self.url)
+        try:
+            with engine.connect() as connection:
+                return list(connection.execute(text(sql), params).mappings())
+        finally:
+            engine.dispose()
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        rows = self.query(sql, **params)
+        return next(iter(rows[0].values())) if rows else None
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(self.query("SELECT * FROM jobs WHERE id = :j", j=job_id)[0])
+
+    def results(self, job_id: int) -> int:
+        return self.scalar("SELECT count(*) FROM results WHERE job_id = :j", j=job_id)
+
+    def states(self, job_id: int) -> dict[str, int]:
+        rows = self.query("SELECT status, count(*) AS c FROM requests WHERE job_id = :j GROUP BY status", j=job_id)
+        return {row["status"]: row["c"] for row in rows}
+
+    def running_holders(self, job_id: int) -> list[tuple[int, str]]:
+        rows = self.query("SELECT id, worker FROM requests WHERE job_id = :j AND status = 'running' ORDER BY id", j=job_id)
+        return [(row["id"], row["worker"]) for row in rows]
+
+    def wait_status(self, job_id: int, timeout: float, statuses: Iterable[str] = ("completed", "failed", "cancelled")) -> str:
+        wanted = tuple(statuses)
+        return wait_until(
+            lambda: (s := self.scalar("SELECT status FROM jobs WHERE id = :j", j=job_id)) in wanted and s,
+            timeout,
+            f"job {job_id} to reach {wanted} (now {self.states(job_id)})",
+        )
+
+    def assert_exactly_once(self, job_id: int, requests: int, samples_per_request: int = 1) -> None:
+        """Every request done, each with exactly its samples, no (request, sample) twice, counters exact."""
+        job = self.job(job_id)
+        assert job["status"] == "completed", job
+        assert job["done_count"] == requests and job["failed_count"] == 0, job
+        assert self.states(job_id) == {"done": requests}
+        rows = self.scalar("SELECT count(*) FROM results WHERE job_id = :j", j=job_id)
+        distinct = self.scalar(
+            "SELECT count(*) FROM (SELECT DISTINCT request_id, sample_index FROM results WHERE job_id = :j) AS d", j=job_id
+        )
+        assert rows == distinct == requests * samples_per_request
+        per_request = self.query(
+            "SELECT q.id, count(r.id) AS c FROM requests q LEFT JOIN results r ON r.request_id = q.id "
+            "WHERE q.job_id = :j GROUP BY q.id HAVING count(r.id) <> :n",
+            j=job_id, n=samples_per_request,
+        )
+        assert per_request == [], per_request[:5]
+        tokens = self.scalar("SELECT coalesce(sum(completion_tokens), 0) FROM results WHERE job_id = :j", j=job_id)
+        assert job["completion_tokens"] == tokens  # each request counted once
+
+
+def submit(env: dict[str, str], path: Path, *args: str) -> int:
+    done = producer(["submit", str(path), *args], env, check=True)
+    return int(done.stdout.split()[-1])
+
+
+class Fleet:
+    """Worker processes (`workers start`, each a Celery main process with its pool); stopped at exit."""
+
+    def __init__(self, env: dict[str, str], model: str, count: int = 2, log_dir: Path | None = None) -> None:
+        self.env = env
+        self.model = model
+        self.log_dir = log_dir
+        self.workers = [self.add() for _ in range(count)]
+
+    def add(self) -> WorkerProcess:
+        log = (self.log_dir / f"worker-{time.monotonic_ns()}.log") if self.log_dir else None
+        return WorkerProcess(self.env, model=self.model, log_path=log)
+
+    def alive(self) -> bool:
+        return all(worker.process.poll() is None for worker in self.workers)
+
+    def owner_of(self, child_pid: int) -> WorkerProcess:
+        parent = ppid(child_pid)
+        return next(w for w in self.workers if w.process.pid in (parent, child_pid))
+
+    def logs(self) -> str:
+        return "\n".join(worker.output()[-4000:] for worker in self.workers)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    raise LookupError(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def in_list(ids: Iterable[int]) -> str:
+    """Integer ids for an SQL IN (...) list (ints only: nothing to inject)."""
+    return ",".join(str(int(i)) for i in ids)
+
+
+def holder_pid(worker: str) -> int:
+    return int(worker.rsplit(":", 1)[1])
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port; `kill()` crashes it, `start()` brings it back."""
+
+    def __init__(self, directory: Path, *, aof: bool, password: str | None = None, extra: Iterable[str] = ()) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.aof = aof
+        self.password = password
+        self.extra = list(extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [
+            shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.dir), "--save", "", "--appendonly", "yes" if self.aof else "no",
+            "--appendfsync", "everysec", *self.extra,
+        ]
+        if self.password:
+            command += ["--requirepass", self.password]
+        log = (self.dir / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        wait_until(lambda: client.ping(), 20, f"redis on port {self.port}")
+        client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill does (no final save)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own, in a temporary directory, on a free port."""
+
+    def __init__(self) -> None:
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
+        self.bin = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="bulkgen-pg-", dir="/tmp"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "pg.log"), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass  # not running
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def fault_env(database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
+    return env_for(database_url, broker_url, **(FAULT_SETTINGS | extra))
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    os.kill(pid, sig)
