@@ -200,16 +200,17 @@ def store_job(
 
 
 def refresh_statistics(db: Engine) -> None:
-    """ANALYZE requests on PostgreSQL, so the planner knows the new job before its first message.
+    """ANALYZE requests, so the query planner knows the new job before its first message is taken.
 
-    Without it, right after a bulk insert the planner believes a job has almost no queued requests
-    and answers a worker's claim (`job_id = J AND id IN (<32 ids>) AND status ...`) by scanning the
-    whole job through ix_requests_job_id_status (measured: 10 ms per claim on a 40k job, growing with
-    the job) instead of 32 primary-key lookups. ANALYZE samples a fixed 30,000 rows: well under a second.
+    Without statistics, right after a bulk insert both planners answer a worker's claim
+    (`job_id = J AND id IN (<ids>) AND status ...`) by walking the whole job through
+    ix_requests_job_id_status instead of looking the ids up by primary key. Measured on a 100k-request
+    job: 7 ms per claim on SQLite (0.013 ms after ANALYZE); 10 ms on PostgreSQL for a 40k job; both
+    grow with the job. PostgreSQL samples a fixed 30,000 rows; SQLite reads at most 100,000 per index.
     """
-    if db.dialect.name != "postgresql":
-        return
     with db.connect() as connection:
+        if db.dialect.name == "sqlite":
+            connection.exec_driver_sql("PRAGMA analysis_limit = 100000")
         connection.exec_driver_sql("ANALYZE requests")
         connection.commit()
 
