@@ -381,6 +381,24 @@ def expire_leases(session: Session, job_id: int, max_attempts: int, now: datetim
     return requeued, failed
 
 
+def close_cancelled_leases(session: Session, now: datetime | None = None) -> int:
+    """Requests of cancelled jobs still 'running' under a lapsed lease (their worker died after the
+    cancel) become 'cancelled' too, rather than running forever. Commits."""
+    cancelled_jobs = select(Job.id).where(Job.status == JobStatus.CANCELLED).scalar_subquery()
+    moved = session.execute(
+        update(Request)
+        .where(
+            Request.job_id.in_(cancelled_jobs),
+            Request.status == RequestStatus.RUNNING,
+            or_(Request.lease_until.is_(None), Request.lease_until < (now or utcnow())),
+        )
+        .values(status=RequestStatus.CANCELLED, lease_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    return moved
+
+
 def not_enqueued_since(job_enqueued_at: datetime | None, before: datetime) -> ColumnElement[bool]:
     """Requests last enqueued before `before`: by their own enqueued_at, or, where that is NULL (sent
     with the submit), by their job's; a job whose submit never finished counts as never enqueued."""

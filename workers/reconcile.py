@@ -36,6 +36,7 @@ from sqlalchemy import Engine, select
 from models.db import make_engine, session_factory, utcnow
 from models.store import (
     OpenJob,
+    close_cancelled_leases,
     complete_job_if_finished,
     expire_leases,
     iter_stale_queued,
@@ -239,6 +240,9 @@ def sweep(db: Engine, app: Celery, settings: Settings | None = None, job_ids: It
         jobs = [job for job in jobs if job.id in wanted]
     report.jobs = len(jobs)
     now = utcnow()
+    if job_ids is None:
+        with sessions() as session:
+            close_cancelled_leases(session, now)
     for job in jobs:
         with sessions() as session:
             requeued, failed = expire_leases(session, job.id, settings.max_attempts, now)
