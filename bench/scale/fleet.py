@@ -127,6 +127,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
     marks: dict[str, dict[str, Any]] = {}
     waits: Counter[str] = Counter()
     wait_samples = 0
+    max_sessions = 0
     submit_s = None
     deadline = time.monotonic() + args.timeout
     with engine.connect() as connection:
@@ -149,6 +150,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
                         "machine": machine_cpu(),
                     }
             if "start" in marks and "end" not in marks:
+                sessions = 0
                 for state, wait in connection.execute(
                     text(
                         "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity "
@@ -156,6 +158,8 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
                     )
                 ):
                     waits[f"{state} / {wait}"] += 1
+                    sessions += 1
+                max_sessions = max(max_sessions, sessions)
                 wait_samples += 1
             if row is not None and row[2] in ("completed", "failed", "cancelled") and submit_s is not None:
                 break
@@ -188,6 +192,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
         "cpu_ms_per_request": {k: round(1000 * v / settled, 3) for k, v in cpu.items()},
         "machine_busy": round(busy / total, 3) if total else None,
         "other_cpu_ms_per_request": round(1000 * (busy - sum(cpu.values())) / settled, 3),
+        "pg_sessions_max": max_sessions,
         "pg_waits": {k: round(v / max(1, wait_samples), 2) for k, v in waits.most_common(8)},
         "failed": failed,
         "result_rows": results,

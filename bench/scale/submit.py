@@ -11,7 +11,9 @@ redis-server of its own:
    message is on the queue;
 2. times the phases in-process (validate+spool, store, enqueue), to show where the time goes;
 3. times `producer status JOB` and `producer jobs` as processes (interpreter start included) and the
-   queries alone in-process, right after the submit and again with half the requests marked done.
+   queries alone in-process, right after the submit and again with half the requests marked done;
+4. times one reconciler sweep (`producer reconcile --job JOB`, grace 0) over the job while Redis holds
+   all its messages: the sweep reads every queued id from the store and every message from Redis.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from bench.scale.generate import write_chat_file
 from bench.scale.services import ROOT, OwnRedis, cli, create_database, drop_database, env_for
 from models.db import make_engine, upgrade_schema
 from workers.registry import queue_name
+from workers.settings import Settings
 
 MODEL = "stand-in"
 
@@ -63,7 +66,7 @@ def submit_once(url: str, broker: str, file: Path, lines: int) -> dict[str, Any]
         job = connection.execute(text("SELECT status, total_requests, enqueued_at FROM jobs WHERE id = :j"), {"j": job_id}).one()
     engine.dispose()
     messages = redis.Redis.from_url(broker).llen(queue_name(MODEL))
-    expected = math.ceil(lines / 32)
+    expected = math.ceil(lines / Settings().ids_per_message)
     if stored != lines or job.total_requests != lines or job.enqueued_at is None or messages != expected:
         raise RuntimeError(f"wrong submit: {stored} stored, job {tuple(job)}, {messages} messages (expected {expected})")
     return {
@@ -90,7 +93,7 @@ def phases(url: str, broker: str, file: Path) -> dict[str, float]:
     t2 = time.perf_counter()
     app = make_app(broker)
     with BatchSender(app, GENERATE_TASK) as send:
-        enqueue_job(db, job_id, MODEL, 32, send)
+        enqueue_job(db, job_id, MODEL, Settings().ids_per_message, send)
     t3 = time.perf_counter()
     db.dispose()
     return {
@@ -130,6 +133,15 @@ def tracking(url: str, job_id: int) -> dict[str, Any]:
     return timings
 
 
+def reconcile_sweep(url: str, broker: str, job_id: int) -> dict[str, Any]:
+    """One reconciler sweep over the job, every request queued and carried by Redis (grace 0: all are examined)."""
+    env = env_for(url, broker, BULKGEN_RECONCILE_GRACE_S="0")
+    seconds, rss_kib, done = run_process([*cli("producer.cli"), "reconcile", "--job", str(job_id)], env)
+    if done.returncode != 0 or " 0 requests re-enqueued" not in done.stdout:
+        raise RuntimeError(f"reconcile: {done.stdout} {done.stderr}")
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(rss_kib / 1024, 1), "report": done.stdout.strip()}
+
+
 def mark_half_done(url: str, job_id: int) -> None:
     engine = create_engine(url)
     with engine.begin() as connection:
@@ -147,6 +159,8 @@ def bench_store(kind: str, url: str, broker: str, file: Path, lines: int, args: 
     print(kind, "submit", row["submit"], flush=True)
     row["tracking_after_submit"] = tracking(url, row["submit"]["job_id"])
     print(kind, "tracking", row["tracking_after_submit"], flush=True)
+    row["reconcile_sweep"] = reconcile_sweep(url, broker, row["submit"]["job_id"])
+    print(kind, "reconcile sweep", row["reconcile_sweep"], flush=True)
     mark_half_done(url, row["submit"]["job_id"])
     row["tracking_half_done"] = tracking(url, row["submit"]["job_id"])
     print(kind, "tracking (half done)", row["tracking_half_done"], flush=True)
