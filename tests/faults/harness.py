@@ -140,8 +140,8 @@ class Fleet:
         parent = ppid(child_pid)
         return next(w for w in self.workers if w.process.pid in (parent, child_pid))
 
-    def logs(self) -> str:
-        return "\n".join(worker.output()[-4000:] for worker in self.workers)
+    def logs(self, tail: int | None = 4000) -> str:
+        return "\n".join(worker.output()[-tail if tail else 0:] for worker in self.workers)
 
     def stop(self) -> None:
         for worker in self.workers:
@@ -162,6 +162,26 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def freeze_holding(store: Store, job_id: int, timeout: float) -> tuple[int, list[int]]:
+    """Stop (SIGSTOP) a pool process at a moment it holds a batch of the job; return its pid and the
+    ids it holds. Frozen, it cannot finish the batch between our look and what the test does next."""
+    def frozen_holding() -> tuple[int, list[int]] | None:
+        held = store.running_holders(job_id)
+        if not held:
+            return None
+        pid = holder_pid(held[0][1])
+        os.kill(pid, signal.SIGSTOP)
+        worker = held[0][1]
+        ids = [r["id"] for r in store.query(
+            "SELECT id FROM requests WHERE job_id = :j AND status = 'running' AND worker = :w", j=job_id, w=worker)]
+        if ids:
+            return pid, ids
+        os.kill(pid, signal.SIGCONT)  # it finished in between: let it go and look again
+        return None
+
+    return wait_until(frozen_holding, timeout, f"a worker holding a batch of job {job_id}")
 
 
 def in_list(ids: Iterable[int]) -> str:

@@ -65,7 +65,7 @@ def test_postgres_down_for_ten_seconds(own_postgres, broker_url: str, tmp_path: 
         assert time.monotonic() - down_at >= 10
         assert store.wait_status(job_id, 180) == "completed", fleet.logs()
         assert fleet.alive(), "a worker exited after the store came back"
-        logs = fleet.logs()
+        logs = fleet.logs(tail=None)
     finally:
         fleet.stop()
     assert "store error" in logs  # the workers did meet the outage

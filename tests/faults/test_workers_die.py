@@ -6,11 +6,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import Fleet, Store, fault_env, holder_pid, in_list, pid_alive, ppid, submit, wait_until
+from tests.faults.harness import (
+    Fleet,
+    Store,
+    fault_env,
+    freeze_holding,
+    holder_pid,
+    in_list,
+    pid_alive,
+    ppid,
+    submit,
+    wait_until,
+)
 from tests.helpers import TINY, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -26,12 +38,9 @@ def test_sigkill_a_worker_holding_a_batch(pg_url: str, broker_url: str, tmp_path
     store = Store(pg_url)
     fleet = Fleet(env, TINY, count=2, log_dir=tmp_path)
     try:
-        # mid-job: some results written and a batch held by a worker
-        held = wait_until(
-            lambda: store.results(job_id) >= 20 and store.running_holders(job_id), 240, "a worker holding a batch mid-job"
-        )
-        victim = holder_pid(held[0][1])
-        victim_ids = [request_id for request_id, worker in held if holder_pid(worker) == victim]
+        # mid-job: some results written, and a pool process frozen while it holds a batch
+        wait_until(lambda: store.results(job_id) >= 20, 240, "results mid-job")
+        victim, victim_ids = freeze_holding(store, job_id, 120)
         signal_parent = ppid(victim)
         os.kill(victim, signal.SIGKILL)
         assert store.wait_status(job_id, 300) == "completed", fleet.logs()
@@ -105,13 +114,12 @@ def test_sigterm_finishes_what_it_holds(sqlite_url: str, broker_url: str, tmp_pa
     store = Store(sqlite_url)
     fleet = Fleet(env, STANDIN, count=2, log_dir=tmp_path)
     try:
-        held = wait_until(
-            lambda: store.results(job_id) >= 16 and store.running_holders(job_id), 120, "a worker holding a batch mid-job"
-        )
-        child = holder_pid(held[0][1])
-        held_ids = [request_id for request_id, worker in held if holder_pid(worker) == child]
+        wait_until(lambda: store.results(job_id) >= 16, 120, "results mid-job")
+        child, held_ids = freeze_holding(store, job_id, 60)
         target = fleet.owner_of(child)
-        target.process.send_signal(signal.SIGTERM)
+        target.process.send_signal(signal.SIGTERM)  # to the main process, as a supervisor does
+        time.sleep(1)  # the main process is in its warm shutdown, waiting for the child's batch
+        os.kill(child, signal.SIGCONT)
         assert target.process.wait(60) == 0, target.output()[-3000:]
         assert "Warm shutdown" in target.output()
         assert store.wait_status(job_id, 120) == "completed", fleet.logs()
