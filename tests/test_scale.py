@@ -27,6 +27,7 @@ from models.db import make_engine
 from models.store import Outcome, claim_requests, record_outcomes
 from tests.helpers import ROOT, env_for, producer
 from workers.registry import queue_name
+from workers.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_a_100k_submit_stores_and_enqueues_every_request_once(store_url: str, br
     assert decode(sample.metadata) == {"shard": 3, "source": "bench"}
 
     enqueued = queued_ids(broker_url)
-    assert redis.Redis.from_url(broker_url).llen(QUEUE) == math.ceil(LINES / 32)
+    assert redis.Redis.from_url(broker_url).llen(QUEUE) == math.ceil(LINES / Settings().ids_per_message)
     assert set(enqueued) == ids
     assert max(enqueued.values()) == 1, "an id was enqueued twice"
 
@@ -272,4 +273,4 @@ def test_a_submit_interrupted_while_inserting_leaves_nothing(how: signal.Signals
         done = producer(["submit", str(path), "--model", MODEL], env)
         assert done.returncode == 0, done.stderr
         assert _store_counts(store_url)[:2] == (1, 150_000)
-        assert redis.Redis.from_url(broker_url).llen(QUEUE) == math.ceil(150_000 / 32)
+        assert redis.Redis.from_url(broker_url).llen(QUEUE) == math.ceil(150_000 / Settings().ids_per_message)

@@ -126,6 +126,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
     low, high = int(requests * WINDOW[0]), int(requests * WINDOW[1])
     marks: dict[str, dict[str, Any]] = {}
     waits: Counter[str] = Counter()
+    lock_queries: Counter[str] = Counter()
     wait_samples = 0
     max_sessions = 0
     submit_s = None
@@ -146,19 +147,21 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
                 if name not in marks and settled >= threshold and row is not None:
                     marks[name] = {
                         "t": now, "settled": settled, "db": db_counters(connection),
-                        "cpu": cpu_by_group(workers.groups, redis_server.process.pid, [submit.pid]),
+                        "cpu": cpu_by_group(workers.groups, redis_server.process.pid),
                         "machine": machine_cpu(),
                     }
             if "start" in marks and "end" not in marks:
                 sessions = 0
-                for state, wait in connection.execute(
+                for state, wait, query in connection.execute(
                     text(
-                        "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity "
+                        "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'CPU'), left(query, 60) FROM pg_stat_activity "
                         "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
                     )
                 ):
                     waits[f"{state} / {wait}"] += 1
                     sessions += 1
+                    if wait.startswith("Lock:"):
+                        lock_queries[query] += 1
                 max_sessions = max(max_sessions, sessions)
                 wait_samples += 1
             if row is not None and row[2] in ("completed", "failed", "cancelled") and submit_s is not None:
@@ -194,6 +197,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
         "other_cpu_ms_per_request": round(1000 * (busy - sum(cpu.values())) / settled, 3),
         "pg_sessions_max": max_sessions,
         "pg_waits": {k: round(v / max(1, wait_samples), 2) for k, v in waits.most_common(8)},
+        "pg_lock_waits_by_query": {k: round(v / max(1, wait_samples), 2) for k, v in lock_queries.most_common(3)},
         "failed": failed,
         "result_rows": results,
         "duplicate_results": duplicates,
@@ -204,7 +208,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,4,8,16", help="comma-separated worker counts")
-    parser.add_argument("--requests", type=int, default=0, help="requests per run (default: 20,000 x N, between 20k and 80k)")
+    parser.add_argument("--requests", type=int, default=0, help="requests per run (default: 20,000 x N, between 40k and 80k)")
     parser.add_argument("--ids-per-message", type=int, default=32)
     parser.add_argument("--loglevel", default="INFO", help="the workers' log level")
     parser.add_argument("--poll", type=float, default=0.2)
@@ -218,7 +222,7 @@ def main() -> None:
         rows = []
         try:
             for n in counts:
-                requests = args.requests or min(80_000, max(20_000, 20_000 * n))
+                requests = args.requests or min(80_000, max(40_000, 20_000 * n))
                 file = tmpdir / f"fleet-{requests}.jsonl"
                 if not file.exists():
                     write_chat_file(file, requests)

@@ -104,10 +104,13 @@ def _stat(pid: int) -> tuple[str, int, float] | None:
     return name, int(fields[2]), (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def cpu_by_group(worker_groups: Iterable[int], redis_pid: int | None, producer_groups: Iterable[int] = ()) -> dict[str, float]:
-    """CPU seconds used so far by: the workers, our redis-server, all postgres processes, everything else."""
-    workers, producers = set(worker_groups), set(producer_groups)
-    totals = {"workers": 0.0, "redis": 0.0, "postgres": 0.0, "producer": 0.0}
+def cpu_by_group(worker_groups: Iterable[int], redis_pid: int | None) -> dict[str, float]:
+    """CPU seconds used so far by the workers (their process groups), our redis-server, and all postgres processes.
+
+    (A process that exits between two readings takes its CPU time with it: only long-lived ones are counted.)
+    """
+    workers = set(worker_groups)
+    totals = {"workers": 0.0, "redis": 0.0, "postgres": 0.0}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -117,8 +120,6 @@ def cpu_by_group(worker_groups: Iterable[int], redis_pid: int | None, producer_g
         name, group, seconds = stat
         if group in workers:
             totals["workers"] += seconds
-        elif group in producers:
-            totals["producer"] += seconds
         elif int(entry) == redis_pid:
             totals["redis"] += seconds
         elif name == "postgres":
