@@ -157,6 +157,8 @@ def bench_store(kind: str, url: str, broker: str, file: Path, lines: int, args: 
     row: dict[str, Any] = {"store": kind, "lines": lines}
     row["submit"] = submit_once(url, broker, file, lines)
     print(kind, "submit", row["submit"], flush=True)
+    if args.only_submit:
+        return row
     row["tracking_after_submit"] = tracking(url, row["submit"]["job_id"])
     print(kind, "tracking", row["tracking_after_submit"], flush=True)
     row["reconcile_sweep"] = reconcile_sweep(url, broker, row["submit"]["job_id"])
@@ -175,6 +177,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--no-phases", dest="phases", action="store_false", help="skip the in-process phase timings")
+    parser.add_argument("--only-submit", action="store_true", help="only step 1 (e.g. to time an older checkout's submit)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
