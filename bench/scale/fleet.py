@@ -91,7 +91,8 @@ class Workers:
 def db_counters(connection: Any) -> dict[str, int]:
     row = connection.execute(
         text(
-            "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, blks_read, blks_hit "
+            "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, blks_read, blks_hit, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal_bytes "
             "FROM pg_stat_database WHERE datname = current_database()"
         )
     ).mappings().one()
@@ -192,6 +193,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
         "messages_per_s": round(settled / seconds / args.ids_per_message, 1),
         "commits_per_s": round(db["xact_commit"] / seconds, 1),
         "rows_written_per_s": round((db["tup_inserted"] + db["tup_updated"]) / seconds, 1),
+        "wal_bytes_per_request": round(db["wal_bytes"] / settled),  # the whole server's WAL: an upper bound
         "cpu_ms_per_request": {k: round(1000 * v / settled, 3) for k, v in cpu.items()},
         "machine_busy": round(busy / total, 3) if total else None,
         "other_cpu_ms_per_request": round(1000 * (busy - sum(cpu.values())) / settled, 3),
