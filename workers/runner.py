@@ -139,7 +139,7 @@ class LeaseKeeper:
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=max(5.0, self.every_s))  # a renewal stuck on a dead store does not hold the batch up
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
