@@ -9,9 +9,10 @@ exactly what was validated. Nothing is written to the store if a line is bad (un
 COPY, on SQLite with one executemany per chunk. `enqueue_job` sends one message per group of request
 ids, through a `BatchSender` that pipelines the Redis commands (one round trip per ~1,000 messages).
 
-If submit is interrupted while validating or inserting, the transaction rolls back and nothing is left.
-If it is interrupted while enqueueing, the job stays in status 'submitting' with no enqueued_at:
-some of its messages may be on the queue, and `submit --resume JOB` finishes it.
+If submit is interrupted while validating, nothing was written; while inserting, the transaction
+rolls back and nothing is left (tests/test_scale.py kills a real submit there). If it is interrupted
+while enqueueing, the job stays in status 'submitting' with no enqueued_at: some of its messages may
+be on the queue, and `submit --resume JOB` finishes it.
 """
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from sqlalchemy import Connection, Engine
 
-from models.store import create_job, insert_rejects, iter_request_ids, mark_enqueued, set_job_totals
+from models.store import (
+    create_job,
+    insert_rejects,
+    iter_request_ids,
+    mark_enqueued,
+    set_job_totals,
+)
 from models.tables import RequestStatus
-from producer.reader import LineOutcome, ValidRequest, read_requests
+from producer.reader import ValidRequest, read_requests
 from workers.registry import queue_name
 
 if TYPE_CHECKING:
@@ -67,7 +74,7 @@ class Spool:
     """
 
     def __init__(self, directory: str | None = None) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="bulkgen-submit-", dir=directory)
+        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="bulkgen-submit-", dir=directory)  # noqa: SIM115 (closed by close())
         self._rows: list[tuple[Any, ...]] = []
         self._rejects: list[tuple[int, str]] = []
         self.bytes_written = 0
@@ -179,7 +186,7 @@ def store_job(
             if spool is not None:
                 chunks: Callable[[], Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]] = spool.chunks
             else:
-                chunks = lambda: _chunks_from_file(path, defaults, context_length)  # noqa: E731
+                chunks = lambda: _chunks_from_file(path, defaults, context_length)
             _insert_requests(connection, job_id, (rows for rows, _ in chunks()))
             if validation.rejected_lines:
                 for _, rejects in chunks():
@@ -278,14 +285,14 @@ class BatchSender:
         self.sent = 0
         self._declared: set[str] = set()
 
-    def __enter__(self) -> BatchSender:
+    def __enter__(self) -> Self:
         self._producer_context = self.app.producer_or_acquire()
         self.producer = self._producer_context.__enter__()
         self._batch = self.producer.batch(max_size=self.batch)
         self._batch.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self._batch.__exit__(*exc)
         finally:

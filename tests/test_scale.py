@@ -69,7 +69,7 @@ def queued_ids(broker_url: str) -> Counter[int]:
         message = json.loads(raw)
         assert message["headers"]["task"] == "bulkgen.generate"
         assert message["content-type"] == "application/json"
-        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
         ids.update(args[1])
     return ids
 
@@ -97,7 +97,7 @@ def test_a_100k_submit_stores_and_enqueues_every_request_once(store_url: str, br
     assert job["total_requests"] == LINES and job["total_samples"] == LINES and job["rejected_count"] == 0
     assert job["status"] == "queued" and job["enqueued_at"] is not None
     # the row is what the line said (line 3: temperature and top_p, metadata, no seed)
-    decode = lambda v: v if not isinstance(v, str) else json.loads(v)  # noqa: E731  (SQLite hands back JSON text)
+    decode = lambda v: v if not isinstance(v, str) else json.loads(v)
     assert sample.custom_id == "req-00000003" and sample.status == "queued" and sample.attempts == 0
     assert decode(sample.messages)[1] == {"role": "user", "content": "Question 3: explain bread to a child in two sentences."}
     assert decode(sample.params) == {"max_new_tokens": 67, "temperature": 0.7, "top_p": 0.95}

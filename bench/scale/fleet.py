@@ -33,7 +33,14 @@ from sqlalchemy import create_engine, text
 
 from bench.scale.generate import write_chat_file
 from bench.scale.services import (
-    ROOT, OwnRedis, cli, cpu_by_group, create_database, drop_database, env_for, machine_cpu,
+    ROOT,
+    OwnRedis,
+    cli,
+    cpu_by_group,
+    create_database,
+    drop_database,
+    env_for,
+    machine_cpu,
 )
 from models.db import upgrade_schema
 
@@ -138,7 +145,7 @@ def measure(url: str, n: int, requests: int, workers: Workers, submit: subproces
                 raise RuntimeError(f"N={n}: the job did not finish in {args.timeout}s")
             if submit_s is None and submit.poll() is not None:
                 submit_s = time.monotonic() - submit_started
-                out, err = submit.communicate()
+                _, err = submit.communicate()
                 if submit.returncode != 0:
                     raise RuntimeError(f"submit failed: {err}")
             row = connection.execute(text("SELECT done_count, failed_count, status FROM jobs ORDER BY id DESC LIMIT 1")).first()

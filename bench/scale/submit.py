@@ -34,7 +34,14 @@ from sqlalchemy import create_engine, text
 
 from bench.scale.fleet import cpu_model
 from bench.scale.generate import write_chat_file
-from bench.scale.services import ROOT, OwnRedis, cli, create_database, drop_database, env_for
+from bench.scale.services import (
+    ROOT,
+    OwnRedis,
+    cli,
+    create_database,
+    drop_database,
+    env_for,
+)
 from models.db import make_engine, upgrade_schema
 from workers.registry import queue_name
 from workers.settings import Settings
