@@ -115,6 +115,8 @@ class Claim:
     request that kills its worker takes no other request down with it."""
     gave_up: list[int] = field(default_factory=list)
     """Ids this claim marked failed because they had been started max_attempts times already."""
+    job_created_at: datetime | None = None
+    """When the job was stored: the enqueue time of requests never re-enqueued (for queue-wait metrics)."""
 
 
 def takeable(worker: str, now: datetime) -> ColumnElement[bool]:
@@ -176,7 +178,7 @@ def claim_requests(
         job.status = JobStatus.RUNNING
     if requests and job.started_at is None:
         job.started_at = now
-    claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up)
+    claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up, job.created_at)
     session.commit()
     return claim
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import check_schema, make_engine, session_factory, utcnow
 from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
-from workers import registry
+from workers import metrics, registry
 from workers.settings import Settings, get_settings
 from workers.types import GenerationRequest, GenerationResult, resolve_params
 
@@ -68,7 +69,10 @@ def init_process() -> WorkerState:
     spec = registry.resolve(settings.model)
     started = time.perf_counter()
     engine = _load_engine(spec, settings)
-    log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, time.perf_counter() - started)
+    load_s = time.perf_counter() - started
+    log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, load_s)
+    metrics.MODEL_LOAD.labels(spec.name, settings.device).set(load_s)
+    metrics.serve(settings.metrics_port, _metrics_offset(settings.device))
     _state = WorkerState(
         engine=engine,
         sessions=session_factory(db),
@@ -78,6 +82,15 @@ def init_process() -> WorkerState:
         settings=settings,
     )
     return _state
+
+
+def _metrics_offset(device: str) -> int:
+    """Port offset of this process's metrics: the GPU index plus the pool child's index."""
+    from billiard.process import current_process
+
+    gpu = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    child = getattr(current_process(), "index", None) or 0
+    return gpu + int(child)
 
 
 def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | StandInEngine":
@@ -186,8 +199,11 @@ def _generate_claim(state: WorkerState, job_id: int, claimed: Claim) -> int:
             ]
             _test_faults_before_generation(claimed)
             started_at, t0 = utcnow(), time.perf_counter()
+            _observe_queue_wait(state.model, claimed, started_at)
             results = state.engine.generate(generation)
             seconds, finished_at = time.perf_counter() - t0, utcnow()
+            metrics.BATCH_SIZE.labels(state.model).observe(len(generation))
+            metrics.GENERATION.labels(state.model).observe(seconds)
         except SoftTimeLimitExceeded:
             _release(state, ids, f"the batch outlived the soft time limit ({state.settings.task_soft_time_limit_s} s)")
             raise
@@ -205,8 +221,32 @@ def _generate_claim(state: WorkerState, job_id: int, claimed: Claim) -> int:
             record_outcomes(session, job_id, outcomes)
 
     with_db_retry(record)
+    _count_outcomes(state.model, outcomes)
     _test_crash_after_commit(outcomes)
     return len(ids)
+
+
+def _observe_queue_wait(model: str, claimed: Claim, now: datetime) -> None:
+    for request in claimed.requests:
+        since = _as_utc(request.enqueued_at or claimed.job_created_at)
+        if since is not None:
+            metrics.QUEUE_WAIT.labels(model).observe(max(0.0, (now - since).total_seconds()))
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:  # SQLite gives naive UTC datetimes back
+        return moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+def _count_outcomes(model: str, outcomes: list[Outcome]) -> None:
+    for outcome in outcomes:
+        if outcome.error is not None:
+            metrics.REQUESTS.labels(model, "failed").inc()
+            continue
+        metrics.REQUESTS.labels(model, "done").inc()
+        metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+        metrics.TOKENS.labels(model).inc(sum(row["completion_tokens"] for row in outcome.results))
 
 
 def _release(state: WorkerState, ids: list[int], reason: str) -> None:
