@@ -19,6 +19,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     n: int = 1
     num_beams: int = 1
+    frequency_penalty: float = 0.0
+    """OpenAI semantics: logit -= frequency_penalty * (times the token was generated so far)."""
+    presence_penalty: float = 0.0
+    """OpenAI semantics: logit -= presence_penalty if the token was generated at least once."""
+    logprobs: bool = False
+    """Return each generated token's log-probability (under the distribution it was sampled from)."""
+    top_logprobs: int = 0
+    """With logprobs: also the this many most likely tokens at each position (0-20)."""
 
     @property
     def greedy(self) -> bool:
@@ -35,6 +43,10 @@ class SamplingParams:
             "stop": list(self.stop),
             "n": self.n,
             "num_beams": self.num_beams,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
         }
 
 
@@ -55,6 +67,9 @@ class Sample:
     completion_tokens: int
     seed: int | None
     """The seed this sample was drawn with (None for greedy and beam search)."""
+    logprobs: list[dict[str, Any]] | None = None
+    """With params.logprobs: one entry per generated token of the text,
+    {"token": str, "logprob": float, "top_logprobs": [{"token": str, "logprob": float}, ...]}."""
 
 
 @dataclass
@@ -66,7 +81,10 @@ class GenerationResult:
     """A permanent, per-request failure (e.g. the prompt does not fit the context)."""
 
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n", "num_beams")
+SAMPLING_FIELDS = (
+    "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n", "num_beams",
+    "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs",
+)
 
 
 def resolve_params(job_defaults: dict[str, Any], overrides: dict[str, Any]) -> SamplingParams:
