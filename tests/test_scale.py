@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
 from bench.scale.generate import write_chat_file
+from bench.scale.services import run_measured
 from models.db import make_engine
 from models.store import Outcome, claim_requests, record_outcomes
 from tests.helpers import ROOT, env_for, producer
@@ -43,23 +43,9 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_with_rss(args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run `producer ARGS` as a process, reaping it with wait4 for its own peak RSS (KiB)."""
-    out_path = Path(env["BULKGEN_TEST_TMP"]) / f"out-{time.monotonic_ns()}"
-    with open(f"{out_path}.stdout", "w+") as stdout, open(f"{out_path}.stderr", "w+") as stderr:
-        process = subprocess.Popen([*PRODUCER, *args], env=env, cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                process.kill()
-                raise TimeoutError(f"producer {args} ran over {timeout}s")
-            time.sleep(0.05)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        return subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read()), usage.ru_maxrss
+    """Run `producer ARGS` as a process; returns it and its own peak RSS in KiB (see run_measured)."""
+    _, rss_kib, done = run_measured([*PRODUCER, *args], env, timeout=timeout)
+    return done, rss_kib
 
 
 def queued_ids(broker_url: str) -> Counter[int]:
@@ -75,7 +61,7 @@ def queued_ids(broker_url: str) -> Counter[int]:
 
 
 def test_a_100k_submit_stores_and_enqueues_every_request_once(store_url: str, broker_url: str, big_file: Path, tmp_path: Path) -> None:
-    env = env_for(store_url, broker_url, BULKGEN_TEST_TMP=str(tmp_path))
+    env = env_for(store_url, broker_url)
     done, peak_kib = run_with_rss(["submit", str(big_file), "--model", MODEL, "--name", "big"], env)
     assert done.returncode == 0, done.stderr
     job_id = int(done.stdout.strip().splitlines()[-1])
@@ -162,7 +148,7 @@ def claim_time():  # type: ignore[no-untyped-def]
 
 
 def test_status_and_export_of_a_100k_job(pg_url: str, broker_url: str, big_file: Path, tmp_path: Path) -> None:
-    env = env_for(pg_url, broker_url, BULKGEN_TEST_TMP=str(tmp_path))
+    env = env_for(pg_url, broker_url)
     done = producer(["submit", str(big_file), "--model", MODEL], env)
     assert done.returncode == 0, done.stderr
     job_id = int(done.stdout.strip().splitlines()[-1])

@@ -84,6 +84,43 @@ def env_for(database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+_MEASURE = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def run_measured(
+    argv: list[str], env: dict[str, str], cwd: Path = ROOT, timeout: float | None = None
+) -> tuple[float, int, subprocess.CompletedProcess[str]]:
+    """Run argv; return (wall seconds, its own peak RSS in KiB, the finished process).
+
+    A forked child's ru_maxrss starts at its parent's RSS (the pages it shares until exec): a test
+    process that loaded a model would make any child look 1 GiB big. So argv is started by a bare
+    interpreter of its own (`python -I -S`, ~10 MiB), which reports its child's peak.
+    """
+    import sys
+
+    with tempfile.NamedTemporaryFile("r", prefix="bulkgen-rss-", suffix=".txt") as report:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _MEASURE, report.name, *argv],
+            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.communicate()
+            raise
+        seconds = time.perf_counter() - started
+        rss_kib = int(report.read() or 0)
+    return seconds, rss_kib, subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
 def cli(module: str) -> list[str]:
     """The argv prefix that runs `producer` / `workers` from this checkout with this interpreter."""
     import sys

@@ -35,12 +35,12 @@ from sqlalchemy import create_engine, text
 from bench.scale.fleet import cpu_model
 from bench.scale.generate import write_chat_file
 from bench.scale.services import (
-    ROOT,
     OwnRedis,
     cli,
     create_database,
     drop_database,
     env_for,
+    run_measured,
 )
 from models.db import make_engine, upgrade_schema
 from workers.registry import queue_name
@@ -50,14 +50,8 @@ MODEL = "stand-in"
 
 
 def run_process(argv: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess[str]]:
-    """(wall seconds, peak RSS in KiB, the finished process) of one child process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = process.stdout.read(), process.stderr.read()  # type: ignore[union-attr]
-    return seconds, usage.ru_maxrss, subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    """(wall seconds, its own peak RSS in KiB, the finished process) of one command."""
+    return run_measured(argv, env)
 
 
 def submit_once(url: str, broker: str, file: Path, lines: int) -> dict[str, Any]:
