@@ -20,9 +20,8 @@ from workers.sampling import (
     RowParams,
     apply_repetition_penalty,
     apply_temperature,
-    apply_top_k,
-    apply_top_p,
     draw_uniforms,
+    filter_threshold,
     next_tokens,
     sample,
 )
@@ -118,9 +117,18 @@ def test_temperature_is_per_row_and_leaves_greedy_rows_alone():
     assert out.tolist() == [[4.0, 8.0], [1.0, 2.0], [2.0, 4.0]]
 
 
+def filtered(logits, top_k=None, top_p=None, **kwargs):
+    """logits with what top-k then top-p remove set to -inf (filter_threshold, applied as transformers' warpers do)."""
+    rows = logits.shape[0]
+    top_k = torch.zeros(rows, dtype=torch.long) if top_k is None else top_k
+    top_p = torch.ones(rows) if top_p is None else top_p
+    threshold = filter_threshold(logits, top_k, top_p, **kwargs)
+    return logits.masked_fill(logits < threshold[:, None], -float("inf"))
+
+
 def test_top_k_is_per_row_and_zero_keeps_everything():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]] * 3)
-    out = apply_top_k(logits, torch.tensor([2, 0, 1]))
+    out = filtered(logits, top_k=torch.tensor([2, 0, 1]))
     inf = float("inf")
     assert out.tolist() == [
         [-inf, 5.0, -inf, 4.0, -inf],
@@ -132,15 +140,26 @@ def test_top_k_is_per_row_and_zero_keeps_everything():
 def test_top_k_and_top_p_agree_with_transformers_warpers():
     torch.manual_seed(1)
     logits = torch.randn(4, 50)
-    for k in (1, 5, 50):
-        assert torch.equal(apply_top_k(logits, torch.full((4,), k)), TopKLogitsWarper(k)(None, logits.clone()))
+    for k in (1, 5, 50, 80):
+        expected = TopKLogitsWarper(k)(None, logits.clone())
+        assert torch.equal(filtered(logits, top_k=torch.full((4,), k)), expected)
     for p in (0.1, 0.5, 0.9):
-        assert torch.equal(apply_top_p(logits, torch.full((4,), p)), TopPLogitsWarper(p)(None, logits.clone()))
+        expected = TopPLogitsWarper(p)(None, logits.clone())
+        assert torch.equal(filtered(logits, top_p=torch.full((4,), p), candidates=8), expected)
+    for k, p in ((5, 0.5), (20, 0.9), (3, 0.99)):
+        expected = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, logits.clone()))
+        got = filtered(logits, top_k=torch.full((4,), k), top_p=torch.full((4,), p), candidates=4)
+        assert torch.equal(got, expected)
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
+    assert torch.isfinite(filtered(logits, top_k=torch.tensor([2]))).tolist() == [[True, True, True, False]]
 
 
 def test_top_p_is_per_row_and_one_keeps_everything():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    out = apply_top_p(logits, torch.tensor([0.7, 1.0, 0.01]))
+    out = filtered(logits, top_p=torch.tensor([0.7, 1.0, 0.01]))
     kept = torch.isfinite(out).tolist()
     assert kept == [[True, True, False, False], [True, True, True, True], [True, False, False, False]]
 
@@ -150,13 +169,30 @@ def test_top_p_gives_the_same_whether_or_not_the_candidates_suffice():
     peaked, flat = torch.randn(3, 200) * 8, torch.randn(3, 200) * 0.1
     for logits in (peaked, flat, torch.cat([peaked, flat])):
         p = torch.tensor([0.5, 0.9, 0.99] * (len(logits) // 3))
-        assert torch.equal(apply_top_p(logits, p, candidates=5), apply_top_p(logits, p, candidates=200))
+        k = torch.tensor([0, 0, 30] * (len(logits) // 3))
+        few = filter_threshold(logits, k, p, candidates=2)
+        assert torch.equal(few, filter_threshold(logits, k, p, candidates=200))
 
 
 def test_sample_is_an_inverse_cdf_lookup_that_skips_zero_probability_tokens():
-    probs = torch.tensor([[0.25, 0.0, 0.5, 0.25]] * 4)
-    tokens = sample(probs, torch.tensor([0.0, 0.2499, 0.25, 0.9999], dtype=torch.float64))
+    logits = torch.log(torch.tensor([[0.25, 0.0, 0.5, 0.25]] * 4))
+    tokens = sample(logits, torch.full((4,), -float("inf")), torch.tensor([0.0, 0.2499, 0.25, 0.9999], dtype=torch.float64))
     assert tokens.tolist() == [0, 0, 2, 3]
+
+
+def test_sample_in_blocks_equals_one_float64_cumulative_sum():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 1000) * 2
+    threshold = torch.tensor([-float("inf"), 0.0, 1.0, 2.5, -float("inf"), 3.0])
+    uniform = torch.rand(6, dtype=torch.float64)
+    probs = logits.masked_fill(logits < threshold[:, None], -float("inf")).softmax(dim=-1).double()
+    cdf = probs.cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    for block in (7, 64, 256, 1000):
+        assert torch.equal(sample(logits, threshold, uniform, block=block), expected)
+    # A draw never lands on a removed token, even at the very ends of [0, 1).
+    edges = sample(logits, threshold, torch.tensor([0.0, 1 - 2**-53] * 3, dtype=torch.float64), block=64)
+    assert all(logits[i, t] >= threshold[i] for i, t in enumerate(edges.tolist()))
 
 
 def test_next_tokens_mixes_greedy_and_sampled_rows():

@@ -9,6 +9,7 @@ import click
 
 from models.db import SchemaBehind, check_schema, make_engine
 from workers import registry
+from workers.quantize import check_combination
 from workers.settings import ENV_PREFIX, get_settings, redact
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,8 +58,9 @@ def start(model, device, dtype, quantize, concurrency, batch_size, database_url,
         raise click.BadParameter(f"must be cpu or cuda:N, got {device!r}", param_hint="--device")
     if device.startswith("cuda") and concurrency != 1:
         raise click.BadParameter("a GPU worker runs one process; start one worker per GPU", param_hint="--concurrency")
-    if device == "cpu" and settings.dtype == "float16":
-        raise click.BadParameter("float16 does not run on the CPU; use float32 or bfloat16", param_hint="--dtype")
+    problem = check_combination(device, settings.dtype, settings.quantize)
+    if problem is not None:
+        raise click.UsageError(problem)
     try:
         spec = registry.resolve(settings.model)
     except registry.ModelNotFound as exc:

@@ -1,34 +1,42 @@
 """The generation engine: load a model once, then generate(requests) -> results, in input order.
 
-Every request is expanded into rows (request x sample index). Rows are sorted by prompt length and packed into
-batches; a batch is left-padded, prefilled in one forward pass, then decoded one token per step for all its
-active rows, each row with its own sampling parameters, seed, stop strings and max_new_tokens. Beam-search
-requests go through transformers' own beam search instead.
+Every request is expanded into rows (request x sample index). For Llama-family models (workers.llama) the rows
+go through continuous batching: rows wait in a queue sorted by prompt length; whenever the running batch has
+room (rows and a token budget), the next rows are prefilled into free cache slots and join it; every step feeds
+one token to each running row, each with its own sampling parameters, seed, stop strings and max_new_tokens; a
+row that finishes leaves at once and its slot goes to a waiting row. Other architectures run the same per-row
+decode loop on transformers' forward in static batches (decode_batch). Beam-search requests go through
+transformers' own beam search.
 
-Functions come in the order a request meets them: check_params -> expand_rows -> KVBatch (the one owner of the
-KV cache) -> decode_batch -> finish -> complete_greedy; the Engine class at the end ties them together.
+In the order a request meets them: check_params -> expand_rows -> decode_continuous (SlotCache in workers.llama
+owns the KV cache) -> sample_rows -> finish -> complete_greedy; the Engine class at the end ties them together,
+and splits the batch when it runs out of memory.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from workers.llama import LlamaRunner, SlotCache, supports
 from workers.loader import load_model
+from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
 from workers.registry import ModelSpec
 from workers.sampling import RowParams, draw_uniforms, next_tokens
 from workers.types import GenerationRequest, GenerationResult, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("none",)
 SEED_LIMIT = 2**31
 """Seeds the engine picks stay below this (and seed + i too), so they fit a 32-bit integer column."""
-
+PREFILL_TOKENS = 4096
+"""Most (padded) prompt tokens one prefill forward takes; more waiting rows wait for the next one."""
 
 def check_params(params: SamplingParams) -> str | None:
     """A message for the first out-of-range parameter (the producer validates too; this guards the engine)."""
@@ -83,11 +91,140 @@ def expand_rows(request_index: int, prompt_ids: list[int], params: SamplingParam
     return [Row(request_index, i, prompt_ids, params, seed + i) for i in range(decoded_rows(params))]
 
 
-class KVBatch:
-    """The KV cache of one batch, with its attention mask and the position of each row's next token.
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator failing to get memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
-    This class alone creates, advances and shrinks the cache, so that a different cache (static, paged,
-    prefix-shared) only has to change here.
+
+@dataclass
+class Running:
+    """A row in the running batch: its generator and the tokens it has produced so far."""
+
+    row: Row
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    seen: Tensor | None = None
+    """bool (vocab,): the tokens of the prompt and of generated, kept only when the row has a repetition penalty."""
+
+
+def start_row(row: Row) -> Running:
+    """A fresh Running: the generator is seeded here, so a row restarted after an out-of-memory error draws the same."""
+    sampled = row.sampled and row.seed is not None
+    return Running(row, torch.Generator().manual_seed(row.seed) if sampled else None)
+
+
+def sample_rows(logits: Tensor, states: list[Running], eos_ids: frozenset[int], tokenizer: PreTrainedTokenizerBase) -> list[Sample | None]:
+    """Draw every row's next token from its logits (rows, vocab), append it, and return each row's Sample if done."""
+    device = logits.device
+    params = RowParams.build(
+        [s.row.params.temperature for s in states],
+        [s.row.params.top_k for s in states],
+        [s.row.params.top_p for s in states],
+        [s.row.params.repetition_penalty for s in states],
+        device,
+    )
+    seen = None
+    if any(s.row.params.repetition_penalty != 1.0 for s in states):
+        for s in states:
+            if s.seen is None:
+                s.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                s.seen[torch.tensor(s.row.prompt_ids + s.generated, dtype=torch.long, device=device)] = True
+        seen = torch.stack([s.seen for s in states])  # penalty 1.0 leaves a row's logits exactly as they are
+    tokens = next_tokens(logits, params, seen, draw_uniforms([s.generator for s in states], device))
+    finished: list[Sample | None] = []
+    for s, token in zip(states, tokens.tolist()):
+        s.generated.append(token)
+        if s.seen is not None:
+            s.seen[token] = True
+        finished.append(finish(tokenizer, s.generated, s.row, eos_ids))
+    return finished
+
+
+def decode_continuous(
+    runner: LlamaRunner,
+    cache: SlotCache,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[Row],
+    eos_ids: frozenset[int],
+    max_rows: int,
+    max_tokens: int,
+    done: dict[tuple[int, int], Sample],
+    admit_at: int = 1,
+) -> None:
+    """Generate every row with continuous batching; each finished row's Sample goes into done as it finishes.
+
+    Rows wait sorted by prompt length (so that a prefill pads little). Before each step, waiting rows join while
+    the batch has fewer than max_rows rows and the rows' prompt + max_new_tokens sum stays within max_tokens (a
+    row that would exceed it alone still runs alone); they join in groups of at least admit_at rows, or whatever
+    is left. Every row must fit the cache's capacity. Rows already in done are skipped.
+    """
+    assert cache.rows == 0, "the cache must start empty"
+    pending = deque(sorted((r for r in rows if (r.request_index, r.sample_index) not in done), key=lambda r: len(r.prompt_ids)))
+    running: list[Running] = []  # running[i] lives in cache slot i
+    budget = 0
+
+    def retire(finished: list[tuple[int, Sample]]) -> None:
+        nonlocal budget
+        for slot, sample in sorted(finished, key=lambda f: f[0], reverse=True):
+            row = running[slot].row
+            done[row.request_index, row.sample_index] = sample
+            budget -= len(row.prompt_ids) + row.params.max_new_tokens
+            last = len(running) - 1
+            if slot != last:  # the last row takes the free slot, so the batch stays contiguous
+                cache.move(last, slot)
+                running[slot] = running[last]
+            running.pop()
+            cache.rows -= 1
+
+    while pending or running:
+        free = max_rows - len(running)
+        if pending and free > 0 and (free >= admit_at or not running or len(pending) <= free):
+            group: list[Row] = []
+            while pending and len(group) < free:
+                row = pending[0]
+                need = len(row.prompt_ids) + row.params.max_new_tokens
+                if (running or group) and budget + need > max_tokens:
+                    break
+                if group and (len(group) + 1) * runner.aligned(len(row.prompt_ids)) > PREFILL_TOKENS:
+                    break
+                group.append(pending.popleft())
+                budget += need
+            if group:
+                states = [start_row(row) for row in group]
+                logits = runner.prefill(cache, [row.prompt_ids for row in group])
+                first = len(running)
+                running.extend(states)
+                ended = sample_rows(logits, states, eos_ids, tokenizer)
+                retire([(first + i, sample) for i, sample in enumerate(ended) if sample is not None])
+        if running:
+            tokens = torch.tensor([s.generated[-1] for s in running], dtype=torch.long, device=cache.keys.device)
+            logits = runner.decode(cache, tokens)
+            ended = sample_rows(logits, running, eos_ids, tokenizer)
+            retire([(slot, sample) for slot, sample in enumerate(ended) if sample is not None])
+
+
+def capacity_groups(rows: list[Row]) -> list[list[Row]]:
+    """Rows grouped by the power of two their prompt + max_new_tokens rounds up to, smallest first.
+
+    Each group runs on a cache sized for its longest row, so one long request does not make every slot long.
+    """
+    groups: dict[int, list[Row]] = {}
+    for row in rows:
+        need = len(row.prompt_ids) + row.params.max_new_tokens
+        groups.setdefault(1 << (need - 1).bit_length(), []).append(row)
+    return [groups[size] for size in sorted(groups)]
+
+
+# --- static batches on transformers' forward: models workers.llama does not run ---------------------------------
+
+
+class KVBatch:
+    """transformers' DynamicCache for one static batch, with its attention mask and each row's next position.
+
+    Only for architectures workers.llama does not run; the continuous path keeps its cache in llama.SlotCache.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -290,8 +427,16 @@ class Engine:
         quantize: str = "none",
         max_batch_rows: int = 64,
         max_batch_tokens: int = 65536,
+        batch_invariant: bool | None = None,
     ) -> None:
-        """max_batch_tokens bounds rows x (longest prompt + largest max_new_tokens) of a batch, i.e. its KV cache."""
+        """max_batch_rows: most rows decoded together; max_batch_tokens: most prompt + max_new_tokens tokens summed
+        over the running rows, i.e. the KV cache's size (a longer single row still runs alone).
+
+        batch_invariant (default: on for float32 without quantization) pads matrix products so that a row's
+        numbers do not depend on its batch (see workers.llama.LlamaRunner): a seeded request then gives the same
+        text alone or in any batch. It costs a few percent; other precisions are not batch-invariant anyway.
+        The model is used as given: load() quantizes it before it gets here.
+        """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         if max_batch_rows < 1:
@@ -304,16 +449,28 @@ class Engine:
         self.quantize = quantize
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
+        self.rows_limit = max_batch_rows
+        """max_batch_rows, lowered for the rest of the engine's life after an out-of-memory error."""
         self.context_length: int = model.config.max_position_embeddings
         self.eos_ids = eos_token_ids(model, tokenizer)
+        if batch_invariant is None:
+            batch_invariant = dtype == "float32" and quantize == "none"
+        self.batch_invariant = batch_invariant
+        why_not = supports(model)
+        self.runner: LlamaRunner | None = LlamaRunner(model, batch_invariant) if why_not is None else None
+        if why_not is not None:
+            log.info("static batches on transformers' forward: %s", why_not)
+        self._cache: SlotCache | None = None
 
     @classmethod
     def load(
         cls, spec: ModelSpec, device: str = "cpu", dtype: str = "float32", quantize: str = "none", max_batch_rows: int = 64
     ) -> Engine:
-        if quantize not in QUANTIZE_MODES:  # checked before the slow load, too
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+        problem = check_combination(device, dtype, quantize)  # before the slow load
+        if problem is not None:
+            raise ValueError(problem)
         model, tokenizer = load_model(spec, device, dtype)
+        model = quantize_model(model, quantize)
         return cls(model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows)
 
     def render(self, request: GenerationRequest) -> str:
@@ -358,17 +515,98 @@ class Engine:
                 rows.extend(expand_rows(i, ids, params))
 
         decoded: dict[tuple[int, int], Sample] = {}
-        for batch in self._batches(rows):
-            log.debug("decoding %d rows, prompts of %d-%d tokens", len(batch), len(batch[0].prompt_ids), len(batch[-1].prompt_ids))
-            for row, sample in zip(batch, decode_batch(self.model, self.tokenizer, batch, self.eos_ids, self.device)):
-                decoded[row.request_index, row.sample_index] = sample
+        failed: dict[int, str] = {}
+        if self.runner is not None:
+            for group in capacity_groups(rows):
+                self._decode_continuous(group, decoded, failed)
+        else:
+            for batch in self._batches(rows):
+                self._decode_static(batch, decoded, failed)
         for i, ids in prompts.items():
             if results[i] is None:
                 params = requests[i].params
+                if i in failed:
+                    results[i] = GenerationResult(len(ids), [], error=failed[i])
+                    continue
                 request_samples = [decoded[i, k] for k in range(decoded_rows(params))]
                 results[i] = GenerationResult(len(ids), complete_greedy(request_samples, params))
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
+
+    def _decode_continuous(self, rows: list[Row], done: dict[tuple[int, int], Sample], failed: dict[int, str]) -> None:
+        """decode_continuous over a cache that fits the rows; on out of memory, fewer rows at once, from scratch.
+
+        A row that was running when memory ran out starts over from its prompt with a fresh generator, so it gives
+        exactly what it would have given without the error. Rows that finished before it are kept.
+        """
+        assert self.runner is not None
+        capacity = max(len(r.prompt_ids) + r.params.max_new_tokens for r in rows)
+        while True:
+            todo = [r for r in rows if (r.request_index, r.sample_index) not in done and r.request_index not in failed]
+            if not todo:
+                return
+            slots = max(1, min(self.rows_limit, len(todo), self.max_batch_tokens // capacity))
+            try:
+                cache = self._slot_cache(slots, capacity)
+                decode_continuous(
+                    self.runner, cache, self.tokenizer, todo, self.eos_ids, slots, self.max_batch_tokens, done
+                )
+                return
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                running = self._cache.rows if self._cache is not None else slots
+                self._release_memory()
+                if slots == 1:
+                    # Alone and still out of memory: no longer a batch-size problem. The row that ran is the first
+                    # of todo in the scheduler's order (by prompt length); its request fails, the others go on.
+                    row = min(todo, key=lambda r: len(r.prompt_ids))
+                    failed[row.request_index] = f"out of memory with a batch of one row: {exc}"
+                    continue
+                self.rows_limit = max(1, min(slots, running) // 2)
+                log.warning("out of memory with %d rows running; retrying with at most %d rows", running, self.rows_limit)
+
+    def _slot_cache(self, slots: int, capacity: int) -> SlotCache:
+        """The engine's SlotCache, emptied; a new one when the old one is too small or more than twice too big."""
+        assert self.runner is not None
+        dtype = self.runner.activation_dtype
+        cache = self._cache
+        if cache is None or not cache.fits(slots, capacity, dtype, self.device) or cache.nbytes() > 2 * self._cache_bytes(slots, capacity):
+            self._cache = None  # drop the old one before allocating the new one
+            cache = self._cache = self.runner.new_cache(slots, capacity, self.device)
+        cache.rows = 0
+        return cache
+
+    def _cache_bytes(self, slots: int, capacity: int) -> int:
+        assert self.runner is not None
+        probe = self.runner
+        per_token = 2 * len(probe.layers) * probe.kv_heads * probe.head_dim * torch.tensor([], dtype=probe.activation_dtype).element_size()
+        return max(slots, probe.min_rows) * probe.aligned(capacity) * per_token
+
+    def _release_memory(self) -> None:
+        self._cache = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _decode_static(self, batch: list[Row], done: dict[tuple[int, int], Sample], failed: dict[int, str]) -> None:
+        """decode_batch on transformers' forward; on out of memory, each half on its own."""
+        try:
+            samples = decode_batch(self.model, self.tokenizer, batch, self.eos_ids, self.device)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._release_memory()
+            if len(batch) == 1:
+                failed[batch[0].request_index] = f"out of memory with a batch of one row: {exc}"
+                return
+            log.warning("out of memory with a batch of %d rows; splitting it", len(batch))
+            half = len(batch) // 2
+            self._decode_static(batch[:half], done, failed)
+            self._decode_static(batch[half:], done, failed)
+            return
+        for row, sample in zip(batch, samples):
+            done[row.request_index, row.sample_index] = sample
 
     def _check_request(self, request: GenerationRequest) -> str | None:
         if (request.prompt is None) == (request.messages is None):
