@@ -1,4 +1,9 @@
-"""Stream a JSONL file of prompts into (line number, request | errors), in bounded memory."""
+"""Stream a JSONL file of prompts into (line number, request | errors), in bounded memory.
+
+A file is in one of two formats, set by its first JSON object: native lines (producer.schema) or
+OpenAI Batch lines (producer.openai_batch, translated into native lines and validated the same way).
+A line in the other format is an error.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from producer.openai_batch import is_openai_line, translate
 from producer.schema import PromptLine, json_type, show, validate_line
 
 MAX_LINE_BYTES = 1 << 20
@@ -69,6 +75,7 @@ def read_requests(
     """
     name = os.fspath(path)
     seen = _SeenIds()
+    fmt = _Format()
     any_line = False
     with _open(name) as file:
         for line_no, content in _physical_lines(file, max_line_bytes):
@@ -81,7 +88,7 @@ def read_requests(
             if not content.strip():
                 continue
             any_line = True
-            yield _outcome(line_no, content, defaults, context_length, seen)
+            yield _outcome(line_no, content, defaults, context_length, seen, fmt)
     if not any_line:
         raise EmptyInput(f"{name}: the file is empty" + ("" if _is_zero_bytes(name) else " (it holds only blank lines)"))
 
@@ -132,12 +139,42 @@ def _strip_ending(chunk: bytes) -> bytes:
     return chunk
 
 
-def _outcome(line_no: int, content: bytes, defaults: Mapping[str, Any], context_length: int, seen: _SeenIds) -> LineOutcome:
+class _Format:
+    """The file's format, set by its first JSON object: native or OpenAI Batch."""
+
+    def __init__(self) -> None:
+        self.openai: bool | None = None
+        self.first_line = 0
+
+    def mismatch(self, line_no: int, openai: bool) -> str | None:
+        """None if the line is in the file's format (setting it on the first line), else the error."""
+        if self.openai is None:
+            self.openai, self.first_line = openai, line_no
+            return None
+        if openai == self.openai:
+            return None
+        this, first = ("an OpenAI Batch line", "a native line") if openai else ("a native line", "an OpenAI Batch line")
+        return f"this is {this} but line {self.first_line} is {first}: a file must hold one format"
+
+
+def _outcome(
+    line_no: int, content: bytes, defaults: Mapping[str, Any], context_length: int, seen: _SeenIds, fmt: _Format
+) -> LineOutcome:
     obj, error = decode_line(content)
     if error is not None:
         return LineOutcome(line_no, None, [error])
-    line, errors = validate_line(obj, defaults, context_length)
-    custom_id = _custom_id(obj, line_no)
+    openai = is_openai_line(obj)
+    mismatch = fmt.mismatch(line_no, openai)
+    if mismatch is not None:
+        return LineOutcome(line_no, None, [mismatch])
+    if openai:
+        translation = translate(obj)
+        line, errors = validate_line(translation.line, defaults, context_length)
+        errors = translation.errors + translation.rename(errors)
+        line = None if errors else line
+    else:
+        line, errors = validate_line(obj, defaults, context_length)
+    custom_id = _custom_id(obj, line_no, required=openai)
     if custom_id is not None:
         first = seen.first_line(custom_id)
         if first is not None:
@@ -222,11 +259,11 @@ def _bad_string(text: str) -> str | None:
     return None
 
 
-def _custom_id(obj: dict[str, Any], line_no: int) -> str | None:
-    """The id duplicates are checked on: the line's custom_id, its line number when absent, None when unusable."""
+def _custom_id(obj: dict[str, Any], line_no: int, required: bool = False) -> str | None:
+    """The id duplicates are checked on: the line's custom_id, its line number when absent (unless required), None when unusable."""
     value = obj.get("custom_id")
     if value is None:
-        return str(line_no)
+        return None if required else str(line_no)
     return value if isinstance(value, str) and value else None
 
 

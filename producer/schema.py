@@ -18,11 +18,15 @@ MAX_N = 128
 MAX_BEAMS = 64
 MAX_CUSTOM_ID = 512
 """The width of requests.custom_id in the store."""
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's limit for chat `top_logprobs`."""
 SEED_LIMIT = 2**63
 
 _SHOW_LIMIT = 40
 _SAMPLING_OFF = {"temperature": 0, "top_p": 1, "top_k": 0}
 """The value of each sampling knob that turns it off, which beam search requires."""
+_NOT_WITH_BEAMS = ("frequency_penalty", "presence_penalty", "logprobs")
+"""Set to anything but their off value, these apply to sampled rows only; beam search refuses them."""
 ONE_INPUT = "exactly one of 'prompt' and 'messages' is required"
 
 
@@ -102,6 +106,9 @@ Temperature = Annotated[float, _check(lambda v: v >= 0, ">= 0")]
 TopP = Annotated[float, _check(lambda v: 0 < v <= 1, "in (0, 1]")]
 TopK = Annotated[int, _check(lambda v: v >= 0, ">= 0 (0 turns top-k off)")]
 Seed = Annotated[int, _check(lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**63)")]
+Penalty = Annotated[float, _check(lambda v: -2 <= v <= 2, "in [-2, 2]")]
+"""frequency_penalty and presence_penalty, with OpenAI's range and meaning (0 = off)."""
+TopLogprobs = Annotated[int, _check(lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]")]
 N = Annotated[int, _check(lambda v: 1 <= v <= MAX_N, f"in [1, {MAX_N}]")]
 NumBeams = Annotated[int, _check(lambda v: 1 <= v <= MAX_BEAMS, f"in [1, {MAX_BEAMS}]")]
 RepetitionPenalty = Annotated[float, _check(lambda v: v > 0, "> 0")]
@@ -154,6 +161,12 @@ class PromptLine(_JobSampling):
     repetition_penalty: RepetitionPenalty | None = None
     stop: Stop | None = None
     num_beams: NumBeams | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logprobs: bool | None = None
+    """Store each generated token's log-probability with the result."""
+    top_logprobs: TopLogprobs | None = None
+    """With logprobs: also this many most likely tokens at each position."""
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -167,13 +180,19 @@ class PromptLine(_JobSampling):
         return self.model_dump(exclude_none=True, exclude={"prompt", "messages", "custom_id", "metadata"})
 
     def check_against(self, defaults: Mapping[str, Any], context_length: int) -> list[str]:
-        """Rules that need the job: beam search is checked on the effective values (line, else job default)."""
+        """Cross-field rules; those that need the job (beam search) use the effective values (line, else job default)."""
         errors = []
         if self.max_new_tokens is not None and self.max_new_tokens > context_length:
             errors.append(_too_long(self.max_new_tokens, context_length))
+        if self.top_logprobs and not self.logprobs:
+            got = "not given" if self.logprobs is None else show(self.logprobs)
+            errors.append(f"top_logprobs: needs logprobs set to true, got top_logprobs={self.top_logprobs}, logprobs {got}")
         beams, _ = self._effective("num_beams", defaults)
         if beams is None or beams <= 1:
             return errors
+        unsupported = [name for name in _NOT_WITH_BEAMS if getattr(self, name)]
+        if unsupported:
+            errors.append(f"num_beams: beam search cannot be combined with {', '.join(unsupported)}, got num_beams={beams}")
         n, n_from = self._effective("n", defaults)
         if n is not None and n > beams:
             errors.append(f"n: must be <= num_beams for beam search, got n={n}{n_from}, num_beams={beams}")
