@@ -115,6 +115,9 @@ class Result(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     generation_seconds: Mapped[float] = mapped_column(Float)
+    logprobs: Mapped[Optional[list[dict[str, Any]]]] = mapped_column(JSON(none_as_null=True))
+    """SQL NULL unless the request asked for them; then one entry per generated token,
+    {"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]} (workers.types.Sample.logprobs)."""
 
     def __repr__(self) -> str:
         return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"

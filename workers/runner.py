@@ -295,6 +295,7 @@ def _outcome(
                 "started_at": started_at,
                 "finished_at": finished_at,
                 "generation_seconds": seconds,
+                "logprobs": sample.logprobs,
             }
         )
     return Outcome(request_id=request_id, prompt_tokens=result.prompt_tokens, results=rows)
