@@ -38,8 +38,11 @@ def iter_request_results(db: Engine, job_id: int) -> Iterator[RequestResults]:
         yield RequestResults(pairs[0][0], [result for _, result in pairs if result is not None])
 
 
-def flat_records(db: Engine, job_id: int) -> Iterator[dict[str, Any]]:
-    """One record per result (per request when it has none: failed, cancelled or not yet done)."""
+def flat_records(db: Engine, job_id: int, logprobs: bool = False) -> Iterator[dict[str, Any]]:
+    """One record per result (per request when it has none: failed, cancelled or not yet done).
+
+    With `logprobs`, a result that has them carries them too, as stored (workers.types.Sample.logprobs).
+    """
     for item in iter_request_results(db, job_id):
         request = item.request
         base = {"custom_id": request.custom_id, "status": request.status, "error": request.error, "metadata": request.meta}
@@ -47,7 +50,7 @@ def flat_records(db: Engine, job_id: int) -> Iterator[dict[str, Any]]:
             yield {**dict.fromkeys(FLAT_COLUMNS), **base}
             continue
         for result in item.results:
-            yield {
+            record = {
                 **base,
                 "sample_index": result.sample_index,
                 "text": result.text,
@@ -56,11 +59,14 @@ def flat_records(db: Engine, job_id: int) -> Iterator[dict[str, Any]]:
                 "completion_tokens": result.completion_tokens,
                 "seed": result.seed,
             }
+            if logprobs and result.logprobs is not None:
+                record["logprobs"] = result.logprobs
+            yield record
 
 
 def write_jsonl(db: Engine, job_id: int, out: IO[str]) -> int:
     count = 0
-    for record in flat_records(db, job_id):
+    for record in flat_records(db, job_id, logprobs=True):
         if record["text"] is not None:
             record = {k: v for k, v in record.items() if k not in ("status", "error")}
         else:
@@ -106,22 +112,37 @@ def write_parquet(db: Engine, job_id: int, path: str, row_group: int = 10_000) -
     return count
 
 
+_SERVER_FAILURES = ("gave up after ", "out of memory")
+"""A failed request whose error starts with one of these failed on our side (HTTP 500); any other failure
+is a problem of the request itself, such as a prompt too long for the model's context (HTTP 400)."""
+
+
 def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
-    """One line of the OpenAI Batch output format for a request and its n results."""
+    """One line of the OpenAI Batch output format for a request and its n results.
+
+    As OpenAI does: a request that failed is a response with status_code 400 (the request's fault) or 500
+    (ours) and an `{"error": {...}}` body; the top-level `error` is for requests that never ran (cancelled,
+    or not finished yet).
+    """
     request = item.request
     line: dict[str, Any] = {"id": f"batch_req_{request.id}", "custom_id": request.custom_id, "response": None, "error": None}
     if not item.results:
-        reason = request.error or f"request is {request.status}"
-        line["error"] = {"code": "failed" if request.status == "failed" else request.status, "message": reason}
+        if request.status == "failed":
+            line["response"] = _error_response(request)
+        else:
+            code = "batch_cancelled" if request.status == "cancelled" else request.status
+            line["error"] = {"code": code, "message": request.error or f"request is {request.status}"}
         return line
     chat = request.messages is not None
     choices = []
     for result in item.results:
-        choice: dict[str, Any] = {"index": result.sample_index, "finish_reason": result.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": result.sample_index, "finish_reason": result.finish_reason}
         if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
+            choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
+            choice["logprobs"] = chat_logprobs(result.logprobs)
         else:
             choice["text"] = result.text
+            choice["logprobs"] = completion_logprobs(result.logprobs)
         choices.append(choice)
     prompt_tokens = item.results[0].prompt_tokens
     completion_tokens = sum(r.completion_tokens for r in item.results)
@@ -144,6 +165,62 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
         },
     }
     return line
+
+
+def _error_response(request: Request) -> dict[str, Any]:
+    message = request.error or "failed"
+    server = message.startswith(_SERVER_FAILURES)
+    return {
+        "status_code": 500 if server else 400,
+        "request_id": f"req_{request.id}",
+        "body": {
+            "error": {
+                "message": message,
+                "type": "server_error" if server else "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    }
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
+def chat_logprobs(stored: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Stored per-token logprobs in the chat endpoint's shape; None when the request did not ask for them."""
+    if stored is None:
+        return None
+    content = [
+        {
+            "token": entry["token"],
+            "logprob": entry["logprob"],
+            "bytes": _token_bytes(entry["token"]),
+            "top_logprobs": [
+                {"token": top["token"], "logprob": top["logprob"], "bytes": _token_bytes(top["token"])}
+                for top in entry.get("top_logprobs") or []
+            ],
+        }
+        for entry in stored
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(stored: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Stored per-token logprobs in the completions endpoint's shape; text_offset counts characters of the completion."""
+    if stored is None:
+        return None
+    offsets, at = [], 0
+    for entry in stored:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {
+        "tokens": [entry["token"] for entry in stored],
+        "token_logprobs": [entry["logprob"] for entry in stored],
+        "top_logprobs": [{top["token"]: top["logprob"] for top in entry.get("top_logprobs") or []} for entry in stored],
+        "text_offset": offsets,
+    }
 
 
 def write_openai(db: Engine, job_id: int, out: IO[str], model: str) -> int:

@@ -8,10 +8,25 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from click.testing import CliRunner
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 
 from models.db import make_engine, session_factory, utcnow
 from models.store import Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, set_job_totals
 from producer.cli import main
+
+
+CHAT_LOGPROBS = [
+    {"token": "Hello", "logprob": -0.5, "top_logprobs": [{"token": "Hello", "logprob": -0.5}, {"token": "Hi", "logprob": -1.5}]},
+    {"token": ", “", "logprob": -2.0, "top_logprobs": [{"token": ", “", "logprob": -2.0}, {"token": "!", "logprob": -2.25}]},
+    {"token": "friend”", "logprob": -0.25, "top_logprobs": [{"token": "friend”", "logprob": -0.25}, {"token": "you", "logprob": -3.0}]},
+]
+"""As workers.types.Sample.logprobs holds them (top_logprobs=2)."""
+RAW_LOGPROBS = [
+    {"token": "upon", "logprob": -0.1, "top_logprobs": []},
+    {"token": " a", "logprob": -0.2, "top_logprobs": []},
+    {"token": " time", "logprob": -0.3, "top_logprobs": []},
+]
 
 
 def _job_with_results(url: str) -> int:
@@ -36,16 +51,16 @@ def _job_with_results(url: str) -> int:
         ids = {r.custom_id: r.id for r in claim.requests}
     now = utcnow()
 
-    def row(request_id: int, sample: int, text: str, tokens: int) -> dict:
+    def row(request_id: int, sample: int, text: str, tokens: int, logprobs: list | None = None) -> dict:
         return {"request_id": request_id, "job_id": job_id, "sample_index": sample, "text": text, "finish_reason": "stop",
                 "prompt_tokens": 7, "completion_tokens": tokens, "params": {"seed": sample}, "seed": 40 + sample,
                 "model": "tiny-random-llama", "dtype": "float32", "quantization": "none", "worker_host": "h",
-                "device": "cpu", "started_at": now, "finished_at": now, "generation_seconds": 0.5}
+                "device": "cpu", "started_at": now, "finished_at": now, "generation_seconds": 0.5, "logprobs": logprobs}
 
     with sessions() as s:
         record_outcomes(s, job_id, [
-            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3), row(ids["chat"], 1, "Hi,\nthere", 4)]),
-            Outcome(ids["raw"], 7, [row(ids["raw"], 0, "upon a time", 3)]),
+            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3, CHAT_LOGPROBS), row(ids["chat"], 1, "Hi,\nthere", 4)]),
+            Outcome(ids["raw"], 7, [row(ids["raw"], 0, "upon a time", 3, RAW_LOGPROBS)]),
             Outcome(ids["bad"], 0, error="prompt has 9000 tokens"),
         ])
     db.dispose()
@@ -89,12 +104,59 @@ def test_openai_batch_output_format(sqlite_url: str) -> None:
     body = chat["response"]["body"]
     assert body["object"] == "chat.completion" and body["model"] == "tiny-random-llama"
     assert [c["message"] for c in body["choices"]] == [
-        {"role": "assistant", "content": "Hello, “friend”"}, {"role": "assistant", "content": "Hi,\nthere"}]
+        {"role": "assistant", "content": "Hello, “friend”", "refusal": None}, {"role": "assistant", "content": "Hi,\nthere", "refusal": None}]
+    ChatCompletion.model_validate(body)  # the official SDK's type parses it
     assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
     raw = lines[1]["response"]["body"]
     assert raw["object"] == "text_completion" and raw["choices"][0]["text"] == "upon a time"
-    assert lines[2]["response"] is None and lines[2]["error"]["message"] == "prompt has 9000 tokens"
+    Completion.model_validate(raw)
+    assert raw["id"] != body["id"] and lines[0]["id"] != lines[1]["id"]
+    # a request that failed on its own account: an HTTP 400 response with an error body, as OpenAI writes it
+    bad = lines[2]
+    assert bad["error"] is None and bad["response"]["status_code"] == 400
+    assert bad["response"]["body"] == {"error": {"message": "prompt has 9000 tokens", "type": "invalid_request_error",
+                                                 "param": None, "code": None}}
+
+
+def test_openai_logprobs_shapes(sqlite_url: str) -> None:
+    job_id = _job_with_results(sqlite_url)
+    chat, raw, _ = [json.loads(x) for x in _export(sqlite_url, job_id, "--format", "openai").splitlines()]
+    ChatCompletion.model_validate(chat["response"]["body"])
+    Completion.model_validate(raw["response"]["body"])
+    first, second = chat["response"]["body"]["choices"]
+    assert second["logprobs"] is None  # not stored for this sample
+    assert first["logprobs"] == {"refusal": None, "content": [
+        {"token": "Hello", "logprob": -0.5, "bytes": [72, 101, 108, 108, 111], "top_logprobs": [
+            {"token": "Hello", "logprob": -0.5, "bytes": [72, 101, 108, 108, 111]}, {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]}]},
+        {"token": ", “", "logprob": -2.0, "bytes": list(", “".encode()), "top_logprobs": [
+            {"token": ", “", "logprob": -2.0, "bytes": list(", “".encode())}, {"token": "!", "logprob": -2.25, "bytes": [33]}]},
+        {"token": "friend”", "logprob": -0.25, "bytes": list("friend”".encode()), "top_logprobs": [
+            {"token": "friend”", "logprob": -0.25, "bytes": list("friend”".encode())}, {"token": "you", "logprob": -3.0, "bytes": [121, 111, 117]}]},
+    ]}
+    assert raw["response"]["body"]["choices"][0]["logprobs"] == {
+        "tokens": ["upon", " a", " time"], "token_logprobs": [-0.1, -0.2, -0.3], "top_logprobs": [{}, {}, {}],
+        "text_offset": [0, 4, 6],
+    }
+    records = [json.loads(x) for x in _export(sqlite_url, job_id).splitlines()]
+    assert records[0]["logprobs"] == CHAT_LOGPROBS and "logprobs" not in records[1] and records[2]["logprobs"] == RAW_LOGPROBS
+
+
+def test_openai_requests_that_never_ran(sqlite_url: str) -> None:
+    """Cancelled and unfinished requests have no HTTP response: the top-level error says why (OpenAI: batch_cancelled)."""
+    job_id = _job_with_results(sqlite_url)
+    db = make_engine(sqlite_url)
+    with db.begin() as c:
+        insert_requests(c, [
+            {"job_id": job_id, "line_no": 4, "custom_id": "late", "prompt": "x", "messages": None, "params": {},
+             "metadata": None, "status": "queued", "attempts": 0},
+            {"job_id": job_id, "line_no": 5, "custom_id": "dropped", "prompt": "x", "messages": None, "params": {},
+             "metadata": None, "status": "cancelled", "attempts": 0},
+        ])
+    db.dispose()
+    late, dropped = [json.loads(x) for x in _export(sqlite_url, job_id, "--format", "openai").splitlines()][3:]
+    assert late["response"] is None and late["error"] == {"code": "queued", "message": "request is queued"}
+    assert dropped["response"] is None and dropped["error"] == {"code": "batch_cancelled", "message": "request is cancelled"}
 
 
 def test_parquet_needs_a_file(sqlite_url: str) -> None:
