@@ -15,7 +15,6 @@ from models.db import make_engine, session_factory, utcnow
 from models.store import Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, set_job_totals
 from producer.cli import main
 
-
 CHAT_LOGPROBS = [
     {"token": "Hello", "logprob": -0.5, "top_logprobs": [{"token": "Hello", "logprob": -0.5}, {"token": "Hi", "logprob": -1.5}]},
     {"token": ", “", "logprob": -2.0, "top_logprobs": [{"token": ", “", "logprob": -2.0}, {"token": "!", "logprob": -2.25}]},

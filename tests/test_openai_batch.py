@@ -6,6 +6,7 @@ submit` process, real Redis, a real worker process on the tiny model, and `produ
 from __future__ import annotations
 
 import json
+import tracemalloc
 import typing
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ from openai.types import Completion
 from openai.types import completion_create_params as completions_params
 from openai.types.chat import ChatCompletion
 from openai.types.chat import completion_create_params as chat_params
+from sqlalchemy import create_engine
+from sqlalchemy import text as sql
 
 from producer.openai_batch import BODY_FIELDS, CHAT, COMPLETIONS
 from producer.reader import LineOutcome, read_requests
+from tests.helpers import TINY, WorkerProcess, env_for, producer, wait_for_job, write_jsonl
 
 CONTEXT = 2048
 
@@ -285,8 +289,6 @@ ROUND_TRIP = [
 
 @pytest.mark.slow
 def test_openai_batch_round_trip(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
-    from tests.helpers import TINY, WorkerProcess, env_for, producer, wait_for_job, write_jsonl
-
     env = env_for(sqlite_url, broker_url)
     source = write_jsonl(tmp_path / "batch_input.jsonl", ROUND_TRIP)
     submitted = producer(["submit", str(source), "--model", TINY], env, check=True)
@@ -337,11 +339,9 @@ def test_openai_batch_round_trip(sqlite_url: str, broker_url: str, tmp_path: Pat
     assert error["type"] == "invalid_request_error" and "context" in error["message"]
 
     # usage sums each request's samples (from the store's own rows)
-    from sqlalchemy import create_engine, text
-
     engine = create_engine(sqlite_url)
     with engine.connect() as c:
-        sums = dict(c.execute(text(
+        sums = dict(c.execute(sql(
             "SELECT q.custom_id, sum(r.completion_tokens) FROM results r JOIN requests q ON q.id = r.request_id "
             "WHERE r.job_id = :j GROUP BY q.custom_id"), {"j": job_id}).all())
     engine.dispose()
@@ -383,3 +383,22 @@ def _engine_gaps(by_id: dict[str, dict[str, Any]]) -> list[str]:
 def _stops(sent: dict[str, Any]) -> list[str]:
     stop = sent["body"].get("stop") or []
     return [stop] if isinstance(stop, str) else stop
+
+
+def test_openai_files_are_read_streamed(tmp_path: Path) -> None:
+    """Memory stays bounded: well under the file's size (the ids seen so far are the only thing that grows)."""
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as f:
+        for i in range(40_000):
+            f.write(json.dumps(chat(f"id-{i}", messages=[{"role": "user", "content": [{"type": "text", "text": "padding " * 120}]}],
+                                    max_tokens=8)) + "\n")
+    size = path.stat().st_size
+    assert size > 40_000_000
+    tracemalloc.start()
+    try:
+        count = sum(o.ok for o in read_requests(path, {}, CONTEXT))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 40_000
+    assert peak < 15_000_000, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
