@@ -228,13 +228,15 @@ def _message(index: int, message: Any, errors: list[str]) -> Any:
     native = dict(message)
     role = message.get("role")
     # a refused role is reported here and replaced, so that the native validator does not report it again
-    if role in _REFUSED_ROLES:
+    if not isinstance(role, str):
+        pass  # missing or not a string: the native validator reports it
+    elif role in _REFUSED_ROLES:
         errors.append(f"{where}.role: {show(role)} is not supported ({_REFUSED_ROLES[role]})")
         native["role"] = "user"
-    elif isinstance(role, str) and role not in _ROLES:
+    elif role not in _ROLES:
         errors.append(f"{where}.role: must be one of {', '.join(_ROLES)}, got {show(role)}")
         native["role"] = "user"
-    elif isinstance(role, str):
+    else:
         native["role"] = _ROLES[role]
     for key, (off, what) in _MESSAGE_REFUSED.items():
         if key in native:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai.types import Completion
 from openai.types import completion_create_params as completions_params
 from openai.types.chat import ChatCompletion
@@ -402,3 +404,21 @@ def test_openai_files_are_read_streamed(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert count == 40_000
     assert peak < 15_000_000, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["type", "text", "role", "content", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+_keys = st.sampled_from(sorted(set(BODY_FIELDS[CHAT]) | set(BODY_FIELDS[COMPLETIONS]) | {"bogus"}))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(url=st.sampled_from([CHAT, COMPLETIONS, "/v1/x"]), body=st.dictionaries(_keys, _json, max_size=5),
+       messages=st.lists(st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls"]), _json), max_size=3))
+def test_any_openai_line_gives_a_request_or_errors(tmp_path: Path, url: str, body: dict[str, Any], messages: list[Any]) -> None:
+    line = {"custom_id": "x", "method": "POST", "url": url, "body": {"model": "m", "messages": messages, "prompt": "p", **body}}
+    [outcome] = read(tmp_path, line)
+    assert (outcome.request is not None) != bool(outcome.errors)
+    assert all(isinstance(e, str) and e and "\n" not in e for e in outcome.errors)
