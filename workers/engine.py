@@ -19,6 +19,7 @@ import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -108,6 +109,10 @@ class Running:
     generated: list[int] = field(default_factory=list)
     seen: Tensor | None = None
     """bool (vocab,): the tokens of the prompt and of generated, kept only when the row has a repetition penalty."""
+    counts: Tensor | None = None
+    """float (vocab,): how often each token was generated, kept only when the row has a frequency/presence penalty."""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per generated token, kept only when the row asks for logprobs."""
 
 
 def start_row(row: Row) -> Running:
@@ -133,14 +138,61 @@ def sample_rows(logits: Tensor, states: list[Running], eos_ids: frozenset[int], 
                 s.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
                 s.seen[torch.tensor(s.row.prompt_ids + s.generated, dtype=torch.long, device=device)] = True
         seen = torch.stack([s.seen for s in states])  # penalty 1.0 leaves a row's logits exactly as they are
+    raw = logits
+    logits = apply_openai_penalties(logits, states)
     tokens = next_tokens(logits, params, seen, draw_uniforms([s.generator for s in states], device))
+    record_logprobs(raw, tokens, states, tokenizer)
     finished: list[Sample | None] = []
     for s, token in zip(states, tokens.tolist()):
         s.generated.append(token)
         if s.seen is not None:
             s.seen[token] = True
-        finished.append(finish(tokenizer, s.generated, s.row, eos_ids))
+        if s.counts is not None:
+            s.counts[token] += 1
+        sample = finish(tokenizer, s.generated, s.row, eos_ids)
+        if sample is not None and s.row.params.logprobs:
+            sample.logprobs = s.logprobs[: sample.completion_tokens]
+        finished.append(sample)
     return finished
+
+
+def apply_openai_penalties(logits: Tensor, states: list[Running]) -> Tensor:
+    """OpenAI's penalties on the generated tokens: logit -= frequency * count + presence * (count > 0)."""
+    if not any(s.row.params.frequency_penalty or s.row.params.presence_penalty for s in states):
+        return logits
+    for s in states:
+        if s.counts is None:
+            s.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+            for token in s.generated:
+                s.counts[token] += 1
+    counts = torch.stack([s.counts for s in states])  # type: ignore[misc]
+    frequency = torch.tensor([s.row.params.frequency_penalty for s in states], dtype=torch.float32, device=logits.device)
+    presence = torch.tensor([s.row.params.presence_penalty for s in states], dtype=torch.float32, device=logits.device)
+    penalty = frequency[:, None] * counts + presence[:, None] * (counts > 0).float()
+    return logits - penalty.to(logits.dtype)
+
+
+def record_logprobs(raw: Tensor, tokens: Tensor, states: list[Running], tokenizer: PreTrainedTokenizerBase) -> None:
+    """For rows that ask: the chosen token's log-probability and the top_logprobs most likely tokens, under the
+    model's own distribution (raw logits, before penalties, temperature and filters, as vLLM reports them)."""
+    wanted = [i for i, s in enumerate(states) if s.row.params.logprobs]
+    if not wanted:
+        return
+    index = torch.tensor(wanted, dtype=torch.long, device=raw.device)
+    logprobs = raw[index].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens[index][:, None]).squeeze(-1).tolist()
+    width = max(states[i].row.params.top_logprobs for i in wanted)
+    top = logprobs.topk(width, dim=-1) if width else None
+    for j, i in enumerate(wanted):
+        s = states[i]
+        token = int(tokens[i])
+        entry: dict[str, Any] = {"token": tokenizer.decode([token]), "logprob": chosen[j], "top_logprobs": []}
+        for value, candidate in zip(
+            (top.values[j].tolist() if top is not None else [])[: s.row.params.top_logprobs],
+            (top.indices[j].tolist() if top is not None else [])[: s.row.params.top_logprobs],
+        ):
+            entry["top_logprobs"].append({"token": tokenizer.decode([candidate]), "logprob": value})
+        s.logprobs.append(entry)
 
 
 def decode_continuous(
@@ -609,6 +661,11 @@ class Engine:
             done[row.request_index, row.sample_index] = sample
 
     def _check_request(self, request: GenerationRequest) -> str | None:
+        params = request.params
+        if self.runner is None and (params.frequency_penalty or params.presence_penalty or params.logprobs):
+            return "frequency_penalty, presence_penalty and logprobs need a Llama-family model (continuous batching) in this version"
+        if params.num_beams > 1 and (params.frequency_penalty or params.presence_penalty or params.logprobs):
+            return "frequency_penalty, presence_penalty and logprobs are not available with beam search"
         if (request.prompt is None) == (request.messages is None):
             return "a request needs exactly one of prompt and messages"
         if request.messages is not None and not request.messages:
