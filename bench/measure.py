@@ -1,0 +1,387 @@
+"""One measurement per process: `python -m bench.measure KIND --out result.json [options]`.
+
+bench.run starts each in its own process so that its peak RSS is its own. KIND is
+  naive     (a) transformers generate, one request at a time with its own parameters
+  static    (b) transformers generate, batches of up to 64 requests with identical parameters, left padding
+  engine    (c) Engine.generate on every request at once, in --dtype/--quantize; then the quality guard
+  aodynamic     as engine, with torch.ao's dynamic int8 (measured to choose int8; the engine does not offer it)
+  pipeline  (d) producer submit -> Redis -> a real `workers start` process -> SQLite, submit to last result
+  gpu           a random ~1B Llama in bfloat16 on CUDA, fixed output lengths, vs the GPU's bf16 matmul rate
+  matmul        this machine's float32/bfloat16 matrix-product rate, at the shapes of a decode step
+Each writes one JSON object to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.workload import (
+    MODEL,
+    QUALITY_PROMPTS,
+    QUALITY_TOKENS,
+    ROOT,
+    peak_rss_mib,
+    perplexity,
+    prompt_ids,
+    read_lines,
+    real_tokens,
+    to_requests,
+    tree_rss_mib,
+)
+
+STATIC_BATCH = 64
+
+
+def load_reference(path: Path):  # type: ignore[no-untyped-def]
+    return [(p, a) for p, a in json.loads(path.read_text())]
+
+
+# --- (a) and (b): transformers' own generate ----------------------------------------------------------------------
+
+
+def hf_kwargs(params, eos_ids: list[int], pad_id: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """generate() arguments for one parameter set; top_k=0 and top_p=1.0 given explicitly, or transformers'
+    generation config would add its own top_k=50."""
+    common = dict(max_new_tokens=params.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                  repetition_penalty=params.repetition_penalty)
+    if params.temperature == 0:
+        return common | dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return common | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+
+
+def hf_generate(lines: list[dict[str, Any]], batch_size: int, dtype: str) -> dict[str, Any]:
+    """transformers generate over lines, in batches of identical parameters (batch_size 1: one at a time)."""
+    import torch
+
+    from workers.engine import eos_token_ids
+    from workers.loader import load_model
+    from workers.registry import resolve
+
+    model, tokenizer = load_model(resolve(MODEL), "cpu", dtype)
+    eos = sorted(eos_token_ids(model, tokenizer))
+    requests = to_requests(lines)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        p = r.params
+        groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty), []).append(i)
+    batches = [ids[i : i + batch_size] for ids in groups.values() for i in range(0, len(ids), batch_size)]
+
+    def run(batch: list[int]) -> int:
+        texts = [tokenizer.decode(prompt_ids(tokenizer, requests[i])) for i in batch]
+        encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")  # left padding
+        torch.manual_seed(requests[batch[0]].params.seed or 0)  # one seed per call: generate has no per-row seeds
+        with torch.inference_mode():
+            out = model.generate(**encoded, **hf_kwargs(requests[batch[0]].params, eos, tokenizer.pad_token_id))
+        return sum(real_tokens(row, set(eos)) for row in out[:, encoded.input_ids.shape[1] :].tolist())
+
+    run([batches[0][0]])  # warm-up
+    started = time.perf_counter()
+    tokens = sum(run(batch) for batch in batches)
+    seconds = time.perf_counter() - started
+    return dict(requests=len(requests), tokens=tokens, seconds=seconds, batches=len(batches), precision=dtype,
+                quantize="none", rss_mib=peak_rss_mib())
+
+
+# --- (c): the engine ----------------------------------------------------------------------------------------------
+
+
+def profile_shares(engine, requests) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Where a short engine run spends its CPU time, by kind of operator (torch.profiler)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        engine.generate(requests)
+    kinds = {"matmul": 0.0, "attention": 0.0, "sampling": 0.0, "other": 0.0}
+    total = 0.0
+    for event in prof.key_averages():
+        t = event.self_cpu_time_total
+        total += t
+        name = event.key
+        if name in ("aten::mm", "aten::addmm") or "int8" in name or "int4" in name or "quantized::" in name:
+            kinds["matmul"] += t
+        elif name in ("aten::bmm", "aten::_softmax", "aten::masked_fill_", "aten::_index_put_impl_"):
+            kinds["attention"] += t
+        elif name in ("aten::topk", "aten::cumsum", "aten::exp_", "aten::argmax", "aten::searchsorted", "aten::logsumexp",
+                      "aten::max", "aten::sort"):
+            kinds["sampling"] += t
+        else:
+            kinds["other"] += t
+    return {k: round(v / total, 3) for k, v in kinds.items()} if total else kinds
+
+
+def run_engine(engine, lines: list[dict[str, Any]], reference: Path, make_reference: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from workers.types import SamplingParams
+
+    requests = to_requests(lines)
+    engine.generate([r for r in to_requests(lines[:4])])  # warm-up (first calls allocate)
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    seconds = time.perf_counter() - started
+    failed = [r.error for r in results if r.error]
+    tokens = sum(s.completion_tokens for r in results for s in r.samples)
+    out = dict(requests=len(requests), tokens=tokens, seconds=seconds, failed=len(failed), precision=engine.dtype,
+               quantize=engine.quantize, rss_mib=peak_rss_mib())
+
+    short = to_requests(lines[:64])
+    for r in short:
+        r.params.max_new_tokens = 24
+    out["profile"] = profile_shares(engine, short)
+
+    if make_reference:  # the quality guard's fixed text: float32's greedy answers to the first prompts
+        chats = to_requests(lines[:QUALITY_PROMPTS])
+        for r in chats:
+            r.params = SamplingParams(max_new_tokens=QUALITY_TOKENS, temperature=0.0)
+        answers = engine.generate(chats)
+        pairs = [
+            (prompt_ids(engine.tokenizer, c), engine.tokenizer(a.samples[0].text, add_special_tokens=False).input_ids)
+            for c, a in zip(chats, answers)
+        ]
+        reference.write_text(json.dumps(pairs))
+    out["perplexity"] = perplexity(engine.model, load_reference(reference))
+    return out
+
+
+def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path, make_reference: bool) -> dict[str, Any]:
+    from workers.engine import Engine
+    from workers.registry import resolve
+
+    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=64)
+    return run_engine(engine, lines, reference, make_reference)
+
+
+def aodynamic_mode(lines: list[dict[str, Any]], reference: Path) -> dict[str, Any]:
+    """torch.ao's dynamic int8 (int8 weights, activations quantized per tensor at run time) on every Linear."""
+    import torch
+
+    from workers.engine import Engine
+    from workers.loader import load_model
+    from workers.registry import resolve
+
+    model, tokenizer = load_model(resolve(MODEL), "cpu", "float32")
+    torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    engine = Engine(model, tokenizer, "cpu", MODEL, "float32", "none", max_batch_rows=64, batch_invariant=False)
+    out = run_engine(engine, lines, reference, False)
+    out["quantize"] = "int8 (torch.ao dynamic)"
+    return out
+
+
+# --- (d): the whole pipeline --------------------------------------------------------------------------------------
+
+
+def free_redis_db(base_url: str) -> str:
+    """base_url with the highest database index that holds no key (the tests pick theirs at random from 1-15)."""
+    import redis
+
+    for index in range(15, 0, -1):
+        url = f"{base_url.rstrip('/')}/{index}"
+        client = redis.Redis.from_url(url)
+        try:
+            if client.dbsize() == 0:
+                return url
+        finally:
+            client.close()
+    raise RuntimeError(f"no empty Redis database on {base_url}")
+
+
+def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout: float) -> dict[str, Any]:
+    import redis
+
+    broker_url = free_redis_db(broker)
+    tmp = Path(tempfile.mkdtemp(prefix="bulkgen-bench-"))
+    database = tmp / "store.db"
+    env = dict(os.environ, BULKGEN_DATABASE_URL=f"sqlite:///{database}", BULKGEN_BROKER_URL=broker_url,
+               BULKGEN_MODEL=MODEL, BULKGEN_DTYPE=dtype, BULKGEN_QUANTIZE=quantize, BULKGEN_METRICS_PORT="0",
+               BULKGEN_RECONCILE_INTERVAL_S="0", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    def cli(module: str) -> list[str]:
+        return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+    subprocess.run([*cli("producer.cli"), "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
+    log_path = tmp / "worker.log"
+    log = log_path.open("w")
+    worker = subprocess.Popen([*cli("workers.cli"), "start", "--concurrency", "1"], env=env, cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    peak = [0.0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_rss_mib(worker.pid))
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 900
+        while not ("loaded model" in log_path.read_text() and " ready." in log_path.read_text()):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        started = time.perf_counter()
+        submitted = subprocess.run([*cli("producer.cli"), "submit", str(prompts), "--model", MODEL],
+                                   env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        job = int(submitted.stdout.strip().splitlines()[-1])
+        submit_seconds = time.perf_counter() - started
+        store = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        while True:
+            status, done, tokens = store.execute(
+                "SELECT status, done_count, completion_tokens FROM jobs WHERE id = ?", (job,)).fetchone()
+            if status in ("completed", "failed", "cancelled"):
+                break
+            if worker.poll() is not None or time.perf_counter() - started > timeout:
+                raise RuntimeError(f"job {job} is {status} ({done} done):\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+        failed = store.execute("SELECT count(*) FROM requests WHERE job_id = ? AND status = 'failed'", (job,)).fetchone()[0]
+        precisions = store.execute("SELECT DISTINCT dtype, quantization FROM results WHERE job_id = ?", (job,)).fetchall()
+        store.close()
+    finally:
+        stop.set()
+        watcher.join()
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        log.close()
+        client = redis.Redis.from_url(broker_url)
+        client.flushdb()
+        client.close()
+    return dict(requests=done, tokens=tokens, seconds=seconds, submit_seconds=submit_seconds, failed=failed,
+                status=status, precision=dtype, quantize=quantize, rss_mib=peak[0], recorded=[list(p) for p in precisions])
+
+
+# --- GPU and matmul rates -----------------------------------------------------------------------------------------
+
+
+def matmul_rate(device: str, dtype_name: str, m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """GFLOP/s of (m, k) @ (k, n) products on device, best of a second of repetitions."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * m * k * n / best / 1e9
+
+
+def matmul_mode() -> dict[str, Any]:
+    from workers.loader import load_model
+    from workers.registry import resolve
+
+    model, _ = load_model(resolve(MODEL), "cpu", "float32")
+    flop_per_token = 2 * sum(m.weight.numel() for m in model.modules() if m.__class__.__name__ == "Linear")
+    config = model.config
+    shapes = {"decode (64x576 @ 576x1536)": (64, config.hidden_size, config.intermediate_size), "square 2048": (2048, 2048, 2048)}
+    rates = {f"{d} {name}": matmul_rate("cpu", d, *shape) for d in ("float32", "bfloat16") for name, shape in shapes.items()}
+    return dict(flop_per_token=flop_per_token, gflops=rates)
+
+
+def gpu_run(device: str, layers: dict[str, int], lines: list[dict[str, Any]], max_batch_rows: int) -> dict[str, Any]:
+    """A random Llama of the given shape in bfloat16 on device, every request max_new_tokens long (EOS ignored)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.engine import Engine
+    from workers.loader import load_gguf_tokenizer
+    from workers.registry import resolve
+
+    spec = resolve(MODEL)
+    tokenizer = load_gguf_tokenizer(spec.path, spec.gguf_file)
+    tokenizer.padding_side = "left"
+    config = LlamaConfig(**layers, vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=max_batch_rows)
+    engine.eos_ids = frozenset()  # fixed output lengths: every row runs to max_new_tokens
+    requests = to_requests(lines)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    engine.generate(to_requests(lines[:4]))
+    sync()
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    sync()
+    seconds = time.perf_counter() - started
+    tokens = sum(s.completion_tokens for r in results for s in r.samples)
+    parameters = sum(p.numel() for p in model.parameters())
+    flop_per_token = 2 * (parameters - model.model.embed_tokens.weight.numel())
+    return dict(requests=len(requests), tokens=tokens, seconds=seconds, parameters=parameters,
+                flop_per_token=flop_per_token, precision="bfloat16", quantize="none")
+
+
+GPU_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+"""TinyLlama-1.1B's shape (1.2B parameters with this vocabulary)."""
+
+
+def gpu_mode(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return dict(skipped="no CUDA device on this machine")
+    out = gpu_run("cuda", GPU_1B, lines, max_batch_rows=256)
+    out["device"] = torch.cuda.get_device_name(0)
+    out["matmul_gflops"] = matmul_rate("cuda", "bfloat16", 8192, 8192, 8192)
+    out["fraction_of_matmul"] = out["tokens"] / out["seconds"] * out["flop_per_token"] / (out["matmul_gflops"] * 1e9)
+    out["rss_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["naive", "static", "engine", "aodynamic", "pipeline", "gpu", "matmul"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--requests", type=int, default=None, help="Only the first N requests.")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantize", default="none")
+    parser.add_argument("--reference", type=Path, help="The quality guard's text (JSON); written when --make-reference.")
+    parser.add_argument("--make-reference", action="store_true")
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379")
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args()
+    lines = read_lines(args.prompts)[: args.requests]
+    if args.kind == "naive":
+        result = hf_generate(lines, 1, "float32")
+    elif args.kind == "static":
+        result = hf_generate(lines, STATIC_BATCH, "float32")
+    elif args.kind == "engine":
+        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference)
+    elif args.kind == "aodynamic":
+        result = aodynamic_mode(lines, args.reference)
+    elif args.kind == "pipeline":
+        prompts = args.prompts
+        if args.requests is not None:  # the pipeline reads a file: write the first N lines to one
+            prompts = Path(tempfile.mkdtemp(prefix="bulkgen-bench-")) / "prompts.jsonl"
+            prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        result = pipeline_mode(prompts, args.dtype, args.quantize, args.broker, args.timeout)
+    elif args.kind == "gpu":
+        result = gpu_mode(lines)
+    else:
+        result = matmul_mode()
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
