@@ -24,7 +24,10 @@ def insert_ignore(connection: Connection | Session, table: Any, rows: Sequence[d
     """INSERT ... ON CONFLICT (keys) DO NOTHING, on SQLite and PostgreSQL alike."""
     if not rows:
         return
-    dialect = connection.get_bind().dialect.name if isinstance(connection, Session) else connection.dialect.name
+    if isinstance(connection, Session):  # Core executemany, not the ORM bulk insert (which splits on None values)
+        connection = connection.connection()
+        table = getattr(table, "__table__", table)
+    dialect = connection.dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     elif dialect == "sqlite":
