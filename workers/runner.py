@@ -180,9 +180,10 @@ def run_batch(job_id: int, request_ids: list[int]) -> int:
             return generated
         if claimed.gave_up:
             log.warning("job %d: gave up on requests %s after %d attempts", job_id, claimed.gave_up, settings.max_attempts)
-        generated += _generate_claim(state, job_id, claimed)
-        if not claimed.one_by_one and len(claimed.requests) + len(claimed.gave_up) >= len(set(request_ids)):
-            return generated  # every id was claimed at once: nothing is left to claim
+        stored = _generate_claim(state, job_id, claimed)
+        generated += stored
+        if stored and not claimed.one_by_one and len(claimed.requests) + len(claimed.gave_up) >= len(set(request_ids)):
+            return generated  # every id was claimed at once and stored: nothing is left to claim
 
 
 def _generate_claim(state: WorkerState, job_id: int, claimed: Claim) -> int:
