@@ -21,7 +21,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-from bench.scale.generate import write_chat_file
+from bench.scale.generate import chat_line, write_chat_file
 from bench.scale.services import run_measured
 from models.db import make_engine
 from models.store import Outcome, claim_requests, record_outcomes
@@ -88,6 +88,8 @@ def test_a_100k_submit_stores_and_enqueues_every_request_once(store_url: str, br
     assert decode(sample.messages)[1] == {"role": "user", "content": "Question 3: explain bread to a child in two sentences."}
     assert decode(sample.params) == {"max_new_tokens": 67, "temperature": 0.7, "top_p": 0.95}
     assert decode(sample.metadata) == {"shard": 3, "source": "bench"}
+    if store_url.startswith("sqlite"):  # the very text SQLAlchemy's JSON type would have written
+        assert sample.messages == json.dumps(chat_line(3)["messages"]) and sample.params == json.dumps(decode(sample.params))
 
     enqueued = queued_ids(broker_url)
     assert redis.Redis.from_url(broker_url).llen(QUEUE) == math.ceil(LINES / Settings().ids_per_message)
