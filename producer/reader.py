@@ -238,7 +238,8 @@ def _unstorable_string(obj: Any) -> str | None:
         where, value = stack.pop()
         if isinstance(value, dict):
             for key, item in value.items():
-                path = f"{where}.{key}" if where else key
+                name = key if key.isprintable() else json.dumps(key)  # a message is one line: escape \n and the like
+                path = f"{where}.{name}" if where else name
                 if (reason := _bad_string(key)) is not None:
                     return f"{path}: the key {reason}"
                 stack.append((path, item))

@@ -115,6 +115,7 @@ def test_crlf_and_bom_are_accepted(tmp_path: Path) -> None:
         ("[" * 100_000, "invalid JSON: nested too deeply"),
         ('{"prompt": "a\\u0000b"}', "prompt: contains a NUL character (\\u0000)"),
         ('{"prompt": "a", "metadata": {"k": ["\\udc00"]}}', "metadata.k[0]: contains a lone surrogate"),
+        ('{"\\n\\u0000": null}', '"\\n\\u0000": the key contains a NUL character'),  # the message stays on one line
     ],
 )
 def test_undecodable_lines(tmp_path: Path, raw: str, error: str) -> None:
