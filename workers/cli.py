@@ -10,7 +10,7 @@ import click
 from models.db import SchemaBehind, check_schema, make_engine
 from workers import registry
 from workers.quantize import check_combination
-from workers.settings import ENV_PREFIX, get_settings, redact
+from workers.settings import ENV_PREFIX, Settings, redact
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -43,13 +43,10 @@ def start(model, device, dtype, quantize, concurrency, batch_size, database_url,
         "MODEL": model, "DEVICE": device, "DTYPE": dtype, "QUANTIZE": quantize, "BATCH_SIZE": batch_size,
         "DATABASE_URL": database_url, "BROKER_URL": broker_url,
     }
-    env = dict(os.environ)
-    for key, value in overrides.items():
-        if value is not None:
-            env[ENV_PREFIX + key] = str(value)
-    os.environ.update(env)
-    get_settings.cache_clear()
-    settings = get_settings()
+    given = {key: value for key, value in overrides.items() if value is not None}
+    # Flags win over the environment; this process's own environment is left as it is (the worker gets `env`).
+    settings = Settings(**{key.lower(): value for key, value in given.items()})
+    env = dict(os.environ) | {ENV_PREFIX + key: str(value) for key, value in given.items()}
 
     if concurrency < 1:
         raise click.BadParameter("must be >= 1", param_hint="--concurrency")
