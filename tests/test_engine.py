@@ -19,11 +19,11 @@ from workers.registry import SMOLLM2, TINY, ModelNotFound, resolve
 from workers.sampling import (
     RowParams,
     apply_repetition_penalty,
-    apply_temperature,
     draw_uniforms,
-    filter_threshold,
     next_tokens,
     sample,
+    sample_candidates,
+    top_candidates,
 )
 from workers.types import GenerationRequest, SamplingParams
 
@@ -111,24 +111,20 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0], [2.0, -2.0, 1.0, -1.0]]
 
 
-def test_temperature_is_per_row_and_leaves_greedy_rows_alone():
-    logits = torch.tensor([[2.0, 4.0], [2.0, 4.0], [2.0, 4.0]])
-    out = apply_temperature(logits, torch.tensor([0.5, 2.0, 0.0]))
-    assert out.tolist() == [[4.0, 8.0], [1.0, 2.0], [2.0, 4.0]]
-
-
-def filtered(logits, top_k=None, top_p=None, **kwargs):
-    """logits with what top-k then top-p remove set to -inf (filter_threshold, applied as transformers' warpers do)."""
+def filtered(logits, top_k=None, top_p=None, temperature=None, **kwargs):
+    """logits / temperature with what top-k then top-p remove set to -inf (from top_candidates' kept tokens)."""
     rows = logits.shape[0]
     top_k = torch.zeros(rows, dtype=torch.long) if top_k is None else top_k
     top_p = torch.ones(rows) if top_p is None else top_p
-    threshold = filter_threshold(logits, top_k, top_p, **kwargs)
-    return logits.masked_fill(logits < threshold[:, None], -float("inf"))
+    temperature = torch.ones(rows) if temperature is None else temperature
+    values, index, kept = top_candidates(logits, temperature, top_k, top_p, **kwargs)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, kept)
+    return (logits / temperature[:, None]).masked_fill(~keep, -float("inf"))
 
 
-def test_top_k_is_per_row_and_zero_keeps_everything():
+def test_top_k_is_per_row():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]] * 3)
-    out = filtered(logits, top_k=torch.tensor([2, 0, 1]))
+    out = filtered(logits, top_k=torch.tensor([2, 5, 1]))
     inf = float("inf")
     assert out.tolist() == [
         [-inf, 5.0, -inf, 4.0, -inf],
@@ -150,49 +146,88 @@ def test_top_k_and_top_p_agree_with_transformers_warpers():
         expected = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, logits.clone()))
         got = filtered(logits, top_k=torch.full((4,), k), top_p=torch.full((4,), p), candidates=4)
         assert torch.equal(got, expected)
+    t = torch.tensor([0.5, 1.0, 1.7, 3.0])  # temperature first, as transformers' TemperatureLogitsWarper does
+    expected = TopPLogitsWarper(0.8)(None, logits / t[:, None])
+    assert torch.equal(filtered(logits, top_p=torch.full((4,), 0.8), temperature=t), expected)
+
+
+def test_a_higher_temperature_keeps_more_tokens_under_top_p():
+    logits = torch.log(torch.tensor([[0.6, 0.25, 0.1, 0.05]] * 2))
+    out = filtered(logits, top_p=torch.tensor([0.8, 0.8]), temperature=torch.tensor([0.5, 3.0]))
+    assert torch.isfinite(out).sum(dim=-1).tolist() == [1, 3]  # p^2 vs p^(1/3), renormalised
 
 
 def test_top_k_keeps_ties_with_the_kth_logit():
     logits = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
-    assert torch.isfinite(filtered(logits, top_k=torch.tensor([2]))).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filtered(logits, top_k=torch.tensor([2]), candidates=2)).tolist() == [[True, True, True, False]]
 
 
-def test_top_p_is_per_row_and_one_keeps_everything():
+def test_top_p_is_per_row():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    out = filtered(logits, top_p=torch.tensor([0.7, 1.0, 0.01]))
+    out = filtered(logits, top_p=torch.tensor([0.7, 0.999, 0.01]))
     kept = torch.isfinite(out).tolist()
     assert kept == [[True, True, False, False], [True, True, True, True], [True, False, False, False]]
 
 
-def test_top_p_gives_the_same_whether_or_not_the_candidates_suffice():
+def test_what_is_kept_does_not_depend_on_how_many_candidates_are_ranked_first():
     torch.manual_seed(2)
     peaked, flat = torch.randn(3, 200) * 8, torch.randn(3, 200) * 0.1
     for logits in (peaked, flat, torch.cat([peaked, flat])):
         p = torch.tensor([0.5, 0.9, 0.99] * (len(logits) // 3))
         k = torch.tensor([0, 0, 30] * (len(logits) // 3))
-        few = filter_threshold(logits, k, p, candidates=2)
-        assert torch.equal(few, filter_threshold(logits, k, p, candidates=200))
+        few = filtered(logits, top_k=k, top_p=p, candidates=2)
+        assert torch.equal(few, filtered(logits, top_k=k, top_p=p, candidates=200))
+        # ... nor on the other rows (whose top_k widens the ranking)
+        alone = filtered(logits[:1], top_k=k[:1], top_p=p[:1], candidates=2)
+        assert torch.equal(alone, few[:1])
+
+
+def test_sample_candidates_draws_in_token_id_order_among_the_kept():
+    values = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.1]] * 5))
+    index = torch.tensor([[5, 2, 9, 0]] * 5)
+    kept = torch.tensor([[True, True, True, False]] * 5)
+    uniform = torch.tensor([0.0, 0.29, 0.31, 0.81, 1 - 2**-53], dtype=torch.float64)
+    # Kept weights renormalised: token 2 holds [0, 0.3), token 5 [0.3, 0.8), token 9 [0.8, 1); token 0 is out.
+    assert sample_candidates(values, index, kept, uniform).tolist() == [2, 2, 5, 9, 9]
 
 
 def test_sample_is_an_inverse_cdf_lookup_that_skips_zero_probability_tokens():
     logits = torch.log(torch.tensor([[0.25, 0.0, 0.5, 0.25]] * 4))
-    tokens = sample(logits, torch.full((4,), -float("inf")), torch.tensor([0.0, 0.2499, 0.25, 0.9999], dtype=torch.float64))
+    tokens = sample(logits, torch.tensor([0.0, 0.2499, 0.25, 0.9999], dtype=torch.float64))
     assert tokens.tolist() == [0, 0, 2, 3]
 
 
 def test_sample_in_blocks_equals_one_float64_cumulative_sum():
     torch.manual_seed(3)
     logits = torch.randn(6, 1000) * 2
-    threshold = torch.tensor([-float("inf"), 0.0, 1.0, 2.5, -float("inf"), 3.0])
+    logits[1, 500:] = -float("inf")
     uniform = torch.rand(6, dtype=torch.float64)
-    probs = logits.masked_fill(logits < threshold[:, None], -float("inf")).softmax(dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
     expected = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
     for block in (7, 64, 256, 1000):
-        assert torch.equal(sample(logits, threshold, uniform, block=block), expected)
-    # A draw never lands on a removed token, even at the very ends of [0, 1).
-    edges = sample(logits, threshold, torch.tensor([0.0, 1 - 2**-53] * 3, dtype=torch.float64), block=64)
-    assert all(logits[i, t] >= threshold[i] for i, t in enumerate(edges.tolist()))
+        assert torch.equal(sample(logits, uniform, block=block), expected)
+    edges = sample(logits, torch.tensor([0.0, 1 - 2**-53] * 3, dtype=torch.float64), block=64)
+    assert edges[1] < 500  # never a zero-probability token, even at the top of [0, 1)
+
+
+def test_next_tokens_draws_what_warpers_and_an_inverse_cdf_in_token_order_draw():
+    torch.manual_seed(4)
+    logits = torch.randn(8, 300) * 3
+    params = row_params(8, temperature=[0.7, 1.0, 1.3, 0.5] * 2, top_k=[0, 20, 0, 5, 0, 0, 50, 1],
+                        top_p=[0.9, 1.0, 0.5, 0.95, 1.0, 0.99, 0.8, 1.0])
+    for trial in range(20):
+        uniform = torch.rand(8, dtype=torch.float64)
+        got = next_tokens(logits, params, None, uniform)
+        for row in range(8):
+            x = logits[row : row + 1] / params.temperature[row]
+            k, p = int(params.top_k[row]), float(params.top_p[row])
+            if k:
+                x = TopKLogitsWarper(k)(None, x)
+            if p < 1:
+                x = TopPLogitsWarper(p)(None, x)
+            cdf = x.softmax(dim=-1).double().cumsum(dim=-1)
+            expected = torch.searchsorted(cdf, (uniform[row] * cdf[:, -1])[:, None], right=True)
+            assert int(got[row]) == int(expected), (trial, row)
 
 
 def test_next_tokens_mixes_greedy_and_sampled_rows():

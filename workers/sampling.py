@@ -61,49 +61,60 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     return torch.where(seen, penalised, logits)
 
 
-def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
-    """Divide by the temperature; greedy rows (0) are left alone (they take the argmax anyway)."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    return logits / t[:, None].to(logits.dtype)
+def top_candidates(
+    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What top-k and then top-p keep of each row of logits / temperature, as transformers' warpers keep it.
 
+    Returns (values, index, kept), each (rows, width): the row's `width` largest scaled logits in descending order,
+    their token ids, and which of them are kept. Every kept token of the row is in there.
 
-def filter_threshold(logits: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES) -> Tensor:
-    """The smallest logit each row keeps after top-k and then top-p, as transformers' warpers keep them; -inf
-    for rows with neither (top_k 0, top_p 1). Returns (rows,).
+    Top-k keeps the top_k largest logits and ties with the k-th (0: no top-k). Top-p then keeps, among those, the
+    smallest set of most likely tokens whose probability (renormalised over the top-k set, else over the whole
+    row) reaches top_p: a token is kept while the tokens ranked above it hold less than top_p, so at least one is;
+    ties with the last kept logit are kept too.
 
-    Top-k keeps the top_k largest logits and ties with the k-th. Top-p then keeps, among those, the smallest set of
-    most likely tokens whose probability (renormalised over the top-k set, else over the whole row) reaches
-    top_p: a token is kept while the tokens ranked above it hold less than top_p, so at least one is.
-
-    Sorting a vocabulary is slow (120 ms for 40 rows on one core), so only the `candidates` best tokens of the
-    filtered rows are ranked; a top-p row whose candidates hold less than top_p is ranked again 16 times wider,
-    up to the whole vocabulary, so the result never depends on `candidates`.
+    Sorting a vocabulary is slow (120 ms for 40 rows on one core), so only the `candidates` best tokens are
+    ranked, and all of them again 16 times wider while some row keeps tokens beyond them. What is kept depends on
+    each row's own logits and parameters only, never on `candidates` or on the other rows.
     """
     rows, vocab = logits.shape
-    threshold = torch.full((rows,), -math.inf, dtype=logits.dtype, device=logits.device)
-    todo = ((top_k > 0) | (top_p < 1.0)).nonzero().squeeze(-1)
-    width = min(vocab, max(candidates, int(top_k.max()) if rows else 0))
-    while todo.numel():
-        x, k, p = logits[todo], top_k[todo].clamp(max=vocab), top_p[todo]
-        values = x.topk(width, dim=-1).values  # (todo, width), descending
-        in_k = (k[:, None] == 0) | (torch.arange(width, device=x.device)[None, :] < k[:, None])
-        # Normalise over the top-k set (wholly inside the candidates) or, without top-k, over the whole row.
-        log_z = values.masked_fill(~in_k, -math.inf).logsumexp(dim=-1)
-        no_k = k == 0
-        if bool(no_k.any()):
-            log_z[no_k] = x[no_k].logsumexp(dim=-1)
+    k = top_k.clamp(max=vocab)
+    no_k = k == 0
+    log_z_all = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
+    if bool(no_k.any()):  # top-p without top-k: probabilities over the whole row
+        log_z_all[no_k] = (logits[no_k] / temperature[no_k, None]).logsumexp(dim=-1)
+    width = min(vocab, max(candidates, int(k.max()) + 1))
+    while True:
+        values, index = logits.topk(width, dim=-1)
+        values = values / temperature[:, None]
+        in_k = no_k[:, None] | (torch.arange(width, device=logits.device)[None, :] < k[:, None])
+        log_z = torch.where(no_k, log_z_all, values.masked_fill(~in_k, -math.inf).logsumexp(dim=-1))
         probs = (values - log_z[:, None]).exp().masked_fill(~in_k, 0.0)
-        kept = in_k & (probs.cumsum(dim=-1) - probs < p[:, None])  # a prefix of the ranking, never empty
-        last = kept.sum(dim=-1, keepdim=True) - 1
-        covered = ~no_k | (p >= 1.0) | (probs.sum(dim=-1) >= p) | (width == vocab)
-        threshold[todo[covered]] = values.gather(-1, last).squeeze(-1)[covered]
-        todo = todo[~covered]
+        last = (in_k & (probs.cumsum(dim=-1) - probs < top_p[:, None])).sum(dim=-1, keepdim=True) - 1
+        kept = values >= values.gather(-1, last)
+        # Complete when the list goes on past the kept tokens (ties included): nothing kept lies beyond it.
+        if width == vocab or bool(kept[:, -1].logical_not().all()):
+            return values, index, kept
         width = min(vocab, width * 16)
-    return threshold
 
 
-def sample(logits: Tensor, threshold: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
-    """Inverse-CDF sampling in vocabulary order from softmax(logits) restricted to logits >= threshold.
+def sample_candidates(values: Tensor, index: Tensor, kept: Tensor, uniform: Tensor) -> Tensor:
+    """Inverse-CDF sampling among each row's kept candidates (see top_candidates), taken in token-id order.
+
+    uniform is (rows,) in [0, 1): the token is the first whose cumulative weight exceeds uniform * total.
+    """
+    weights = (values - values[:, :1]).exp().masked_fill(~kept, 0.0)
+    order = index.masked_fill(~kept, torch.iinfo(index.dtype).max).argsort(dim=-1)
+    tokens, weights = index.gather(-1, order), weights.gather(-1, order)
+    cdf = weights.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform.to(cdf.device, torch.float64)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return tokens.gather(-1, torch.searchsorted(cdf, target, right=True)).squeeze(-1)
+
+
+def sample(logits: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
+    """Inverse-CDF sampling in vocabulary order from softmax(logits) (rows, vocab), for rows without top-k/top-p.
 
     uniform is (rows,) in [0, 1): the token is the first whose cumulative weight exceeds uniform * total, so a
     zero-weight token is never picked. The cumulative sum is taken in blocks (a float32 sum inside a block of
@@ -112,7 +123,6 @@ def sample(logits: Tensor, threshold: Tensor, uniform: Tensor, block: int = 256)
     """
     rows, vocab = logits.shape
     weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
-    weights.masked_fill_(logits < threshold[:, None], 0.0)
     if vocab % block:
         weights = torch.nn.functional.pad(weights, (0, block - vocab % block))
     inside = weights.view(rows, -1, block).cumsum(dim=-1)  # (rows, blocks, block)
@@ -135,18 +145,27 @@ def draw_uniforms(generators: list[torch.Generator | None], device: torch.device
 
 
 def next_tokens(logits: Tensor, params: RowParams, seen: Tensor | None, uniform: Tensor) -> Tensor:
-    """The next token of every row: the argmax for greedy rows, a sample for the others.
+    """The next token of every row: the argmax for greedy rows (temperature 0), a sample for the others.
 
     seen: bool (rows, vocab) of the tokens already in each row, or None when no row has a repetition penalty.
+    Rows with top-k or top-p draw among their few kept candidates; only rows without either touch the whole
+    vocabulary.
     """
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    tokens = logits.argmax(dim=-1)
-    rows = (params.temperature > 0).nonzero().squeeze(-1)
-    if rows.numel() == 0:
-        return tokens
-    scaled = apply_temperature(logits[rows], params.temperature[rows])
-    threshold = filter_threshold(scaled, params.top_k[rows], params.top_p[rows])
-    tokens[rows] = sample(scaled, threshold, uniform[rows])
+    tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    greedy = params.temperature == 0
+    filtered = ~greedy & ((params.top_k > 0) | (params.top_p < 1.0))
+    plain = ~greedy & ~filtered
+    if bool(greedy.any()):
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if bool(filtered.any()):
+        rows = filtered.nonzero().squeeze(-1)
+        p = params.select(rows)
+        values, index, kept = top_candidates(logits[rows], p.temperature, p.top_k, p.top_p)
+        tokens[rows] = sample_candidates(values, index, kept, uniform[rows])
+    if bool(plain.any()):
+        rows = plain.nonzero().squeeze(-1)
+        tokens[rows] = sample(logits[rows] / params.temperature[rows, None], uniform[rows])
     return tokens
