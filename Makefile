@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick services clean
+.PHONY: install demo test test-quick services clean bench
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ test: install services
 # The quick subset for your own loop: no real-model or multi-process end-to-end tests.
 test-quick: install services
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The generation benchmark: writes docs/benchmarks.md (about 20-30 minutes on 2 cores; needs the local Redis).
+bench: install services
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 
 clean:
 	rm -rf .demo bulkgen.db .pytest_cache

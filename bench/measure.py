@@ -27,6 +27,8 @@ from typing import Any
 
 from bench.workload import (
     MODEL,
+    cpu_seconds,
+    tree_cpu_seconds,
     QUALITY_PROMPTS,
     QUALITY_TOKENS,
     ROOT,
@@ -85,11 +87,11 @@ def hf_generate(lines: list[dict[str, Any]], batch_size: int, dtype: str) -> dic
         return sum(real_tokens(row, set(eos)) for row in out[:, encoded.input_ids.shape[1] :].tolist())
 
     run([batches[0][0]])  # warm-up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     tokens = sum(run(batch) for batch in batches)
     seconds = time.perf_counter() - started
-    return dict(requests=len(requests), tokens=tokens, seconds=seconds, batches=len(batches), precision=dtype,
-                quantize="none", rss_mib=peak_rss_mib())
+    return dict(requests=len(requests), tokens=tokens, seconds=seconds, cpu_seconds=cpu_seconds() - cpu,
+                batches=len(batches), precision=dtype, quantize="none", rss_mib=peak_rss_mib())
 
 
 # --- (c): the engine ----------------------------------------------------------------------------------------------
@@ -124,13 +126,13 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path, make_refere
 
     requests = to_requests(lines)
     engine.generate([r for r in to_requests(lines[:4])])  # warm-up (first calls allocate)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     results = engine.generate(requests)
     seconds = time.perf_counter() - started
     failed = [r.error for r in results if r.error]
     tokens = sum(s.completion_tokens for r in results for s in r.samples)
-    out = dict(requests=len(requests), tokens=tokens, seconds=seconds, failed=len(failed), precision=engine.dtype,
-               quantize=engine.quantize, rss_mib=peak_rss_mib())
+    out = dict(requests=len(requests), tokens=tokens, seconds=seconds, cpu_seconds=cpu_seconds() - cpu,
+               failed=len(failed), precision=engine.dtype, quantize=engine.quantize, rss_mib=peak_rss_mib())
 
     short = to_requests(lines[:64])
     for r in short:
@@ -226,7 +228,7 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), tree_cpu_seconds(worker.pid)
         submitted = subprocess.run([*cli("producer.cli"), "submit", str(prompts), "--model", MODEL],
                                    env=env, cwd=ROOT, capture_output=True, text=True, check=True)
         job = int(submitted.stdout.strip().splitlines()[-1])
@@ -241,6 +243,7 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
                 raise RuntimeError(f"job {job} is {status} ({done} done):\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
         seconds = time.perf_counter() - started
+        cpu = tree_cpu_seconds(worker.pid) - cpu
         failed = store.execute("SELECT count(*) FROM requests WHERE job_id = ? AND status = 'failed'", (job,)).fetchone()[0]
         precisions = store.execute("SELECT DISTINCT dtype, quantization FROM results WHERE job_id = ?", (job,)).fetchall()
         store.close()
@@ -258,7 +261,7 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
         client = redis.Redis.from_url(broker_url)
         client.flushdb()
         client.close()
-    return dict(requests=done, tokens=tokens, seconds=seconds, submit_seconds=submit_seconds, failed=failed,
+    return dict(requests=done, tokens=tokens, seconds=seconds, cpu_seconds=cpu, submit_seconds=submit_seconds, failed=failed,
                 status=status, precision=dtype, quantize=quantize, rss_mib=peak[0], recorded=[list(p) for p in precisions])
 
 

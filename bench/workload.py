@@ -76,10 +76,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident set size of pid and all its descendants now, from /proc (0 once they are gone)."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree(pid: int, field: int) -> int:
+    """The sum of one /proc/PID/stat field (0-based, after the command name) over pid and its descendants."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    value: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -89,13 +97,23 @@ def tree_rss_mib(pid: int) -> float:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
-        rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        value[int(entry)] = sum(int(fields[i]) for i in ((field,) if field >= 0 else (11, 12)))
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        total += value.get(p, 0)
         todo.extend(children.get(p, []))
-    return total / 2**20
+    return total
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident set size of pid and all its descendants now, from /proc (0 once they are gone)."""
+    return _tree(pid, 21) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of pid and its living descendants."""
+    return _tree(pid, -1) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> dict[str, str]:

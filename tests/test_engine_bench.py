@@ -1,0 +1,74 @@
+"""The benchmark's own logic: token counting, transformers' arguments, targets, the report, the GPU mode's code path
+(run here on the CPU with a tiny shape, since no GPU is at hand)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from bench import run
+from bench.measure import gpu_run, hf_kwargs
+from bench.workload import real_tokens, to_requests
+from tests.test_engine import _smollm2_available, cache_dir  # noqa: F401
+from workers.types import SamplingParams
+
+LINES = [
+    {"messages": [{"role": "user", "content": "Say hi."}], "max_new_tokens": 6, "seed": 1, "temperature": 0.7, "top_p": 0.9},
+    {"messages": [{"role": "user", "content": "Name a colour."}], "max_new_tokens": 9, "seed": 2, "temperature": 0.0},
+    {"prompt": "Once upon a time", "max_new_tokens": 4, "temperature": 1.0, "top_k": 50, "seed": 3},
+]
+
+
+def test_real_tokens_stop_at_the_first_end_of_sequence():
+    assert real_tokens([5, 6, 2, 2, 2], {2}) == 2
+    assert real_tokens([5, 6, 7], {2}) == 3
+    assert real_tokens([2, 5], {2, 9}) == 0
+
+
+def test_transformers_gets_explicit_filters_so_its_defaults_cannot_leak_in():
+    sampled = hf_kwargs(SamplingParams(max_new_tokens=5, temperature=0.7), [2], 2)
+    assert sampled["do_sample"] and sampled["top_k"] == 0 and sampled["top_p"] == 1.0 and sampled["temperature"] == 0.7
+    greedy = hf_kwargs(SamplingParams(max_new_tokens=5, temperature=0.0), [2], 2)
+    assert greedy["do_sample"] is False and greedy["top_k"] is None
+
+
+def test_lines_become_requests_with_their_own_parameters():
+    requests = to_requests(LINES)
+    assert [r.params.max_new_tokens for r in requests] == [6, 9, 4]
+    assert [r.params.top_k for r in requests] == [0, 0, 50] and requests[0].params.top_p == 0.9
+    assert requests[2].prompt == "Once upon a time" and requests[0].messages is not None
+
+
+def test_targets_are_judged_on_ratios_within_the_run():
+    results = {
+        "engine float32": {"tokens": 300, "seconds": 1.0, "perplexity": 2.0, "rss_mib": 1500, "precision": "float32", "quantize": "none"},
+        "engine bfloat16": {"tokens": 900, "seconds": 1.0, "perplexity": 2.02, "rss_mib": 1200, "precision": "bfloat16", "quantize": "none"},
+        "engine int8+float32": {"tokens": 100, "seconds": 1.0, "perplexity": 2.3, "rss_mib": 1100, "precision": "float32", "quantize": "int8"},
+        "naive": {"tokens": 40, "seconds": 1.0, "requests": 32},
+        "static": {"tokens": 100, "seconds": 1.0},
+        "pipeline bfloat16": {"tokens": 800, "seconds": 1.0, "rss_mib": 2100, "precision": "bfloat16", "quantize": "none"},
+        "gpu": {"skipped": "no CUDA device on this machine"},
+    }
+    verdicts = {target: met for _, target, met, _ in run.judge(results, "engine bfloat16", "pipeline bfloat16")}
+    assert verdicts["engine float32 ≥ 1.5× (b)"] is True  # 3.0x
+    assert verdicts["fastest mode passing the quality guard (bfloat16) ≥ 3× (b)"] is True  # 9.0x
+    assert verdicts["engine (bfloat16) ≥ 25× (a)"] is False  # 22.5x
+    assert verdicts["pipeline (d) ≥ 0.9× engine (c), same mode (bfloat16)"] is False  # 0.89x
+    assert verdicts["worker peak RSS ≤ 2 GiB"] is False  # 2100 MiB
+    assert verdicts["quality guard: int8+float32 within 5% of float32"] is False  # +15%
+    text = run.report(results, {"cpu": "AMD EPYC", "cpus": "2", "simd": "avx512_bf16", "torch": "2.13", "cuda": "none"},
+                      "python -m bench.run", "engine bfloat16", "pipeline bfloat16", 60.0)
+    assert "| engine bfloat16 | bfloat16 | none |" in text and "**missed**" in text
+    assert "Not run: no CUDA device on this machine" in text
+    assert "(d) vs (c)" in text and "Peak RSS" in text  # the missed targets are explained
+
+
+def test_the_gpu_modes_code_runs_with_fixed_output_lengths(cache_dir):  # noqa: F811
+    if not _smollm2_available():
+        pytest.skip("the random model takes its tokenizer from the bundled SmolLM2 GGUF, which is not installed")
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    out = gpu_run("cpu", tiny, LINES, max_batch_rows=4)
+    assert out["tokens"] == 6 + 9 + 4  # every row runs to max_new_tokens, EOS or not
+    assert out["flop_per_token"] < 2 * out["parameters"]
