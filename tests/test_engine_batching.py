@@ -9,9 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from tests.test_engine import PROMPTS, _smollm2_available, cache_dir, engine, greedy, reference_generate, text_of  # noqa: F401
+from tests.test_engine import (  # noqa: F401
+    PROMPTS,
+    _smollm2_available,
+    cache_dir,
+    engine,
+    greedy,
+    needs_smollm2,
+    reference_generate,
+    text_of,
+)
 from workers import engine as engine_module
 from workers.engine import Engine, capacity_groups, expand_rows
+from workers.registry import SMOLLM2, resolve
 from workers.types import GenerationRequest, SamplingParams
 
 
@@ -102,7 +112,7 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_batch_of_64(engine:
     target = GenerationRequest(SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=77), prompt=PROMPTS[3])
     others = varied_requests(63, seed=1000)
     for i, other in enumerate(others):  # all in one cache-length group, so that 64 rows run together
-        other.params.max_new_tokens, other.prompt = 40, PROMPTS[i % len(PROMPTS)]
+        other.params.max_new_tokens, other.prompt, other.params.stop = 40, PROMPTS[i % len(PROMPTS)], []
     batch = others[:31] + [target] + others[31:]
     recorder_engine = fresh(engine, max_batch_rows=64)
     recorder = Recorder(recorder_engine)
@@ -187,3 +197,24 @@ def test_greedy_rows_in_a_running_batch_equal_transformers_greedy(engine: Engine
     for prompt, result in zip(prompts, results):
         (ids,) = reference_generate(engine, [prompt], do_sample=False, max_new_tokens=12)
         assert result.samples[0].text == text_of(engine, ids)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_float32_seeded_requests_give_the_same_text_alone_and_in_a_batch_of_64(cache_dir):  # noqa: F811
+    topics = ["a lighthouse", "a bakery", "solar panels", "a chess club", "a coral reef", "an old bicycle", "tea", "rain"]
+    configs = [dict(temperature=0.3), dict(temperature=0.7, top_p=0.9), dict(temperature=0.8, top_p=0.95, top_k=40),
+               dict(temperature=0.0), dict(temperature=1.0, top_k=50)]
+    requests = [
+        GenerationRequest(
+            SamplingParams(max_new_tokens=40, seed=1000 + i, **configs[i % len(configs)]),
+            messages=[{"role": "user", "content": f"Write two sentences about {topics[i % len(topics)]} (#{i})."}],
+        )
+        for i in range(64)
+    ]
+    engine = Engine.load(resolve(SMOLLM2))
+    recorder = Recorder(engine)
+    together = engine.generate(requests)
+    assert max(recorder.decodes) == 64
+    for i in (0, 13, 37, 62):  # sampled with each filter, and greedy
+        assert engine.generate([requests[i]])[0] == together[i], i
