@@ -94,6 +94,31 @@ def test_parquet_loads_with_types(sqlite_url: str, tmp_path: Path) -> None:
     assert records[1]["text"] == "Hi,\nthere" and records[1]["seed"] == 41 and records[3]["error"] == "prompt has 9000 tokens"
 
 
+def test_parquet_loads_with_pandas_and_datasets(sqlite_url: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The two ways users open a Parquet export: pandas, and Hugging Face datasets' parquet builder."""
+    import datasets
+    import pandas
+
+    job_id = _job_with_results(sqlite_url)
+    out = tmp_path / "r.parquet"
+    _export(sqlite_url, job_id, "--format", "parquet", "-o", str(out))
+    frame = pandas.read_parquet(out)
+    assert list(frame["custom_id"]) == ["chat", "chat", "raw", "bad"]
+    assert frame["completion_tokens"].iloc[:3].tolist() == [3, 4, 3] and list(frame["status"]) == ["done", "done", "done", "failed"]
+    typed = pandas.read_parquet(out, dtype_backend="numpy_nullable")  # the failed row's counts stay missing, not NaN floats
+    assert str(typed["completion_tokens"].dtype) == "Int32" and str(typed["seed"].dtype) == "Int64"
+    assert typed["seed"].tolist()[:3] == [40, 41, 40] and typed["seed"].isna().tolist() == [False, False, False, True]
+    assert frame["text"].iloc[1] == "Hi,\nthere" and frame["error"].iloc[3] == "prompt has 9000 tokens"
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    dataset = datasets.load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert dataset.num_rows == 4
+    assert dataset.features["prompt_tokens"].dtype == "int32" and dataset.features["seed"].dtype == "int64"
+    assert dataset[0]["custom_id"] == "chat" and dataset[0]["text"] == "Hello, “friend”" and dataset[2]["seed"] == 40
+    assert dataset[3]["text"] is None and dataset[3]["status"] == "failed" and dataset[3]["seed"] is None
+
+
 def test_openai_batch_output_format(sqlite_url: str) -> None:
     job_id = _job_with_results(sqlite_url)
     lines = [json.loads(x) for x in _export(sqlite_url, job_id, "--format", "openai").splitlines()]

@@ -422,3 +422,12 @@ def test_any_openai_line_gives_a_request_or_errors(tmp_path: Path, url: str, bod
     [outcome] = read(tmp_path, line)
     assert (outcome.request is not None) != bool(outcome.errors)
     assert all(isinstance(e, str) and e and "\n" not in e for e in outcome.errors)
+
+
+def test_submit_help_says_openai_batch_files_are_taken_as_they_are() -> None:
+    from click.testing import CliRunner
+
+    from producer.cli import main
+
+    help_text = CliRunner().invoke(main, ["submit", "--help"]).output
+    assert "OpenAI Batch API input file" in help_text and "--format openai" in help_text

@@ -36,6 +36,10 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     \b
     {"prompt": "Once upon a time", "max_new_tokens": 50}
     {"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.7, "n": 3}
+
+    An OpenAI Batch API input file is detected and taken as it is (lines with custom_id, method, url
+    /v1/chat/completions or /v1/completions, and body); `producer results JOB --format openai` writes
+    the matching output file.
     """
     from producer.reader import EmptyInput, InputFileError, format_error
     from producer.schema import validate_defaults
