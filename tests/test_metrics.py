@@ -40,7 +40,7 @@ def _scrape(port: int, timeout: float = 60) -> dict[tuple[str, tuple], float]:
 
 def test_worker_metrics_count_requests_and_tokens(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
     port = _free_port()
-    env = env_for(sqlite_url, broker_url, BULKGEN_METRICS_PORT=str(port))
+    env = env_for(sqlite_url, broker_url, BULKGEN_METRICS_PORT=str(port), BULKGEN_IDS_PER_MESSAGE="16")
     lines = [{"prompt": f"hello {i}", "n": 2 if i % 5 == 0 else 1} for i in range(40)] + [{"prompt": "x" * 3}]
     prompts = write_jsonl(tmp_path / "p.jsonl", lines)
     job_id = int(producer(["submit", str(prompts), "--model", "stand-in"], env, check=True).stdout.split()[-1])
@@ -54,7 +54,7 @@ def test_worker_metrics_count_requests_and_tokens(sqlite_url: str, broker_url: s
     samples_expected = sum(line.get("n", 1) for line in lines)
     assert samples[("bulkgen_requests_total", (("model", "stand-in"), ("outcome", "done")))] == len(lines)
     assert samples[("bulkgen_tokens_generated_total", model)] == samples_expected * STANDIN_COMPLETION_TOKENS
-    assert samples[("bulkgen_batch_requests_count", model)] >= 2  # 41 requests in messages of at most 32
+    assert samples[("bulkgen_batch_requests_count", model)] >= 2  # 41 requests in messages of at most 16
     assert samples[("bulkgen_batch_requests_sum", model)] == len(lines)
     assert samples[("bulkgen_queue_wait_seconds_count", model)] == len(lines)
     assert samples[("bulkgen_generation_seconds_count", model)] == samples[("bulkgen_batch_requests_count", model)]

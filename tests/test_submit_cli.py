@@ -116,13 +116,14 @@ def test_skip_invalid_enqueues_the_good_lines_and_records_rejects(store_url: str
 
 
 def test_ids_are_grouped_into_small_messages(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(100)])
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(300)])
     code, output = submit(sqlite_url, broker_url, str(path))
     assert code == 0, output
     queue = redis.Redis.from_url(broker_url).lrange(queue_name(TINY), 0, -1)
-    assert len(queue) == 4  # 32 + 32 + 32 + 4
+    assert len(queue) == 3  # 128 + 128 + 44 (the default BULKGEN_IDS_PER_MESSAGE)
     import base64
 
     bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in queue]
     ids = sorted(i for args, _kwargs, _embed in bodies for i in args[1])
-    assert len(ids) == len(set(ids)) == 100
+    assert len(ids) == len(set(ids)) == 300
+    assert sorted(len(args[1]) for args, _kwargs, _embed in bodies) == [44, 128, 128]

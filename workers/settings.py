@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     quantize: str = "none"
     batch_size: int = 64
     """Most rows (requests x samples) one engine batch holds."""
-    ids_per_message: int = 32
+    ids_per_message: int = 128
     """Request ids carried by one queue message."""
     metrics_port: int = 9400
     """Prometheus endpoint of a worker (0 = off); pool child i of a worker on cuda:N serves on port + N + i."""

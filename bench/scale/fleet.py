@@ -32,6 +32,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.scale.generate import write_chat_file
+from workers.settings import Settings
 from bench.scale.services import (
     ROOT,
     OwnRedis,
@@ -218,7 +219,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,4,8,16", help="comma-separated worker counts")
     parser.add_argument("--requests", type=int, default=0, help="requests per run (default: 20,000 x N, between 40k and 80k)")
-    parser.add_argument("--ids-per-message", type=int, default=32)
+    parser.add_argument("--ids-per-message", type=int, default=Settings().ids_per_message,
+                        help="BULKGEN_IDS_PER_MESSAGE for the producer and the workers (default: the settings' default)")
     parser.add_argument("--loglevel", default="INFO", help="the workers' log level")
     parser.add_argument("--poll", type=float, default=0.2)
     parser.add_argument("--timeout", type=float, default=900)
