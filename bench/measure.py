@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import signal
 import sqlite3
@@ -121,7 +122,8 @@ def profile_shares(engine, requests) -> dict[str, float]:  # type: ignore[no-unt
     return {k: round(v / total, 3) for k, v in kinds.items()} if total else kinds
 
 
-def run_engine(engine, lines: list[dict[str, Any]], reference: Path, make_reference: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make_reference: bool, extras: bool = True) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Time one generate over every line; with extras, also profile a short run and measure the quality guard."""
     from workers.types import SamplingParams
 
     requests = to_requests(lines)
@@ -133,6 +135,8 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path, make_refere
     tokens = sum(s.completion_tokens for r in results for s in r.samples)
     out = dict(requests=len(requests), tokens=tokens, seconds=seconds, cpu_seconds=cpu_seconds() - cpu,
                failed=len(failed), precision=engine.dtype, quantize=engine.quantize, rss_mib=peak_rss_mib())
+    if not extras:
+        return out
 
     short = to_requests(lines[:64])
     for r in short:
@@ -153,12 +157,13 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path, make_refere
     return out
 
 
-def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path, make_reference: bool) -> dict[str, Any]:
+def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path | None, make_reference: bool,
+                extras: bool = True) -> dict[str, Any]:
     from workers.engine import Engine
     from workers.registry import resolve
 
     engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=64)
-    return run_engine(engine, lines, reference, make_reference)
+    return run_engine(engine, lines, reference, make_reference, extras)
 
 
 def aodynamic_mode(lines: list[dict[str, Any]], reference: Path) -> dict[str, Any]:
@@ -258,11 +263,14 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
         log.close()
+        # how long each queue message's task ran in the worker (Celery logs "succeeded in 17.75s: 128")
+        message_seconds = [round(float(s), 2) for s in re.findall(r"bulkgen\.generate\[[^\]]+\] succeeded in ([0-9.]+)s", log_path.read_text())]
         client = redis.Redis.from_url(broker_url)
         client.flushdb()
         client.close()
     return dict(requests=done, tokens=tokens, seconds=seconds, cpu_seconds=cpu, submit_seconds=submit_seconds, failed=failed,
-                status=status, precision=dtype, quantize=quantize, rss_mib=peak[0], recorded=[list(p) for p in precisions])
+                status=status, precision=dtype, quantize=quantize, rss_mib=peak[0], recorded=[list(p) for p in precisions],
+                message_seconds=message_seconds)
 
 
 # --- GPU and matmul rates -----------------------------------------------------------------------------------------
@@ -361,6 +369,7 @@ def main() -> None:
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--reference", type=Path, help="The quality guard's text (JSON); written when --make-reference.")
     parser.add_argument("--make-reference", action="store_true")
+    parser.add_argument("--timing-only", action="store_true", help="engine: the timed run only (no profile, no quality guard)")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379")
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
@@ -370,7 +379,7 @@ def main() -> None:
     elif args.kind == "static":
         result = hf_generate(lines, STATIC_BATCH, "float32")
     elif args.kind == "engine":
-        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference)
+        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only)
     elif args.kind == "aodynamic":
         result = aodynamic_mode(lines, args.reference)
     elif args.kind == "pipeline":
