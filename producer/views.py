@@ -10,7 +10,7 @@ from rich.table import Table
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from models.store import iter_results, request_counts
+from models.store import request_counts
 from models.db import utcnow
 from models.tables import Job, Reject, Request, RequestStatus, Result
 
@@ -82,25 +82,6 @@ def job_status(db: Engine, job_id: int) -> dict[str, Any] | None:
         rejects = session.execute(select(Reject.line_no, Reject.reason).where(Reject.job_id == job_id).order_by(Reject.line_no).limit(20)).all()
         info["rejects"] = [{"line": line, "reason": reason} for line, reason in rejects]
         return info
-
-
-def result_records(db: Engine, job_id: int) -> Iterator[dict[str, Any]]:
-    for request, result in iter_results(db, job_id):
-        record: dict[str, Any] = {"custom_id": request.custom_id}
-        if result is None:
-            record["status"] = request.status
-            record["error"] = request.error
-        else:
-            record |= {
-                "sample_index": result.sample_index,
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "seed": result.seed,
-            }
-        record["metadata"] = request.meta
-        yield record
 
 
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
