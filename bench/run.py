@@ -134,11 +134,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def mode_rates(results: dict[str, dict[str, Any]], key: str) -> list[float]:
+    """The tokens/s of an engine mode's runs: the first, and the one after (d) where the mode ran again."""
+    return [x for x in (rate(results.get(key, {})), rate(results.get(key + AGAIN, {}))) if x]
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def runs_text(rates: list[float]) -> str:
+    return f" (mean of its runs before and after (d): {' and '.join(f'{x:.0f}' for x in rates)} tokens/s)" if len(rates) > 1 else ""
+
+
 def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: str | None) -> list[tuple[str, str, bool | None, str]]:
-    """(key, target, met, the figure) for each of the issue's targets and each quality guard."""
+    """(key, target, met, the figure) for each of the issue's targets and each quality guard.
+
+    A mode that ran twice (the fastest, before and after (d)) is judged on the mean of its two runs: this
+    machine's speed drifts by 10-20% over minutes, and one run alone can land on either side of a target."""
     naive, static = rate(results["naive"]), rate(results["static"])
     fp32 = rate(results.get("engine float32", {}))
-    best_rate = rate(results[best]) if best else None
+    best_rates = mode_rates(results, best) if best else []
+    best_rate = mean(best_rates)
     out: list[tuple[str, str, bool | None, str]] = []
 
     def add(key: str, target: str, value: float | None, limit: float, figure: str) -> None:
@@ -147,15 +164,16 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
     r = ratio(fp32, static)
     add("fp32", f"engine float32 ≥ {TARGETS['fp32']}× (b)", r, TARGETS["fp32"], f"{fmt(r, '.2f')}×")
     r = ratio(best_rate, static)
-    add("best", f"fastest mode passing the quality guard ({(best or '–')[7:]}) ≥ {TARGETS['best']:.0f}× (b)", r, TARGETS["best"], f"{fmt(r, '.2f')}×")
+    add("best", f"fastest mode passing the quality guard ({(best or '–')[7:]}) ≥ {TARGETS['best']:.0f}× (b)", r, TARGETS["best"],
+        f"{fmt(r, '.2f')}×{runs_text(best_rates)}")
     r = ratio(best_rate, naive)
     add("naive", f"engine ({(best or '–')[7:]}) ≥ {TARGETS['naive']:.0f}× (a)", r, TARGETS["naive"],
-        f"{fmt(r, '.1f')}× (float32: {fmt(ratio(fp32, naive), '.1f')}×)")
+        f"{fmt(r, '.1f')}× (float32: {fmt(ratio(fp32, naive), '.1f')}×){runs_text(best_rates)}")
     if pipeline_key:
         d = results[pipeline_key]
         same = "engine " + mode_name(d.get("precision", "?"), d.get("quantize", "?"))
-        engine_rates = [x for x in (rate(results.get(same, {})), rate(results.get(same + AGAIN, {}))) if x]
-        r = ratio(rate(d), sum(engine_rates) / len(engine_rates) if engine_rates else None)
+        engine_rates = mode_rates(results, same)
+        r = ratio(rate(d), mean(engine_rates))
         runs = " and ".join(f"{x:.0f}" for x in engine_rates)
         add("pipeline", f"pipeline (d) ≥ {TARGETS['pipeline']}× engine (c), same mode ({same[7:]})", r, TARGETS["pipeline"],
             f"{fmt(r, '.2f')}× ({fmt(rate(d), '.0f')} tokens/s against "
@@ -168,7 +186,8 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
     for key, result in results.items():
         if key.startswith("engine ") and key != "engine float32" and "perplexity" in result and base:
             change = result["perplexity"] / base - 1
-            out.append(("guard", f"quality guard: {key[7:]} within {QUALITY_LIMIT:.0%} of float32", abs(change) <= QUALITY_LIMIT, f"{change:+.2%}"))
+            note = " (a comparison, not a mode the engine offers)" if "torch.ao" in key else ""
+            out.append(("guard", f"quality guard: {key[7:]} within {QUALITY_LIMIT:.0%} of float32{note}", abs(change) <= QUALITY_LIMIT, f"{change:+.2%}"))
     return out
 
 
@@ -220,11 +239,13 @@ def analysis(results: dict[str, dict[str, Any]], verdicts: list[tuple[str, str, 
             "  q/k/v and gate/up into single products measured no gain; torch.ao's dynamic int8 is faster than",
             "  bfloat16 on float32 CPUs but fails the quality guard (table).",
         ]
-    if "pipeline" in missed:
-        pipeline = next((v for k, v in results.items() if k.startswith("pipeline")), {})
+    pipeline = next((v for k, v in results.items() if k.startswith("pipeline")), {})
+    if pipeline and rate(pipeline):
         messages = pipeline.get("message_seconds") or []
+        verdict = ("missed in this run" if "pipeline" in missed else
+                   "met in this run, by a margin inside the machine's drift (one earlier run measured 0.78x against a single (c) run)")
         lines += [
-            "- **(d) vs (c)**: the pipeline's own work is small: py-spy on the worker's pool process during a (d) run",
+            f"- **(d) vs (c)** ({verdict}): the pipeline's own work is small: py-spy on the worker's pool process during a (d) run",
             "  (2026-11-26, `py-spy record -p <pool pid>`) put 99.9% of its samples inside `Engine.generate` (claims,",
             "  result writes, Celery and the lease thread under 0.1%); `producer submit` took "
             f"{fmt(pipeline.get('submit_seconds'), '.1f')} s of this run. The rest of the gap is",
@@ -289,6 +310,11 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
         markdown_table(["target", "met", "figure"], [[t, "–" if m is None else ("met" if m else "**missed**"), f] for _, t, m, f in verdicts]),
         "",
     ]
+    twice = mode_rates(results, best) if best else []
+    if len(twice) == 2:
+        lines += [f"The fastest mode ran twice, before and after (d): {twice[0]:.0f} and {twice[1]:.0f} tokens/s, "
+                  f"{abs(twice[1] / twice[0] - 1):.0%} apart on the same code and input. Its targets use the mean of the two; "
+                  "the other runs ran once, so their ratios carry this much noise too.", ""]
     profile = {k: v["profile"] for k, v in results.items() if "profile" in v}
     if profile:
         lines += ["## Where the engine's time goes", "",

@@ -86,6 +86,8 @@ def test_the_pipeline_is_compared_with_the_engine_runs_before_and_after_it():
     }
     (verdict,) = [v for v in run.judge(results, "engine bfloat16", "pipeline bfloat16") if v[0] == "pipeline"]
     assert verdict[2] is True and verdict[3].startswith("0.95×")  # 760 against (900 + 700) / 2
+    (best,) = [v for v in run.judge(results, "engine bfloat16", "pipeline bfloat16") if v[0] == "best"]
+    assert best[3].startswith("8.00×")  # the mode's two runs, (900 + 700) / 2, against (b)'s 100
     results["pipeline bfloat16"]["tokens"] = 700  # 0.875x: missed, and the report says what the worker did
     text = run.report(results, {"cpu": "x", "cpus": "2", "simd": "", "torch": "2.13", "cuda": "none"}, "python -m bench.run",
                       "engine bfloat16", "pipeline bfloat16", 60.0)
