@@ -23,6 +23,11 @@ from transformers import (
 
 from workers.registry import ModelSpec
 
+try:  # transformers 5 can keep GGUF weights packed; it then warns that packed weights are fastest in float32
+    from transformers import GgufConfig
+except ImportError:  # older transformers always de-quantizes
+    GgufConfig = None
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_DIR_ENV = "BULKGEN_CACHE_DIR"
 
@@ -120,8 +125,11 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") -> 
     if spec.kind == "gguf":
         assert spec.gguf_file is not None, f"model {spec.name!r}: a gguf spec needs gguf_file"
         tokenizer = load_gguf_tokenizer(spec.path, spec.gguf_file)
+        # Dense weights, said outright: the engine runs plain Linear layers and quantizes them itself (torchao);
+        # this GGUF's block types have no packed kernel here anyway, so transformers would fall back to it.
+        dense = {"quantization_config": GgufConfig(dequantize=True)} if GgufConfig is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            spec.path, gguf_file=spec.gguf_file, dtype=torch_dtype, local_files_only=True
+            spec.path, gguf_file=spec.gguf_file, dtype=torch_dtype, local_files_only=True, **dense
         )
     elif spec.kind == "tiny":
         assert spec.gguf_file is not None, f"model {spec.name!r}: the tiny model takes its tokenizer from a gguf file"
