@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from models.db import utcnow
@@ -252,6 +252,7 @@ def record_outcomes(session: Session, job_id: int, outcomes: Sequence[Outcome]) 
             .where(Job.id == job_id)
             .values(
                 done_count=Job.done_count + len(moved_done),
+                result_count=Job.result_count + sum(len(by_id[i].results) for i in moved_done),
                 prompt_tokens=Job.prompt_tokens + sum(by_id[i].prompt_tokens for i in moved_done),
                 completion_tokens=Job.completion_tokens
                 + sum(row["completion_tokens"] for i in moved_done for row in by_id[i].results),
@@ -455,10 +456,28 @@ def mark_requests_enqueued(session: Session, request_ids: Sequence[int], now: da
 # --- reading ----------------------------------------------------------------------------------
 
 def request_counts(session: Session, job_id: int) -> dict[str, int]:
-    rows = session.execute(
-        select(Request.status, func.count()).where(Request.job_id == job_id).group_by(Request.status)
-    ).all()
-    return {status: count for status, count in rows}
+    """A job's requests by state, without reading the whole job: done and failed come from the job's counters
+    (they move in the same transaction as the requests' states), running and cancelled from an index range
+    scan (few rows), and queued is the rest."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return {}
+    counts = {RequestStatus.DONE: job.done_count, RequestStatus.FAILED: job.failed_count}
+    counts |= dict(
+        session.execute(
+            select(Request.status, func.count())
+            .where(Request.job_id == job_id, Request.status.in_((RequestStatus.RUNNING, RequestStatus.CANCELLED)))
+            .group_by(Request.status)
+        ).all()
+    )
+    counts[RequestStatus.QUEUED] = max(0, job.total_requests - sum(counts.values()))
+    return {status: count for status, count in counts.items() if count}
+
+
+def retried_count(session: Session, job_id: int) -> int:
+    """Requests of the job started more than once, through the partial index ix_requests_retried (the
+    predicate is spelled as a literal so that SQLite, too, matches it to the index)."""
+    return session.scalar(select(func.count()).where(Request.job_id == job_id, text("requests.attempts > 1"))) or 0
 
 
 def iter_results(engine: Engine, job_id: int, chunk: int = 5_000) -> Iterator[tuple[Request, Result | None]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigId
@@ -44,6 +44,8 @@ class Job(Base):
     total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     """Expected result rows: the sum of n over the requests."""
     done_count: Mapped[int] = mapped_column(Integer, default=0)
+    result_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """Result rows (samples) of its done requests, counted when each request moves to done."""
     failed_count: Mapped[int] = mapped_column(Integer, default=0)
     rejected_count: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -63,6 +65,8 @@ class Request(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "custom_id"),
         Index("ix_requests_job_id_status", "job_id", "status"),
+        # only requests started more than once: status counts them without reading the whole job
+        Index("ix_requests_retried", "job_id", postgresql_where=text("attempts > 1"), sqlite_where=text("attempts > 1")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

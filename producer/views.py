@@ -10,9 +10,9 @@ from rich.table import Table
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from models.store import request_counts
+from models.store import request_counts, retried_count
 from models.db import utcnow
-from models.tables import Job, Reject, Request, RequestStatus, Result
+from models.tables import Job, Reject, Request, RequestStatus
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -72,8 +72,8 @@ def job_status(db: Engine, job_id: int) -> dict[str, Any] | None:
             .limit(20)
         ).all()
         info["failures"] = [{"reason": reason, "count": count} for reason, count in failures]
-        info["results"] = session.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
-        info["retried"] = session.scalar(select(func.count()).where(Request.job_id == job_id, Request.attempts > 1))
+        info["results"] = job.result_count
+        info["retried"] = retried_count(session, job_id)
         info["lease_lapsed"] = session.scalar(
             select(func.count()).where(
                 Request.job_id == job_id, Request.status == RequestStatus.RUNNING, Request.lease_until < utcnow()

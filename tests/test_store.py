@@ -6,7 +6,7 @@ import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import create_engine, func, inspect, select, text
 
 from models.base import Base
 from models.db import make_engine, session_factory
@@ -80,3 +80,106 @@ def test_producer_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _job_of(db, requests: int, n: int = 1) -> tuple[int, list[int]]:  # type: ignore[no-untyped-def]
+    with db.begin() as connection:
+        job_id = create_job(connection, name=None, model="m", source=None, defaults={})
+        insert_requests(connection, [
+            {"job_id": job_id, "line_no": i, "custom_id": str(i), "prompt": "p", "messages": None, "params": {"n": n},
+             "status": "queued", "attempts": 0}
+            for i in range(requests)
+        ])
+        set_job_totals(connection, job_id, total_requests=requests, total_samples=requests * n, rejected=0)
+        mark_enqueued(connection, job_id)
+    with db.connect() as connection:
+        ids = list(connection.scalars(select(Request.id).where(Request.job_id == job_id).order_by(Request.id)))
+    return job_id, ids
+
+
+def test_status_counts_from_counters_equal_the_rows_through_every_move(store_url: str) -> None:
+    """request_counts, result_count and retried_count read no whole job; they must still equal a count of the
+    rows after claims, results, failures, a redelivery, hand-backs, a cancel and a retry."""
+    from models.store import cancel_job, release_requests, reopen_job, request_counts, retried_count, settle_failures
+
+    db = make_engine(store_url)
+    sessions = session_factory(db)
+    job_id, ids = _job_of(db, 12, n=2)
+
+    def check() -> None:
+        with sessions() as s:
+            truth = dict(s.execute(select(Request.status, func.count()).where(Request.job_id == job_id).group_by(Request.status)).all())
+            assert request_counts(s, job_id) == truth
+            job = s.get(Job, job_id)
+            assert job is not None and job.result_count == s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
+            assert retried_count(s, job_id) == s.scalar(select(func.count()).where(Request.job_id == job_id, Request.attempts > 1))
+
+    check()
+    with sessions() as s:
+        assert claim_requests(s, job_id, ids[:6], "w1") is not None  # 6 running
+    check()
+    with sessions() as s:  # 3 done with two samples each, one failed
+        record_outcomes(s, job_id, [Outcome(i, 3, [_result_row(i, job_id, k, "t") for k in (0, 1)]) for i in ids[:3]]
+                        + [Outcome(ids[3], 3, error="too long")])
+    check()
+    with sessions() as s:  # the same batch delivered again: nothing moves, nothing is counted twice
+        record_outcomes(s, job_id, [Outcome(i, 3, [_result_row(i, job_id, k, "again") for k in (0, 1)]) for i in ids[:3]])
+    check()
+    with sessions() as s:  # two handed back, then started again: retried
+        release_requests(s, ids[4:6], "w1", "worker stopping")
+        s.commit()
+        assert claim_requests(s, job_id, ids[4:6], "w2") is not None
+    check()
+    with sessions() as s:
+        settle_failures(s, job_id, {ids[4]: "poison"})
+        s.commit()
+    check()
+    with sessions() as s:
+        cancel_job(s, job_id)  # the queued ones are cancelled (ids[5] too: a re-claim takes one re-started request at a time)
+    check()
+    with sessions() as s:
+        reopen_job(s, job_id)  # failed and cancelled go back to queued; the failed counter drops
+    check()
+    with sessions() as s:
+        assert request_counts(s, job_id) == {"done": 3, "queued": 9}
+    db.dispose()
+
+
+def test_the_retried_count_reads_the_partial_index(sqlite_url: str) -> None:
+    from models.store import retried_count
+
+    db = make_engine(sqlite_url)
+    job_id, _ = _job_of(db, 3)
+    sessions = session_factory(db)
+    with sessions() as s:
+        assert retried_count(s, job_id) == 0
+        query = select(func.count()).where(Request.job_id == job_id, text("requests.attempts > 1"))  # as retried_count asks
+        compiled = str(query.compile(db, compile_kwargs={"literal_binds": True}))
+        plan = " ".join(str(row) for row in s.execute(text("EXPLAIN QUERY PLAN " + compiled)))
+    assert "ix_requests_retried" in plan, plan
+    db.dispose()
+
+
+def test_the_result_counter_is_filled_in_for_jobs_stored_before_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from alembic import command
+
+    from migrations import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0003")
+    db = create_engine(url)
+    with db.begin() as c:
+        c.execute(text("INSERT INTO jobs (id, model, status, defaults, total_requests, total_samples, done_count, failed_count, "
+                       "rejected_count, prompt_tokens, completion_tokens, created_at) "
+                       "VALUES (1, 'm', 'completed', '{}', 1, 3, 1, 0, 0, 3, 15, '2026-11-26')"))
+        c.execute(text("INSERT INTO requests (id, job_id, line_no, custom_id, params, status, attempts) "
+                       "VALUES (1, 1, 1, '1', '{}', 'done', 1)"))
+        for k in range(3):
+            c.execute(text("INSERT INTO results (request_id, job_id, sample_index, text, finish_reason, prompt_tokens, "
+                           "completion_tokens, params, model, dtype, quantization, worker_host, device, started_at, "
+                           "finished_at, generation_seconds) VALUES (1, 1, :k, 't', 'length', 3, 5, '{}', 'm', 'float32', "
+                           "'none', 'h', 'cpu', '2026-11-26', '2026-11-26', 0.1)"), {"k": k})
+    command.upgrade(alembic_config(url), "head")
+    with db.connect() as c:
+        assert c.execute(text("SELECT result_count FROM jobs WHERE id = 1")).scalar_one() == 3
+    db.dispose()
