@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from models.db import utcnow
-from models.tables import Job, JobStatus, Reject, Request, RequestStatus, Result
+from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatus, Result
 
 OPEN_JOB_STATES = (JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -474,10 +474,14 @@ def request_counts(session: Session, job_id: int) -> dict[str, int]:
     return {status: count for status, count in counts.items() if count}
 
 
+def retried_query(job_id: int) -> Select[tuple[int]]:
+    """Count of the job's requests started more than once. The predicate is the index's own literal text, not a
+    bound parameter, so that SQLite, too, matches it to the partial index ix_requests_retried."""
+    return select(func.count()).where(Request.job_id == job_id, text(RETRIED))
+
+
 def retried_count(session: Session, job_id: int) -> int:
-    """Requests of the job started more than once, through the partial index ix_requests_retried (the
-    predicate is spelled as a literal so that SQLite, too, matches it to the index)."""
-    return session.scalar(select(func.count()).where(Request.job_id == job_id, text("requests.attempts > 1"))) or 0
+    return session.scalar(retried_query(job_id)) or 0
 
 
 def iter_results(engine: Engine, job_id: int, chunk: int = 5_000) -> Iterator[tuple[Request, Result | None]]:

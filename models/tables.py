@@ -60,13 +60,17 @@ class Job(Base):
         return f"Job(id={self.id}, model={self.model!r}, status={self.status!r}, total={self.total_requests})"
 
 
+RETRIED = "attempts > 1"
+"""The predicate of the partial index ix_requests_retried; a query that wants the index spells it the same."""
+
+
 class Request(Base):
     __tablename__ = "requests"
     __table_args__ = (
         UniqueConstraint("job_id", "custom_id"),
         Index("ix_requests_job_id_status", "job_id", "status"),
         # only requests started more than once: status counts them without reading the whole job
-        Index("ix_requests_retried", "job_id", postgresql_where=text("attempts > 1"), sqlite_where=text("attempts > 1")),
+        Index("ix_requests_retried", "job_id", postgresql_where=text(RETRIED), sqlite_where=text(RETRIED)),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -146,15 +146,14 @@ def test_status_counts_from_counters_equal_the_rows_through_every_move(store_url
 
 
 def test_the_retried_count_reads_the_partial_index(sqlite_url: str) -> None:
-    from models.store import retried_count
+    from models.store import retried_count, retried_query
 
     db = make_engine(sqlite_url)
     job_id, _ = _job_of(db, 3)
     sessions = session_factory(db)
     with sessions() as s:
         assert retried_count(s, job_id) == 0
-        query = select(func.count()).where(Request.job_id == job_id, text("requests.attempts > 1"))  # as retried_count asks
-        compiled = str(query.compile(db, compile_kwargs={"literal_binds": True}))
+        compiled = str(retried_query(job_id).compile(db, compile_kwargs={"literal_binds": True}))
         plan = " ".join(str(row) for row in s.execute(text("EXPLAIN QUERY PLAN " + compiled)))
     assert "ix_requests_retried" in plan, plan
     db.dispose()
