@@ -243,7 +243,7 @@ def analysis(results: dict[str, dict[str, Any]], verdicts: list[tuple[str, str, 
     if pipeline and rate(pipeline):
         messages = pipeline.get("message_seconds") or []
         verdict = ("missed in this run" if "pipeline" in missed else
-                   "met in this run, by a margin inside the machine's drift (one earlier run measured 0.78x against a single (c) run)")
+                   "met in this run; the margin is worth reading against the drift between the two (c) runs")
         lines += [
             f"- **(d) vs (c)** ({verdict}): the pipeline's own work is small: py-spy on the worker's pool process during a (d) run",
             "  (2026-11-26, `py-spy record -p <pool pid>`) put 99.9% of its samples inside `Engine.generate` (claims,",
