@@ -66,7 +66,7 @@ def hf_generate(lines: list[dict[str, Any]], batch_size: int, dtype: str) -> dic
     """transformers generate over lines, in batches of identical parameters (batch_size 1: one at a time)."""
     import torch
 
-    from workers.engine import eos_token_ids
+    from workers.finish import eos_token_ids
     from workers.loader import load_model
     from workers.registry import resolve
 

@@ -58,3 +58,21 @@ def test_logprobs_are_the_models_own(engine: Engine) -> None:
     assert "".join(entry["token"] for entry in sample.logprobs) == sample.text
     without = _one(engine, temperature=0, max_new_tokens=6)
     assert without.samples[0].logprobs is None and without.samples[0].text == sample.text
+
+
+def test_static_batches_honour_penalties_and_logprobs_like_the_continuous_path(engine: Engine) -> None:
+    """Architectures workers.llama does not run (static batches on transformers' forward) sample through the
+    same per-row state: OpenAI penalties and logprobs are no longer refused there."""
+    static = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype)
+    static.runner = static.scheduler = None
+    requests = [
+        GenerationRequest(SamplingParams(temperature=0, max_new_tokens=10, presence_penalty=1.5, logprobs=True, top_logprobs=2), prompt="a b a b"),
+        GenerationRequest(SamplingParams(temperature=0.8, seed=5, max_new_tokens=10, frequency_penalty=0.9), prompt="one two"),
+    ]
+    expected = engine.generate(requests)
+    got = static.generate(requests)
+    assert [r.error for r in got] == [None, None]
+    assert [r.samples[0].text for r in got] == [r.samples[0].text for r in expected]
+    ours, theirs = got[0].samples[0].logprobs, expected[0].samples[0].logprobs
+    assert ours is not None and theirs is not None and len(ours) == len(theirs) == got[0].samples[0].completion_tokens
+    assert all(math.isclose(a["logprob"], b["logprob"], abs_tol=1e-3) for a, b in zip(ours, theirs))

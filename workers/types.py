@@ -28,6 +28,28 @@ class SamplingParams:
     top_logprobs: int = 0
     """With logprobs: also the this many most likely tokens at each position (0-20)."""
 
+    def problem(self) -> str | None:
+        """The first out-of-range parameter, in vLLM's message pattern; None when every one is in range.
+
+        The one check of these ranges on the worker's side (the producer's schema refuses the same values
+        with the line number before anything is stored; this guards every other way in).
+        """
+        checks = (
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}."),
+            (self.temperature >= 0, f"temperature must be non-negative, got {self.temperature}."),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}."),
+            (self.top_k >= 0, f"top_k must be non-negative (0 disables it), got {self.top_k}."),
+            (self.repetition_penalty > 0, f"repetition_penalty must be positive, got {self.repetition_penalty}."),
+            (self.n >= 1, f"n must be at least 1, got {self.n}."),
+            (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}."),
+            (
+                self.num_beams == 1 or self.n <= self.num_beams,
+                f"n must not exceed num_beams for beam search, got n={self.n} and num_beams={self.num_beams}.",
+            ),
+            (0 <= self.top_logprobs <= 20, f"top_logprobs must be in [0, 20], got {self.top_logprobs}."),
+        )
+        return next((message for ok, message in checks if not ok), None)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.num_beams > 1

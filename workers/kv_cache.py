@@ -1,0 +1,185 @@
+"""The KV cache and its one owner: every change to which slots are in use, and how long each row is, goes
+through the verbs of KVCache (admit, extend, advance, truncate, release, reshape).
+
+The forward pass (workers.llama) only writes K/V values at positions the cache gives it and reads views
+of them; the scheduler (workers.scheduler) decides which rows come and go. Nothing else writes `rows` or
+`lengths`.
+
+In order: KVCache (layout, the verbs) -> compaction (which slot a row moves to when others leave).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+CPU_BUDGET_TOKENS = 65536
+"""The KV budget on a CPU when none is set (the machine's RAM is shared with everything else)."""
+GPU_MEMORY_FRACTION = 0.9
+"""Of a GPU's memory still free once the model is loaded, the share the KV cache may take."""
+
+
+def kv_budget_tokens(device: torch.device, bytes_per_token: int | None, requested: int | None = None) -> int:
+    """How many tokens of K/V the running rows may hold: `requested` when set (the kv_cache_tokens setting);
+    on a GPU, what GPU_MEMORY_FRACTION of its free memory holds; else CPU_BUDGET_TOKENS."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"the KV cache budget must be at least 1 token, got {requested}")
+        return requested
+    if device.type == "cuda" and bytes_per_token:
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(1, int(free * GPU_MEMORY_FRACTION) // bytes_per_token)
+    return CPU_BUDGET_TOKENS
+
+
+def compaction(rows: int, leaving: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Which old slot each remaining row comes from when the rows in `leaving` leave a batch of `rows` rows.
+
+    Returns (order, moves): order[i] is the old slot of the row that ends in slot i; moves are the
+    (src, dst) copies that make it so. Rows beyond the new size fill the freed slots below it, so few rows
+    move and the remaining ones stay contiguous in slots 0..rows-len(leaving)-1.
+    """
+    gone = set(leaving)
+    assert len(gone) == len(leaving) and all(0 <= slot < rows for slot in gone), f"bad slots {leaving} of {rows} rows"
+    keep = rows - len(gone)
+    holes = sorted(slot for slot in gone if slot < keep)
+    movers = [slot for slot in range(keep, rows) if slot not in gone]
+    order = list(range(keep))
+    for hole, src in zip(holes, movers, strict=True):
+        order[hole] = src
+    return order, list(zip(movers, holes))
+
+
+class KVCache:
+    """K and V of every layer for up to `slots` rows of up to `capacity` tokens each.
+
+    keys: (layers, slots, kv_heads, head_dim, capacity), stored transposed so that a step's query-key product
+    reads them in place (in bfloat16 a product over the other layout copies them first, 3x slower);
+    values: (layers, slots, kv_heads, capacity, head_dim). The running batch occupies slots 0..rows-1, with
+    no gaps: when rows leave, the last rows move into their slots (release), so that every step reads one
+    contiguous view. lengths[r] is how many tokens slot r holds; row r's next token goes to position lengths[r].
+    """
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.keys = torch.zeros((layers, slots, kv_heads, head_dim, capacity), dtype=dtype, device=device)
+        self.values = torch.zeros((layers, slots, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self._rows = 0
+
+    # --- what it holds ---------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """Slots in use: 0..rows-1."""
+        return self._rows
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.values.shape[3]
+
+    @property
+    def free(self) -> int:
+        return self.slots - self._rows
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    @staticmethod
+    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token in every layer."""
+        return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    # --- the verbs ---------------------------------------------------------------------------------
+
+    def admit(self, starts: list[int]) -> int:
+        """Take the next len(starts) free slots for new rows whose first starts[i] tokens are already in place
+        (0 for a row prefilled from its first token); returns the first slot. Their K/V are then written
+        with write() at positions starts[i].., and extend() records them."""
+        count = len(starts)
+        assert count <= self.free, f"admitting {count} rows into a cache with {self.free} free slots"
+        assert all(0 <= s <= self.capacity for s in starts), f"start positions {starts} beyond capacity {self.capacity}"
+        first = self._rows
+        self.lengths[first : first + count] = torch.tensor(starts, dtype=torch.long, device=self.lengths.device)
+        self._rows += count
+        return first
+
+    def extend(self, first: int, counts: list[int]) -> None:
+        """Rows first.. hold counts[i] more tokens each (written by a prefill)."""
+        added = torch.tensor(counts, dtype=torch.long, device=self.lengths.device)
+        end = first + len(counts)
+        assert end <= self._rows, f"extending slots {first}..{end - 1} of {self._rows} rows"
+        self.lengths[first:end] += added
+        assert int(self.lengths[first:end].max()) <= self.capacity, "a row outgrew the cache's capacity"
+
+    def advance(self) -> None:
+        """Every row in use holds one more token (a decode step wrote it at its old length)."""
+        self.lengths[: self._rows] += 1
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget slot's tokens from position `length` on (rejected draft tokens); they are overwritten later."""
+        assert 0 <= slot < self._rows, f"slot {slot} is not in use ({self._rows} rows)"
+        assert 0 <= length <= int(self.lengths[slot]), f"truncating slot {slot} to {length} > {int(self.lengths[slot])}"
+        self.lengths[slot] = length
+
+    def release(self, slots: list[int]) -> list[int]:
+        """The rows in `slots` leave; the last rows move into the freed slots. Returns `order` (see compaction):
+        order[i] is the old slot of the row now in slot i, so callers can keep their per-row state in step."""
+        order, moves = compaction(self._rows, slots)
+        for src, dst in moves:
+            n = int(self.lengths[src])
+            self.keys[:, dst, :, :, :n] = self.keys[:, src, :, :, :n]
+            self.values[:, dst, :, :n] = self.values[:, src, :, :n]
+            self.lengths[dst] = n
+        self._rows = len(order)
+        self.lengths[self._rows :] = 0
+        return order
+
+    def clear(self) -> None:
+        """Every row leaves (the memory is kept)."""
+        self._rows = 0
+        self.lengths.zero_()
+
+    def reshaped(self, slots: int, capacity: int) -> KVCache:
+        """A cache of another shape holding the same rows (each must fit the new capacity), for when the
+        rows' lengths change enough that another split of the same memory into slots fits better."""
+        assert self._rows <= slots, f"{self._rows} rows do not fit {slots} slots"
+        longest = int(self.lengths[: self._rows].max()) if self._rows else 0
+        assert longest <= capacity, f"a row of {longest} tokens does not fit a capacity of {capacity}"
+        layers, _, kv_heads, head_dim, _ = self.keys.shape
+        other = KVCache(layers, kv_heads, head_dim, slots, capacity, self.keys.dtype, self.keys.device)
+        if self._rows:
+            n = min(capacity, self.capacity)
+            other.keys[:, : self._rows, :, :, :n] = self.keys[:, : self._rows, :, :, :n]
+            other.values[:, : self._rows, :, :n] = self.values[:, : self._rows, :, :n]
+            other.lengths[: self._rows] = self.lengths[: self._rows]
+            other._rows = self._rows
+        return other
+
+    # --- what the forward pass reads and writes ------------------------------------------------------
+
+    def write(self, layer: int, first: int, k: Tensor, v: Tensor, positions: Tensor | None, real: Tensor | None = None) -> None:
+        """Store k, v (rows, kv_heads, tokens, head_dim) of slots first.. at positions (rows, tokens), or at
+        0..tokens-1 when positions is None (a prefill from the first token: one slice copy). real (rows, tokens),
+        when given, says which of them to store (a padded chunk's pads are not)."""
+        rows, _, tokens, _ = k.shape
+        if positions is None:
+            self.keys[layer, first : first + rows, :, :, :tokens] = k.transpose(-1, -2)
+            self.values[layer, first : first + rows, :, :tokens] = v
+            return
+        slot = torch.arange(first, first + rows, device=k.device)[:, None].expand(rows, tokens)
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # (rows, tokens, kv_heads, d): how the index lays them out
+        if real is not None:
+            slot, positions, k, v = slot[real], positions[real], k[real], v[real]
+        self.keys[layer, slot, :, :, positions] = k
+        self.values[layer, slot, :, positions] = v
+
+    def view(self, layer: int, first: int, rows: int, length: int) -> tuple[Tensor, Tensor]:
+        """K transposed (rows, kv_heads, head_dim, length) and V (rows, kv_heads, length, head_dim) of slots
+        first..first+rows-1, positions 0..length-1: views, no copy."""
+        return self.keys[layer, first : first + rows, :, :, :length], self.values[layer, first : first + rows, :, :length]

@@ -1,0 +1,217 @@
+"""Rows (one sample of one request) and the sampling state of a running batch of them.
+
+A request with n samples is expanded into rows; each row carries its own parameters and seed. Once a row
+joins a batch, its sampling state (generator, the tokens it has produced, its repetition-penalty mask, its
+generated-token counts, its logprobs) is built once and kept across steps in RunningBatch, whose tensors are
+in the batch's slot order: row i of every tensor is the row in cache slot i.
+
+In order: Row -> expand_rows -> RowState -> RunningBatch (add, keep, sample).
+"""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from workers.finish import finish
+from workers.sampling import RowParams, draw_uniforms, next_tokens
+from workers.types import Sample, SamplingParams
+
+SEED_LIMIT = 2**31
+"""Seeds the engine picks stay below this (and seed + i too), so they fit a 32-bit integer column."""
+
+
+@dataclass
+class Row:
+    """One sample of one request: what the scheduler generates."""
+
+    request: Hashable
+    """Whose row this is: the caller's key of the request."""
+    sample_index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    """The seed reported in the Sample; for sampled rows (temperature > 0) also the seed of the row's generator."""
+
+    @property
+    def sampled(self) -> bool:
+        return self.params.temperature > 0
+
+    @property
+    def need(self) -> int:
+        """Cache positions the row may take: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def request_index(self) -> Hashable:
+        return self.request
+
+
+def decoded_rows(params: SamplingParams) -> int:
+    """How many rows a request is decoded as: n, but one for a greedy request (its samples are all the same)."""
+    return 1 if params.temperature == 0 else params.n
+
+
+def expand_rows(request: Hashable, prompt_ids: list[int], params: SamplingParams) -> list[Row]:
+    """Rows of one request: sample i is drawn with seed + i (the seed is picked here when the request has none).
+
+    Greedy samples report seed + i when the request gave a seed, None otherwise (see complete_greedy).
+    """
+    if params.temperature == 0:
+        return [Row(request, 0, prompt_ids, params, params.seed)]
+    seed = params.seed if params.seed is not None else secrets.randbelow(SEED_LIMIT - params.n)
+    return [Row(request, i, prompt_ids, params, seed + i) for i in range(decoded_rows(params))]
+
+
+@dataclass
+class RowState:
+    """A row in a running batch: its generator and what it has produced so far."""
+
+    row: Row
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per generated token, kept only when the row asks for logprobs."""
+
+
+def start_row(row: Row) -> RowState:
+    """A fresh RowState: the generator is seeded here, so a row restarted after an out-of-memory error draws the same."""
+    sampled = row.sampled and row.seed is not None
+    return RowState(row, torch.Generator().manual_seed(row.seed) if sampled else None)
+
+
+class RunningBatch:
+    """The sampling state of the rows of a running batch, in slot order, kept across steps.
+
+    Per-row parameters are (rows,) tensors; the repetition-penalty mask (bool) and the generated-token counts
+    (float) are (rows, vocab) tensors, allocated only while some row needs them. Rows join with add() and
+    leave with keep(order), which follows the cache's own compaction.
+    """
+
+    def __init__(self, vocab: int, device: torch.device, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int]) -> None:
+        self.vocab = vocab
+        self.device = device
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.states: list[RowState] = []
+        self.params = RowParams.build([], [], [], [], device)
+        self.frequency = torch.zeros(0, dtype=torch.float32, device=device)
+        self.presence = torch.zeros(0, dtype=torch.float32, device=device)
+        self.seen: Tensor | None = None
+        """bool (rows, vocab): the tokens of each penalised row's prompt and output (other rows: unused)."""
+        self.counts: Tensor | None = None
+        """float (rows, vocab): how often each token was generated, while a row has an OpenAI penalty."""
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def add(self, rows: list[Row]) -> list[RowState]:
+        """New rows join at the end (the next slots)."""
+        states = [start_row(row) for row in rows]
+        first = len(self.states)
+        self.states += states
+        added = RowParams.build(
+            [r.params.temperature for r in rows], [r.params.top_k for r in rows], [r.params.top_p for r in rows],
+            [r.params.repetition_penalty for r in rows], self.device,
+        )
+        self.params = RowParams(*(torch.cat([old, new]) for old, new in zip(_fields(self.params), _fields(added))))
+        self.frequency = torch.cat([self.frequency, self._tensor([r.params.frequency_penalty for r in rows])])
+        self.presence = torch.cat([self.presence, self._tensor([r.params.presence_penalty for r in rows])])
+        if self.seen is not None or any(r.params.repetition_penalty != 1.0 for r in rows):
+            seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=self.device)
+            for i, row in enumerate(rows):
+                if row.params.repetition_penalty != 1.0:
+                    seen[i, torch.tensor(row.prompt_ids, dtype=torch.long, device=self.device)] = True
+            old = self.seen if self.seen is not None else torch.zeros((first, self.vocab), dtype=torch.bool, device=self.device)
+            self.seen = torch.cat([old, seen])
+        if self.counts is not None or any(r.params.frequency_penalty or r.params.presence_penalty for r in rows):
+            old = self.counts if self.counts is not None else torch.zeros((first, self.vocab), device=self.device)
+            self.counts = torch.cat([old, torch.zeros((len(rows), self.vocab), device=self.device)])
+        return states
+
+    def keep(self, order: list[int]) -> None:
+        """Keep the rows at these old positions, in this order (the others left the batch)."""
+        if not order:
+            self.clear()
+            return
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.states = [self.states[i] for i in order]
+        self.params = self.params.select(index)
+        self.frequency, self.presence = self.frequency[index], self.presence[index]
+        if self.seen is not None:
+            self.seen = self.seen[index]
+        if self.counts is not None:
+            self.counts = self.counts[index]
+
+    def clear(self) -> None:
+        self.states = []
+        self.params = RowParams.build([], [], [], [], self.device)
+        self.frequency = self.frequency[:0]
+        self.presence = self.presence[:0]
+        self.seen = self.counts = None
+
+    def sample(self, logits: Tensor, first: int = 0) -> list[Sample | None]:
+        """Draw the next token of rows first.. from their logits (rows, vocab), append it, and return each row's
+        Sample if it is done (None if not)."""
+        rows = logits.shape[0]
+        span = slice(first, first + rows)
+        states = self.states[span]
+        raw = logits
+        if self.counts is not None:
+            counts = self.counts[span]
+            penalty = self.frequency[span, None] * counts + self.presence[span, None] * (counts > 0).float()
+            logits = logits - penalty.to(logits.dtype)
+        params = RowParams(*(t[span] for t in _fields(self.params)))
+        seen = self.seen[span] if self.seen is not None else None
+        tokens = next_tokens(logits, params, seen, draw_uniforms([s.generator for s in states], self.device))
+        at = torch.arange(first, first + rows, device=self.device)
+        if self.seen is not None:
+            self.seen[at, tokens] = True
+        if self.counts is not None:
+            self.counts[at, tokens] += 1
+        self._record_logprobs(raw, tokens, states)
+        finished: list[Sample | None] = []
+        for state, token in zip(states, tokens.tolist()):
+            state.generated.append(token)
+            sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
+            if sample is not None and state.row.params.logprobs:
+                sample.logprobs = state.logprobs[: sample.completion_tokens]
+            finished.append(sample)
+        return finished
+
+    def last_tokens(self) -> Tensor:
+        """Each running row's latest token (rows,): what the next decode step feeds."""
+        return torch.tensor([s.generated[-1] for s in self.states], dtype=torch.long, device=self.device)
+
+    def _tensor(self, values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _record_logprobs(self, raw: Tensor, tokens: Tensor, states: list[RowState]) -> None:
+        """For rows that ask: the chosen token's log-probability and the top_logprobs most likely tokens, under the
+        model's own distribution (raw logits, before penalties, temperature and filters, as vLLM reports them)."""
+        wanted = [i for i, s in enumerate(states) if s.row.params.logprobs]
+        if not wanted:
+            return
+        index = torch.tensor(wanted, dtype=torch.long, device=raw.device)
+        logprobs = raw[index].float().log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, tokens[index][:, None]).squeeze(-1).tolist()
+        width = max(states[i].row.params.top_logprobs for i in wanted)
+        top = logprobs.topk(width, dim=-1) if width else None
+        decode = self.tokenizer.decode
+        for j, i in enumerate(wanted):
+            state = states[i]
+            keep = state.row.params.top_logprobs
+            entry: dict[str, Any] = {"token": decode([int(tokens[i])]), "logprob": chosen[j], "top_logprobs": []}
+            if top is not None and keep:
+                for value, candidate in zip(top.values[j, :keep].tolist(), top.indices[j, :keep].tolist()):
+                    entry["top_logprobs"].append({"token": decode([candidate]), "logprob": value})
+            state.logprobs.append(entry)
+
+
+def _fields(params: RowParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return params.temperature, params.top_k, params.top_p, params.repetition_penalty

@@ -1,0 +1,244 @@
+"""The scheduler: which rows wait, which run, and how the KV cache's memory is split between them.
+
+`add(rows)` queues rows; each `step()` first admits waiting rows into free cache slots (one prefill for a
+group of them), then feeds one token to every running row and returns the rows that finished. Rows can be
+added at any time, so a caller that keeps adding never sees the batch drain. `Engine.generate` is add
+everything, then step until idle; a worker adds what it claims from its queue as rows finish.
+
+Admission, in order: rows wait in the order they were added (each add sorted by prompt length, so that a
+prefill pads little); a row joins while the batch has a free slot and the running rows' prompt +
+max_new_tokens stays within the token budget (a row that exceeds it alone still runs alone); rows join in
+groups of at least `admit_at` (default max_rows / 8: each prefill reads every weight once more, so one prefill
+per finished row cost 3-7% in bfloat16), or whatever is left.
+
+Memory: the cache is `slots` rows of `capacity` positions (workers.kv_cache). The capacity is the length (rounded up by
+at most 12.5%) that fits the longest row running or joining; slots = budget // capacity (at most max_rows). When a longer row
+comes, the cache is reshaped to fewer, longer slots as soon as the rows running fit them; when only short
+rows are left, back to more, shorter slots.
+
+Out of memory: the rows that were running start over from their prompts (fresh generators, so they give
+exactly what they would have given) with at most half as many rows at once; a row out of memory alone fails.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from workers.kv_cache import KVCache
+from workers.llama import LlamaRunner
+from workers.rows import Row, RunningBatch
+from workers.types import Sample
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 4096
+"""Most (padded) prompt tokens one prefill forward takes; more waiting rows wait for the next one."""
+MIN_CAPACITY = 16
+"""The shortest slot the cache is cut into (positions)."""
+
+
+@dataclass
+class Finished:
+    """A row that left the batch: its Sample, or why it failed."""
+
+    row: Row
+    sample: Sample | None
+    error: str | None = None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator failing to get memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def slot_length(n: int) -> int:
+    """n rounded up to the next of eight steps per power of two (at most 12.5% more): long enough for rows a
+    little longer than this one, so that the cache is rarely reshaped, and little memory is left unused."""
+    step = max(1, (1 << (max(1, n).bit_length() - 1)) // 8)
+    return -(-n // step) * step
+
+
+class Scheduler:
+    """Waiting rows, running rows and the token budget of one KV cache; add(rows), step() -> finished rows."""
+
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        device: torch.device,
+        max_rows: int,
+        max_tokens: int,
+        admit_at: int | None = None,
+    ) -> None:
+        if max_rows < 1 or max_tokens < 1:
+            raise ValueError(f"max_rows and max_tokens must be at least 1, got {max_rows} and {max_tokens}")
+        self.runner = runner
+        self.device = device
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.admit_at = admit_at
+        self.rows_limit = max_rows
+        """max_rows, lowered for the scheduler's life after an out-of-memory error."""
+        self.waiting: deque[Row] = deque()
+        self.batch = RunningBatch(runner.model.config.vocab_size, device, tokenizer, eos_ids)
+        self.cache: KVCache | None = None
+        self.budget = 0
+        """prompt + max_new_tokens summed over the running rows."""
+        self.on_step: Callable[[int, int], None] | None = None
+        """Called after every decode step with (rows running, rows the cache's shape allows): occupancy."""
+
+    # --- what it holds ---------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not len(self.batch)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    @property
+    def slots(self) -> int:
+        """Rows the current cache shape lets run at once."""
+        return self._slots_for(self.cache.capacity if self.cache is not None else MIN_CAPACITY)
+
+    # --- the verbs ---------------------------------------------------------------------------------
+
+    def add(self, rows: list[Row]) -> None:
+        """Queue rows behind those already waiting (this group sorted by prompt length)."""
+        self.waiting.extend(sorted(rows, key=lambda r: len(r.prompt_ids)))
+
+    def drop_waiting(self, unwanted: Callable[[Row], bool]) -> list[Row]:
+        """Remove the waiting rows for which unwanted(row) is true (e.g. a cancelled job's); running rows stay."""
+        dropped = [row for row in self.waiting if unwanted(row)]
+        if dropped:
+            self.waiting = deque(row for row in self.waiting if not unwanted(row))
+        return dropped
+
+    def clear(self) -> list[Row]:
+        """Forget every row, running and waiting (after an error the caller hands them all back); returns them."""
+        rows = [s.row for s in self.batch.states] + list(self.waiting)
+        self.waiting.clear()
+        self.batch.clear()
+        self.budget = 0
+        if self.cache is not None:
+            self.cache.clear()
+        return rows
+
+    def step(self) -> list[Finished]:
+        """Admit what fits, decode one token for every running row; the rows that finished."""
+        finished: list[Finished] = []
+        try:
+            self._admit(finished)
+            if len(self.batch):
+                assert self.cache is not None
+                rows = len(self.batch)
+                logits = self.runner.decode(self.cache, self.batch.last_tokens())
+                self._retire(finished, self.batch.sample(logits))
+                if self.on_step is not None:
+                    self.on_step(rows, self.slots)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._recover(exc, finished)
+        return finished
+
+    # --- admission and retirement ---------------------------------------------------------------------
+
+    def _slots_for(self, capacity: int) -> int:
+        return max(1, min(self.rows_limit, self.max_tokens // capacity))
+
+    def _fit(self, need: int) -> bool:
+        """Shape the cache so that a row of `need` positions can join the running rows; False when it cannot yet."""
+        running_need = max((s.row.need for s in self.batch.states), default=0)
+        capacity = self.runner.aligned(slot_length(max(need, running_need, MIN_CAPACITY)))
+        cache = self.cache
+        if cache is not None and cache.capacity >= capacity:
+            now = self._slots_for(cache.capacity)
+            shorter_helps = self._slots_for(capacity) > now and (not self.running or self.running >= now)
+            if not shorter_helps:
+                return True  # long enough, and shorter slots would not let more rows run now
+        slots = self._slots_for(capacity)
+        if self.running > slots:
+            return False  # wait until enough rows leave to fit the longer slots
+        if cache is None or not self.running:
+            self.cache = None  # drop the old memory before taking the new
+            del cache
+            gc.collect()
+            self.cache = self.runner.new_cache(slots, capacity, self.device)
+        else:
+            log.debug("reshaping the KV cache to %d slots of %d positions (%d rows running)", slots, capacity, self.running)
+            self.cache = cache.reshaped(max(slots, self.runner.min_rows), self.runner.aligned(capacity))
+        return True
+
+    def _admit(self, finished: list[Finished]) -> None:
+        if not self.waiting:
+            return
+        room = (self.slots if self.cache is not None else self.rows_limit) - self.running
+        if not self._fit(max(row.need for row in itertools.islice(self.waiting, max(1, room)))):
+            return
+        assert self.cache is not None
+        limit = min(self._slots_for(self.cache.capacity), self.cache.slots)
+        free = limit - self.running
+        admit_at = max(1, limit // 8) if self.admit_at is None else self.admit_at
+        if free <= 0 or not (free >= admit_at or not self.running or len(self.waiting) <= free):
+            return
+        group: list[Row] = []
+        budget = self.budget
+        while self.waiting and len(group) < free:
+            row = self.waiting[0]
+            if row.need > self.cache.capacity:
+                break  # the next step reshapes the cache for it
+            if (self.running or group) and budget + row.need > self.max_tokens:
+                break
+            if group and (len(group) + 1) * self.runner.aligned(len(row.prompt_ids)) > PREFILL_TOKENS:
+                break
+            group.append(self.waiting.popleft())
+            budget += row.need
+        if not group:
+            return
+        self.budget = budget
+        self.batch.add(group)
+        first = self.running - len(group)
+        logits = self.runner.prefill(self.cache, [row.prompt_ids for row in group])
+        self._retire(finished, [None] * first + self.batch.sample(logits, first))
+
+    def _retire(self, finished: list[Finished], ended: list[Sample | None]) -> None:
+        """Rows whose Sample is set leave the batch (and the cache) at once."""
+        leaving = [slot for slot, sample in enumerate(ended) if sample is not None]
+        if not leaving:
+            return
+        for slot in leaving:
+            row = self.batch.states[slot].row
+            finished.append(Finished(row, ended[slot]))
+            self.budget -= row.need
+        assert self.cache is not None
+        self.batch.keep(self.cache.release(leaving))
+
+    def _recover(self, exc: BaseException, finished: list[Finished]) -> None:
+        """Out of memory: the running rows start over with fewer rows at once; alone, the row fails."""
+        rows = [s.row for s in self.batch.states]
+        self.batch.clear()
+        self.budget = 0
+        self.cache = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(rows) <= 1:
+            row = rows[0] if rows else self.waiting.popleft()
+            finished.append(Finished(row, None, f"out of memory with a batch of one row: {exc}"))
+            return
+        self.rows_limit = max(1, min(self.rows_limit, len(rows)) // 2)
+        log.warning("out of memory with %d rows running; retrying with at most %d rows", len(rows), self.rows_limit)
+        self.waiting.extendleft(reversed(rows))
