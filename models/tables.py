@@ -126,6 +126,9 @@ class Result(Base):
     logprobs: Mapped[Optional[list[dict[str, Any]]]] = mapped_column(JSON(none_as_null=True))
     """SQL NULL unless the request asked for them; then one entry per generated token,
     {"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]} (workers.types.Sample.logprobs)."""
+    batch_occupancy: Mapped[Optional[float]] = mapped_column(Float)
+    """Mean share of the engine's batch slots in use over the decode steps while this request ran (None: no
+    decode steps, e.g. the stand-in engine or beam search)."""
 
     def __repr__(self) -> str:
         return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"

@@ -41,9 +41,16 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
         groups = {}
         for name, column in (("workers", Result.worker_host), ("models", Result.model)):
             groups[name] = [
-                {name[:-1]: key, "results": count, "completion_tokens": int(tokens or 0), "tokens_per_s": _rate(int(tokens or 0), first, last)}
-                for key, count, tokens, first, last in session.execute(
-                    select(column, func.count(), func.sum(Result.completion_tokens), func.min(Result.started_at), func.max(Result.finished_at))
+                {
+                    name[:-1]: key, "results": count, "completion_tokens": int(tokens or 0),
+                    "tokens_per_s": _rate(int(tokens or 0), first, last),
+                    "mean_occupancy": None if occupancy is None else round(float(occupancy), 3),
+                }
+                for key, count, tokens, first, last, occupancy in session.execute(
+                    select(
+                        column, func.count(), func.sum(Result.completion_tokens), func.min(Result.started_at),
+                        func.max(Result.finished_at), func.avg(Result.batch_occupancy),
+                    )
                     .where(*on_results).group_by(column).order_by(column)
                 ).all()
             ]

@@ -38,6 +38,7 @@ from workers.registry import queue_name
 from workers.settings import Settings
 from workers.standin import StandInEngine
 from workers.types import GenerationResult
+from workers.worker import Worker
 
 STANDIN = "stand-in"
 
@@ -207,15 +208,14 @@ class PickyEngine(StandInEngine):
 
 
 @pytest.fixture
-def worker_state(sqlite_url: str) -> Iterator[runner.WorkerState]:
+def worker_state(sqlite_url: str) -> Iterator[Worker]:
     settings = Settings(database_url=sqlite_url, model=STANDIN, lease_s=30, max_attempts=3)
-    state = runner.WorkerState(
+    worker = Worker(
         engine=PickyEngine(STANDIN), sessions=session_factory(make_engine(sqlite_url)), model=STANDIN,
         device="cpu", worker="test:1", settings=settings,
     )
-    runner._state = state
-    yield state
-    runner._state = None
+    yield worker
+    worker.shutdown(timeout=30)
 
 
 def test_a_request_that_breaks_its_batch_fails_alone_and_the_rest_complete(worker_state, sqlite_url: str) -> None:  # type: ignore[no-untyped-def]
@@ -224,7 +224,8 @@ def test_a_request_that_breaks_its_batch_fails_alone_and_the_rest_complete(worke
     with db.begin() as connection:
         connection.execute(update(Request).where(Request.id == ids[2]).values(prompt="bad"))
         connection.execute(update(Request).where(Request.id == ids[4]).values(prompt="long"))
-    assert runner.run_batch(job_id, ids) == 5  # the batch once (failed), then one by one
+    assert worker_state.handle(job_id, ids) == 6  # claimed together; the batch fails, then each is tried alone
+    assert worker_state.wait_idle(timeout=60)
     rows = requests_of(sqlite_url, job_id)
     assert rows[ids[2]].status == "failed" and rows[ids[2]].attempts == 3
     assert rows[ids[2]].error == "gave up after 3 attempts; last: ValueError: cannot tokenize 'bad'"
@@ -234,7 +235,7 @@ def test_a_request_that_breaks_its_batch_fails_alone_and_the_rest_complete(worke
     assert (job.status, job.done_count, job.failed_count) == ("completed", 4, 2)
     with db.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM results")).scalar_one() == 4
-    assert runner.run_batch(job_id, ids) == 0  # redelivered: nothing is generated again
+    assert worker_state.handle(job_id, ids) == 0  # redelivered: nothing is generated again
 
 
 def test_store_errors_are_waited_out_and_others_are_not() -> None:

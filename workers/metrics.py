@@ -16,7 +16,7 @@ TOKENS = Counter("bulkgen_tokens_generated", "Completion tokens generated.", ["m
 PROMPT_TOKENS = Counter("bulkgen_prompt_tokens", "Prompt tokens processed.", ["model"], registry=REGISTRY)
 REQUESTS = Counter("bulkgen_requests", "Requests finished, by outcome (done or failed).", ["model", "outcome"], registry=REGISTRY)
 BATCH_SIZE = Histogram(
-    "bulkgen_batch_requests", "Requests per generation call.", ["model"], registry=REGISTRY,
+    "bulkgen_batch_requests", "Requests per claim (what one queue message handed to the engine).", ["model"], registry=REGISTRY,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 QUEUE_WAIT = Histogram(
@@ -24,8 +24,13 @@ QUEUE_WAIT = Histogram(
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
 )
 GENERATION = Histogram(
-    "bulkgen_generation_seconds", "Wall time of one generation call (a message's batch).", ["model"], registry=REGISTRY,
+    "bulkgen_generation_seconds", "From a request entering the engine to its last row finishing.", ["model"], registry=REGISTRY,
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+RUNNING_ROWS = Gauge("bulkgen_running_rows", "Rows in the engine's running batch at its last decode step.", ["model"], registry=REGISTRY)
+OCCUPANCY = Histogram(
+    "bulkgen_batch_occupancy", "Running rows / rows the KV cache allows, per decode step.", ["model"], registry=REGISTRY,
+    buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
 )
 MODEL_LOAD = Gauge("bulkgen_model_load_seconds", "How long this process took to load its model.", ["model", "device"], registry=REGISTRY)
 

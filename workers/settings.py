@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     quantize: str = "none"
     batch_size: int = 64
     """Most rows (requests x samples) one engine batch holds."""
+    kv_cache_tokens: int | None = None
+    """Tokens of K/V the running rows may hold (prompt + max_new_tokens each). Unset: 65,536 on a CPU; on a GPU,
+    what 90% of its memory left free by the model holds."""
     ids_per_message: int = 128
     """Request ids carried by one queue message."""
     metrics_port: int = 9400

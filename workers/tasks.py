@@ -1,4 +1,4 @@
-"""The Celery task: thin. Load by id, skip finished rows, generate, store (see workers.runner).
+"""The Celery task: thin. Claim the message's requests and hand them to the process's Worker (workers.worker).
 
 Also the worker's life-cycle hooks: each pool child loads the model after fork; the main process runs
 the fleet's reconciler thread (workers.reconcile) while it consumes.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from workers.app import GENERATE_TASK, app
 
@@ -30,6 +30,15 @@ def _load_model_in_child(**_: Any) -> None:
     from workers import runner
 
     runner.init_process()
+
+
+@worker_process_shutdown.connect
+def _finish_what_the_child_holds(**_: Any) -> None:
+    """A pool child about to exit (warm shutdown) finishes and records the requests it holds: their messages
+    were acknowledged when they were claimed (workers.worker)."""
+    from workers import runner
+
+    runner.shutdown_process()
 
 
 @worker_ready.connect

@@ -1,0 +1,128 @@
+"""The Worker in process, on a real SQLite store: a batch kept full across messages, leases for all it holds."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from models.db import make_engine, session_factory, utcnow
+from models.tables import Job, Request, Result
+from tests.test_engine import cache_dir, engine  # noqa: F401
+from tests.test_lifecycle import job_row, make_job, requests_of
+from workers.engine import Engine
+from workers.settings import Settings
+from workers.standin import StandInEngine
+from workers.types import GenerationRequest
+from workers.worker import Worker
+
+STANDIN = "stand-in"
+
+
+class TracedWorker(Worker):
+    """Records (running rows, slots) at every decode step, and which message had been handed in by then."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.trace: list[tuple[int, int, int]] = []
+        self.messages_in = 0
+        super().__init__(*args, **kwargs)
+
+    def _observe_step(self, running: int, slots: int) -> None:
+        self.trace.append((running, slots, self.messages_in))
+        super()._observe_step(running, slots)
+
+
+def set_prompts(url: str, job_id: int, model: str, max_new_tokens: int) -> None:
+    with session_factory(make_engine(url))() as session:
+        session.get(Job, job_id).model = model  # type: ignore[union-attr]
+        session.get(Job, job_id).defaults = {"max_new_tokens": max_new_tokens, "temperature": 0}  # type: ignore[union-attr]
+        for i, request in enumerate(session.scalars(select(Request).where(Request.job_id == job_id)).all()):
+            request.prompt = f"Item {i}: the weather today is" + " very" * (i % 5)
+        session.commit()
+
+
+@pytest.fixture
+def tiny_worker(sqlite_url: str, engine: Engine) -> Iterator[TracedWorker]:  # noqa: F811
+    settings = Settings(database_url=sqlite_url, model=engine.model_name, lease_s=30, batch_size=8)
+    live = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, max_batch_rows=8)
+    worker = TracedWorker(live, session_factory(make_engine(sqlite_url)), engine.model_name, "cpu", "test:1", settings)
+    yield worker
+    worker.shutdown(timeout=60)
+
+
+def test_the_batch_stays_full_across_messages_and_every_result_is_written_once(tiny_worker: TracedWorker, sqlite_url: str) -> None:
+    job_id, ids = make_job(sqlite_url, 48, model=tiny_worker.model)
+    set_prompts(sqlite_url, job_id, tiny_worker.model, max_new_tokens=16)
+    for start in range(0, len(ids), 4):  # as Celery would: one message after another, each as the last returns
+        tiny_worker.messages_in += 1
+        assert tiny_worker.handle(job_id, ids[start : start + 4]) == 4
+    before_last = [(running, slots) for running, slots, seen in tiny_worker.trace if seen < tiny_worker.messages_in]
+    assert tiny_worker.wait_idle(timeout=120)
+    # until the last message was handed in, the engine never ran dry: rows from the next messages had joined
+    assert before_last and all(running > 0 for running, _ in before_last)
+    full = sum(1 for running, slots in before_last if running == slots)
+    assert full >= 0.9 * len(before_last), before_last
+    job = job_row(sqlite_url, job_id)
+    assert (job.status, job.done_count, job.result_count) == ("completed", 48, 48)
+    with session_factory(make_engine(sqlite_url))() as session:
+        occupancy = session.scalars(select(Result.batch_occupancy).where(Result.job_id == job_id)).all()
+    assert len(occupancy) == 48 and all(o is not None and 0 < o <= 1 for o in occupancy)
+
+
+class Gate(StandInEngine):
+    """The stand-in, held at its first generate() until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__(STANDIN)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def generate(self, requests: list[GenerationRequest]):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return super().generate(requests)
+
+
+def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_url: str) -> None:
+    settings = Settings(database_url=sqlite_url, model=STANDIN, lease_s=2, batch_size=64)
+    gated = Gate()
+    worker = Worker(gated, session_factory(make_engine(sqlite_url)), STANDIN, "cpu", "test:1", settings)
+    job_id, ids = make_job(sqlite_url, 12)
+    try:
+        for start in range(0, 12, 4):
+            worker.handle(job_id, ids[start : start + 4])  # room for 16 waiting: each returns at once
+        assert gated.entered.wait(10)
+        assert sorted(worker.held_ids) == sorted(ids)
+        time.sleep(3.5)  # beyond the 2 s lease: only renewals keep it
+        now = utcnow()
+        rows = requests_of(sqlite_url, job_id)
+        assert all(rows[i].status == "running" and rows[i].worker == "test:1" for i in ids)
+        assert all(rows[i].lease_until.replace(tzinfo=now.tzinfo) > now for i in ids), [rows[i].lease_until for i in ids]
+        gated.gate.set()
+        assert worker.wait_idle(timeout=30)
+    finally:
+        gated.gate.set()
+        worker.shutdown(timeout=30)
+    job = job_row(sqlite_url, job_id)
+    assert (job.status, job.done_count) == ("completed", 12)
+    assert {rows.attempts for rows in requests_of(sqlite_url, job_id).values()} == {1}
+
+
+def test_a_duplicate_message_for_held_requests_claims_nothing_again(sqlite_url: str) -> None:
+    settings = Settings(database_url=sqlite_url, model=STANDIN, lease_s=30, batch_size=64)
+    gated = Gate()
+    worker = Worker(gated, session_factory(make_engine(sqlite_url)), STANDIN, "cpu", "test:1", settings)
+    job_id, ids = make_job(sqlite_url, 4)
+    try:
+        assert worker.handle(job_id, ids) == 4
+        assert gated.entered.wait(10)
+        assert worker.handle(job_id, ids) == 0  # the same message again (a redelivery) while they are held
+        gated.gate.set()
+        assert worker.wait_idle(timeout=30)
+    finally:
+        gated.gate.set()
+        worker.shutdown(timeout=30)
+    assert {rows.attempts for rows in requests_of(sqlite_url, job_id).values()} == {1}
+    assert job_row(sqlite_url, job_id).result_count == 4

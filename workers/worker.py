@@ -1,0 +1,555 @@
+"""A worker process's one Worker: it keeps the engine's batch full across queue messages.
+
+Three threads share it:
+- the task (Celery's, one message at a time) claims the message's requests in the store under a lease and
+  puts them in the inbox; it returns, and the message is acknowledged, once the worker has less than a
+  quarter of a batch waiting, so that the next message arrives before the batch has room for it;
+- the engine thread moves claims from the inbox into the engine (engine.submit) and steps it; each
+  request's result goes to the outbox as soon as its last row finishes;
+- the recorder thread writes the outbox in one transaction per job (the same idempotent writes and job
+  counters as ever) and only then lets go of the requests.
+A lease keeper renews the lease of every request the worker holds (claimed, not yet recorded).
+
+When a message is acknowledged (docs/reliability.md): once each of its requests is settled in the store or
+held by this worker under a lease it renews. From then on the lease, not the broker, carries the work: a
+worker killed at any moment leaves its requests running under a lease that lapses, and the reconciler puts
+them back on the queue; nothing is lost, and the first write of a result wins, so nothing is written twice.
+
+A request started before (its claim says one_by_one) runs alone: the engine finishes what it runs, takes
+nothing else meanwhile, and only then admits it, so that a request that kills its worker takes no other
+request with it. When the engine raises, every request it holds is handed back and each is claimed again,
+alone; the one that keeps failing ends failed after max_attempts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import utcnow
+from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
+from models.tables import Request
+from workers import metrics
+from workers.settings import Settings
+from workers.types import GenerationRequest, GenerationResult, resolve_params
+
+if TYPE_CHECKING:
+    from workers.standin import StandInEngine
+
+log = logging.getLogger("bulkgen.worker")
+RENEW_CHUNK = 5000
+"""Request ids per lease-renewing UPDATE (SQLite takes at most 32,766 bound parameters)."""
+
+
+class SteppedEngine(Protocol):
+    """What the worker drives: workers.engine.Engine, or WholeBatches around an engine with generate() only."""
+
+    dtype: str
+    quantize: str
+
+    def submit(self, key: Hashable, request: GenerationRequest) -> None: ...
+    def step(self) -> list[tuple[Hashable, GenerationResult]]: ...
+    def clear(self) -> list[Hashable]: ...
+    @property
+    def idle(self) -> bool: ...
+    @property
+    def waiting_rows(self) -> int: ...
+    @property
+    def running_rows(self) -> int: ...
+
+
+class WholeBatches:
+    """An engine with generate() only (the stand-in), driven like the scheduler: each step generates
+    everything submitted since the last one."""
+
+    def __init__(self, engine: StandInEngine | Any) -> None:
+        self.inner = engine
+        self.dtype = engine.dtype
+        self.quantize = engine.quantize
+        self.pending: list[tuple[Hashable, GenerationRequest]] = []
+
+    def submit(self, key: Hashable, request: GenerationRequest) -> None:
+        self.pending.append((key, request))
+
+    def step(self) -> list[tuple[Hashable, GenerationResult]]:
+        batch = list(self.pending)
+        results = self.inner.generate([request for _, request in batch]) if batch else []
+        del self.pending[: len(batch)]  # only once generated: after a failure, clear() hands them all back
+        return [(key, result) for (key, _), result in zip(batch, results)]
+
+    def clear(self) -> list[Hashable]:
+        keys = [key for key, _ in self.pending]
+        self.pending = []
+        return keys
+
+    def on_step(self, callback: Any) -> None:
+        """No decode steps to report."""
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending
+
+    @property
+    def waiting_rows(self) -> int:
+        return len(self.pending)
+
+    @property
+    def running_rows(self) -> int:
+        return 0
+
+
+@dataclass
+class Held:
+    """A request this worker claimed and has not recorded yet."""
+
+    job_id: int
+    request: Request
+    generation: GenerationRequest
+    claimed_at: datetime
+    started_at: datetime | None = None
+    """When it entered the engine."""
+    occupancy_mark: tuple[float, int] = (0.0, 0)
+    """The worker's (occupancy sum, decode steps) when the request entered the engine."""
+
+
+@dataclass
+class Work:
+    """An inbox item: a claim's requests, to run with the others or alone; or ids to claim again one by one."""
+
+    job_id: int
+    held: list[Held] = field(default_factory=list)
+    alone: bool = False
+    reclaim: list[int] = field(default_factory=list)
+
+
+class Worker:
+    """Claims, generates and records for one worker process (see the module's docstring)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        sessions: sessionmaker[Session],
+        model: str,
+        device: str,
+        worker: str,
+        settings: Settings,
+    ) -> None:
+        self.engine: SteppedEngine = engine if hasattr(engine, "submit") else WholeBatches(engine)
+        self.sessions = sessions
+        self.model = model
+        self.device = device
+        self.worker = worker
+        self.settings = settings
+        self.room_below = max(1, settings.batch_size // 4)
+        """The task returns (its message is acknowledged) once fewer rows than this wait."""
+        self._lock = threading.Condition()
+        self._inbox: deque[Work] = deque()
+        self._held: dict[int, Held] = {}
+        self._outbox: list[tuple[Held, GenerationResult, datetime, float]] = []
+        self._alone_running = False
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._occupancy = (0.0, 0)
+        self.engine.on_step(self._observe_step)  # type: ignore[attr-defined]
+
+    # --- the task's side ---------------------------------------------------------------------------
+
+    def handle(self, job_id: int, request_ids: list[int]) -> int:
+        """Claim a message's requests and hand them to the engine; returns how many were claimed, once the
+        worker has room for the next message."""
+        from workers.runner import with_db_retry
+
+        self._start()
+        claimed_count = 0
+        wanted = list(dict.fromkeys(request_ids))
+        while True:
+            with self._lock:
+                todo = [i for i in wanted if i not in self._held]  # a duplicate message: what we hold stays ours
+
+            def claim() -> Claim | None:
+                with self.sessions() as session:
+                    return claim_requests(
+                        session, job_id, todo, self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts
+                    )
+
+            claimed = with_db_retry(claim) if todo else None
+            if claimed is None or not claimed.requests:
+                break
+            if claimed.gave_up:
+                log.warning("job %d: gave up on requests %s after %d attempts", job_id, claimed.gave_up, self.settings.max_attempts)
+            if claimed.model != self.model:
+                self._release([r.id for r in claimed.requests], f"this worker holds model {self.model!r}")
+                raise RuntimeError(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
+            self._accept(claimed)
+            claimed_count += len(claimed.requests)
+            if not claimed.one_by_one and len(claimed.requests) + len(claimed.gave_up) >= len(todo):
+                break  # every id was claimed at once: nothing is left to claim
+        self._wait_for_room()
+        return claimed_count
+
+    def _accept(self, claimed: Claim) -> None:
+        if claimed.one_by_one:
+            log.info("job %d: request %d was started before without finishing; generating it alone", claimed.job_id, claimed.requests[0].id)
+        now = utcnow()
+        held = self._held_of(claimed, now)
+        _observe_queue_wait(self.model, claimed, now)
+        metrics.BATCH_SIZE.labels(self.model).observe(len(held))
+        with self._lock:
+            for h in held:
+                self._held[h.request.id] = h
+            self._inbox.append(Work(claimed.job_id, held, alone=claimed.one_by_one))
+            self._lock.notify_all()
+
+    @staticmethod
+    def _held_of(claimed: Claim, now: datetime) -> list[Held]:
+        return [
+            Held(claimed.job_id, r, GenerationRequest(params=resolve_params(claimed.defaults, r.params or {}), prompt=r.prompt, messages=r.messages), now)
+            for r in claimed.requests
+        ]
+
+    def _wait_for_room(self) -> None:
+        with self._lock:
+            while not self._stopping and self._backlog() >= self.room_below:
+                self._lock.wait(timeout=1.0)
+
+    def _backlog(self) -> int:
+        """Requests claimed and not running yet (in the inbox or waiting in the engine)."""
+        return self.engine.waiting_rows + sum(len(w.held) + len(w.reclaim) for w in self._inbox)
+
+    # --- the whole worker ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._threads:
+                return
+            for target, name in ((self._engine_loop, "bulkgen-engine"), (self._record_loop, "bulkgen-recorder"), (self._lease_loop, "bulkgen-lease")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until everything claimed is recorded (or handed back); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._held or self._inbox:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(timeout=1.0 if left is None else min(1.0, left))
+        return True
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish and record everything held, then stop the threads (the process is about to exit)."""
+        if self._threads:
+            held = len(self._held)
+            if held:
+                log.info("finishing the %d requests this worker holds before it exits", held)
+            self.wait_idle(timeout)
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+
+    @property
+    def held_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._held)
+
+    # --- the engine thread -----------------------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        while True:
+            try:
+                if not self._engine_turn():
+                    return
+            except Exception as exc:  # the engine failed on its batch: each request is tried again, alone
+                self._hand_back_all(exc)
+
+    def _engine_turn(self) -> bool:
+        """Admit what the inbox allows, run one engine step, pass on what finished; False when stopping."""
+        with self._lock:
+            while not self._stopping and not self._admissible() and self.engine.idle:
+                self._lock.wait(timeout=1.0)
+            if self._stopping:
+                return False
+            work = self._take_admissible()
+        for item in work:
+            if item.reclaim:
+                self._reclaim(item)
+                continue
+            _test_faults_before_generation(item.held)
+            mark, now = self._occupancy, utcnow()
+            for h in item.held:
+                h.occupancy_mark, h.started_at = mark, now
+                self.engine.submit(h.request.id, h.generation)
+        if not self.engine.idle:
+            self._step()
+        return True
+
+    def _step(self) -> None:
+        results = self.engine.step()
+        finished_at = utcnow()
+        with self._lock:
+            for key, result in results:
+                h = self._held.get(int(key))  # type: ignore[call-overload]
+                if h is not None:
+                    self._outbox.append((h, result, finished_at, self._seconds(h, finished_at)))
+            if self._alone_running and self.engine.idle:
+                self._alone_running = False
+            self._lock.notify_all()  # results for the recorder, and room for the task perhaps
+
+    def _admissible(self) -> bool:
+        if not self._inbox or self._alone_running:
+            return False
+        head = self._inbox[0]
+        return not (head.alone or head.reclaim) or self.engine.idle
+
+    def _take_admissible(self) -> list[Work]:
+        """Inbox items the engine may take now: claims until one that must run alone (taken only when the engine
+        is idle, and then by itself)."""
+        taken: list[Work] = []
+        while self._inbox and not self._alone_running:
+            head = self._inbox[0]
+            if head.alone or head.reclaim:
+                if taken or not self.engine.idle:
+                    break
+                if head.reclaim:  # stays in the inbox until _reclaim replaces it: the worker is never seen idle
+                    taken.append(head)
+                    break
+                taken.append(self._inbox.popleft())
+                self._alone_running = True
+                break
+            taken.append(self._inbox.popleft())
+        return taken
+
+    def _reclaim(self, item: Work) -> None:
+        """Claim the first of the handed-back ids again, to run alone; the rest wait behind it."""
+        from workers.runner import with_db_retry
+
+        first, rest = item.reclaim[0], item.reclaim[1:]
+
+        def claim() -> Claim | None:
+            with self.sessions() as session:
+                return claim_requests(session, item.job_id, [first], self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts)
+
+        claimed = with_db_retry(claim)
+        if claimed is not None and claimed.gave_up:
+            log.warning("job %d: gave up on request %s after %d attempts", item.job_id, claimed.gave_up, self.settings.max_attempts)
+        with self._lock:
+            self._inbox.remove(item)
+            if rest:
+                self._inbox.appendleft(Work(item.job_id, reclaim=rest))
+            if claimed is not None and claimed.requests:
+                held = self._held_of(claimed, utcnow())
+                for h in held:
+                    self._held[h.request.id] = h
+                self._inbox.appendleft(Work(claimed.job_id, held, alone=True))
+            self._lock.notify_all()
+
+    def _hand_back_all(self, exc: Exception) -> None:
+        """The engine raised: every request it holds goes back to queued (attempts counted), to be claimed again
+        one by one by this worker."""
+        keys = set(self.engine.clear())
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        by_job: dict[int, list[int]] = {}
+        with self._lock:
+            back = [self._held.pop(int(k)) for k in keys if int(k) in self._held]  # type: ignore[call-overload]
+            self._alone_running = False
+            for h in back:
+                by_job.setdefault(h.job_id, []).append(h.request.id)
+            for job_id, ids in by_job.items():  # claimed again only after the release below (this thread does both)
+                self._inbox.appendleft(Work(job_id, reclaim=sorted(ids)))
+            self._lock.notify_all()
+        log.error("generating %d requests failed (%s); they are handed back and tried again one by one", len(back), reason, exc_info=exc)
+        for job_id, ids in by_job.items():
+            self._release(ids, reason)
+
+    def _release(self, ids: list[int], reason: str) -> None:
+        from workers.runner import TransientError, with_db_retry
+
+        def release() -> None:
+            with self.sessions() as session:
+                release_requests(session, ids, self.worker, reason)
+
+        try:
+            with_db_retry(release, within_s=60)
+        except TransientError:  # their leases lapse and the reconciler takes them back instead
+            log.warning("could not hand back requests %s; their leases will lapse", ids)
+
+    # --- occupancy -----------------------------------------------------------------------------------
+
+    def _observe_step(self, running: int, slots: int) -> None:
+        occupancy = running / max(1, slots)
+        total, steps = self._occupancy
+        self._occupancy = (total + occupancy, steps + 1)
+        metrics.RUNNING_ROWS.labels(self.model).set(running)
+        metrics.OCCUPANCY.labels(self.model).observe(occupancy)
+
+    @staticmethod
+    def _seconds(h: Held, finished_at: datetime) -> float:
+        """From entering the engine to its last row finishing."""
+        started = _as_utc(h.started_at or h.claimed_at)
+        return max(0.0, (finished_at - started).total_seconds()) if started is not None else 0.0
+
+    def _mean_occupancy(self, h: Held) -> float | None:
+        total, steps = self._occupancy
+        then_total, then_steps = h.occupancy_mark
+        return round((total - then_total) / (steps - then_steps), 4) if steps > then_steps else None
+
+    # --- the recorder thread ---------------------------------------------------------------------
+
+    def _record_loop(self) -> None:
+        from workers.runner import TransientError, with_db_retry
+
+        while True:
+            with self._lock:
+                while not self._stopping and not self._outbox:
+                    self._lock.wait(timeout=1.0)
+                if self._stopping and not self._outbox:
+                    return
+                batch, self._outbox = self._outbox, []
+            by_job: dict[int, list[Outcome]] = {}
+            for h, result, finished_at, seconds in batch:
+                by_job.setdefault(h.job_id, []).append(self._outcome(h, result, finished_at, seconds))
+            for job_id, outcomes in by_job.items():
+
+                def record(job_id: int = job_id, outcomes: list[Outcome] = outcomes) -> None:
+                    with self.sessions() as session:
+                        record_outcomes(session, job_id, outcomes)
+
+                while True:
+                    try:
+                        with_db_retry(record)
+                        break
+                    except TransientError:  # keep the results and keep trying: the first write still wins
+                        log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id, len(outcomes))
+                _count_outcomes(self.model, outcomes)
+                _test_crash_after_commit(outcomes)
+            with self._lock:
+                for h, *_ in batch:
+                    self._held.pop(h.request.id, None)
+                self._lock.notify_all()
+
+    def _outcome(self, h: Held, result: GenerationResult, finished_at: datetime, seconds: float) -> Outcome:
+        if result.error is not None:
+            return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, error=result.error)
+        occupancy = self._mean_occupancy(h)
+        rows = []
+        for index, sample in enumerate(result.samples):
+            params = h.generation.params.to_dict() | {"seed": sample.seed}
+            rows.append(
+                {
+                    "request_id": h.request.id,
+                    "job_id": h.job_id,
+                    "sample_index": index,
+                    "text": sample.text,
+                    "finish_reason": sample.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": sample.completion_tokens,
+                    "params": params,
+                    "seed": sample.seed,
+                    "model": self.model,
+                    "dtype": self.engine.dtype,
+                    "quantization": self.engine.quantize,
+                    "worker_host": self.worker,
+                    "device": self.device,
+                    "started_at": h.started_at or h.claimed_at,
+                    "finished_at": finished_at,
+                    "generation_seconds": seconds,
+                    "logprobs": sample.logprobs,
+                    "batch_occupancy": occupancy,
+                }
+            )
+        metrics.GENERATION.labels(self.model).observe(seconds)
+        return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, results=rows)
+
+    # --- the lease keeper ------------------------------------------------------------------------
+
+    def _lease_loop(self) -> None:
+        every_s = max(0.5, self.settings.lease_s / 4)
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stopping, timeout=every_s)
+                if self._stopping:
+                    return
+                ids = list(self._held)
+            for start in range(0, len(ids), RENEW_CHUNK):
+                chunk = ids[start : start + RENEW_CHUNK]
+                try:
+                    with self.sessions() as session:
+                        renew_leases(session, chunk, self.worker, self.settings.lease_s)
+                except Exception as exc:  # the store is down: the lease may lapse, and the work is then redone
+                    log.warning("cannot renew the lease of %d requests (%s)", len(chunk), type(exc).__name__)
+
+
+def _observe_queue_wait(model: str, claimed: Claim, now: datetime) -> None:
+    for request in claimed.requests:
+        since = _as_utc(request.enqueued_at or claimed.job_created_at)
+        if since is not None:
+            metrics.QUEUE_WAIT.labels(model).observe(max(0.0, (now - since).total_seconds()))
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:  # SQLite gives naive UTC datetimes back
+        return moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+def _count_outcomes(model: str, outcomes: list[Outcome]) -> None:
+    for outcome in outcomes:
+        if outcome.error is not None:
+            metrics.REQUESTS.labels(model, "failed").inc()
+            continue
+        metrics.REQUESTS.labels(model, "done").inc()
+        metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+        metrics.TOKENS.labels(model).inc(sum(row["completion_tokens"] for row in outcome.results))
+
+
+# --- test-only fault hooks (tests/faults/, docs/reliability.md) ----------------------------------
+# Each is inert unless its BULKGEN_TEST_* environment variable is set; none is set in production.
+
+def _test_faults_before_generation(held: list[Held]) -> None:
+    """BULKGEN_TEST_POISON=TEXT: a request whose prompt holds TEXT kills its worker process (SIGKILL) when it
+    enters the engine, as a request that crashes the runtime or runs it out of memory would.
+    BULKGEN_TEST_DELAY_PER_REQUEST_S=S: each request takes S seconds longer (the stand-in engine is instant).
+    """
+    poison = os.environ.get("BULKGEN_TEST_POISON")
+    if poison and any(poison in (h.request.prompt or "") for h in held):
+        log.error("BULKGEN_TEST_POISON: request in %s kills this worker process", [h.request.id for h in held])
+        os.kill(os.getpid(), signal.SIGKILL)
+    delay = float(os.environ.get("BULKGEN_TEST_DELAY_PER_REQUEST_S") or 0)
+    if delay:
+        time.sleep(delay * len(held))
+
+
+def _test_crash_after_commit(outcomes: list[Outcome]) -> None:
+    """BULKGEN_TEST_CRASH_AFTER_COMMIT=PATH: the first worker (fleet-wide) to commit results writes the rows
+    it committed to PATH and kills its own process (with its messages, acknowledged or not, in flight)."""
+    path = os.environ.get("BULKGEN_TEST_CRASH_AFTER_COMMIT")
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    rows = [
+        {"request_id": row["request_id"], "sample_index": row["sample_index"], "text": row["text"], "seed": row["seed"]}
+        for outcome in outcomes
+        for row in outcome.results
+    ]
+    with os.fdopen(fd, "w") as out:
+        json.dump({"pid": os.getpid(), "rows": rows}, out)
+    log.error("BULKGEN_TEST_CRASH_AFTER_COMMIT: killing this worker process after its commit")
+    os.kill(os.getpid(), signal.SIGKILL)
