@@ -13,6 +13,7 @@ Each writes one JSON object to --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -43,6 +44,9 @@ from bench.workload import (
 )
 
 STATIC_BATCH = 64
+FLEET_REQUESTS = 2000
+FLEET_NEW_TOKENS = 24
+"""The fleet run: requests, each with this max_new_tokens (short, so that 2,000 requests take minutes)."""
 
 
 def load_reference(path: Path):  # type: ignore[no-untyped-def]
@@ -158,11 +162,15 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
 
 
 def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path | None, make_reference: bool,
-                extras: bool = True) -> dict[str, Any]:
+                extras: bool = True, static: bool = False) -> dict[str, Any]:
+    """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
+    transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
     from workers.registry import resolve
 
     engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=64)
+    if static:
+        engine.runner = engine.scheduler = None
     return run_engine(engine, lines, reference, make_reference, extras)
 
 
@@ -200,14 +208,54 @@ def free_redis_db(base_url: str) -> str:
     raise RuntimeError(f"no empty Redis database on {base_url}")
 
 
-def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout: float) -> dict[str, Any]:
+def scrape_occupancy(port: int) -> tuple[float, float]:
+    """(sum, count) of a worker process's bulkgen_batch_occupancy histogram: (0, 0) while it serves nothing."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0, 0.0
+    total = sum(float(v) for v in re.findall(r"^bulkgen_batch_occupancy_sum\{[^}]*\} (\S+)$", text, re.M))
+    count = sum(float(v) for v in re.findall(r"^bulkgen_batch_occupancy_count\{[^}]*\} (\S+)$", text, re.M))
+    return total, count
+
+
+def occupancy_summary(timeline: list[tuple[float, int, float, float]], total: int) -> dict[str, Any]:
+    """From (seconds, requests done, occupancy sum, decode steps) samples summed over the worker processes: the
+    mean occupancy until the last 5% of requests, over the whole job, and per tenth of the job's requests."""
+    def mean_between(rows: list[tuple[float, int, float, float]]) -> float | None:
+        if len(rows) < 2 or rows[-1][3] <= rows[0][3]:
+            return None
+        return (rows[-1][2] - rows[0][2]) / (rows[-1][3] - rows[0][3])
+
+    until = [row for row in timeline if row[1] < 0.95 * total]
+    if until and until[-1] is not timeline[-1]:
+        until.append(timeline[len(until)])  # through the sample where the 95% mark was passed
+    tenths = []
+    for k in range(10):
+        rows = [row for row in timeline if k * total / 10 <= row[1] <= (k + 1) * total / 10]
+        tenths.append(None if mean_between(rows) is None else round(mean_between(rows), 3))  # type: ignore[arg-type]
+    return {
+        "until_last_5pct": None if mean_between(until) is None else round(mean_between(until), 3),  # type: ignore[arg-type]
+        "whole_job": None if mean_between(timeline) is None else round(mean_between(timeline), 3),  # type: ignore[arg-type]
+        "per_tenth_of_requests": tenths,
+    }
+
+
+def pipeline_mode(
+    prompts: Path, dtype: str, quantize: str, broker: str, timeout: float, processes: int = 1
+) -> dict[str, Any]:
+    """submit -> Redis -> `workers start --concurrency processes` -> SQLite, from the submit to the last result;
+    each pool process's occupancy scraped from its metrics endpoint twice a second."""
     import redis
 
     broker_url = free_redis_db(broker)
     tmp = Path(tempfile.mkdtemp(prefix="bulkgen-bench-"))
     database = tmp / "store.db"
+    metrics_port = free_port_block(processes)
     env = dict(os.environ, BULKGEN_DATABASE_URL=f"sqlite:///{database}", BULKGEN_BROKER_URL=broker_url,
-               BULKGEN_MODEL=MODEL, BULKGEN_DTYPE=dtype, BULKGEN_QUANTIZE=quantize, BULKGEN_METRICS_PORT="0",
+               BULKGEN_MODEL=MODEL, BULKGEN_DTYPE=dtype, BULKGEN_QUANTIZE=quantize, BULKGEN_METRICS_PORT=str(metrics_port),
                BULKGEN_RECONCILE_INTERVAL_S="0", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     def cli(module: str) -> list[str]:
         return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
@@ -215,7 +263,7 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
     subprocess.run([*cli("producer.cli"), "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
     log_path = tmp / "worker.log"
     log = log_path.open("w")
-    worker = subprocess.Popen([*cli("workers.cli"), "start", "--concurrency", "1"], env=env, cwd=ROOT,
+    worker = subprocess.Popen([*cli("workers.cli"), "start", "--concurrency", str(processes)], env=env, cwd=ROOT,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     peak = [0.0]
     stop = threading.Event()
@@ -229,7 +277,7 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
     watcher.start()
     try:
         deadline = time.monotonic() + 900
-        while not ("loaded model" in log_path.read_text() and " ready." in log_path.read_text()):
+        while not (log_path.read_text().count("loaded model") >= processes and " ready." in log_path.read_text()):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
@@ -239,9 +287,15 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
         job = int(submitted.stdout.strip().splitlines()[-1])
         submit_seconds = time.perf_counter() - started
         store = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        timeline: list[tuple[float, int, float, float]] = []
+        last_scrape = 0.0
         while True:
-            status, done, tokens = store.execute(
-                "SELECT status, done_count, completion_tokens FROM jobs WHERE id = ?", (job,)).fetchone()
+            status, done, tokens, total = store.execute(
+                "SELECT status, done_count, completion_tokens, total_requests FROM jobs WHERE id = ?", (job,)).fetchone()
+            if time.perf_counter() - last_scrape >= 0.5 or status in ("completed", "failed", "cancelled"):
+                last_scrape = time.perf_counter()
+                scraped = [scrape_occupancy(metrics_port + i) for i in range(processes)]
+                timeline.append((round(last_scrape - started, 2), done, sum(a for a, _ in scraped), sum(b for _, b in scraped)))
             if status in ("completed", "failed", "cancelled"):
                 break
             if worker.poll() is not None or time.perf_counter() - started > timeout:
@@ -270,7 +324,32 @@ def pipeline_mode(prompts: Path, dtype: str, quantize: str, broker: str, timeout
         client.close()
     return dict(requests=done, tokens=tokens, seconds=seconds, cpu_seconds=cpu, submit_seconds=submit_seconds, failed=failed,
                 status=status, precision=dtype, quantize=quantize, rss_mib=peak[0], recorded=[list(p) for p in precisions],
-                message_seconds=message_seconds)
+                message_seconds=message_seconds, processes=processes, occupancy=occupancy_summary(timeline, total))
+
+
+def free_port_block(count: int) -> int:
+    """A port p such that p .. p + count - 1 are free now (each pool process serves its metrics on p + index)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65536:
+            continue
+        try:
+            sockets = []
+            for offset in range(count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", base + offset))
+                sockets.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 # --- GPU and matmul rates -----------------------------------------------------------------------------------------
@@ -361,7 +440,7 @@ def gpu_mode(lines: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["naive", "static", "engine", "aodynamic", "pipeline", "gpu", "matmul"])
+    parser.add_argument("kind", choices=["naive", "static", "engine", "aodynamic", "pipeline", "fleet", "gpu", "matmul"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompts", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=None, help="Only the first N requests.")
@@ -370,6 +449,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="The quality guard's text (JSON); written when --make-reference.")
     parser.add_argument("--make-reference", action="store_true")
     parser.add_argument("--timing-only", action="store_true", help="engine: the timed run only (no profile, no quality guard)")
+    parser.add_argument("--static", action="store_true", help="engine: the static-batch path of non-Llama architectures")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379")
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
@@ -379,7 +459,7 @@ def main() -> None:
     elif args.kind == "static":
         result = hf_generate(lines, STATIC_BATCH, "float32")
     elif args.kind == "engine":
-        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only)
+        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only, args.static)
     elif args.kind == "aodynamic":
         result = aodynamic_mode(lines, args.reference)
     elif args.kind == "pipeline":
@@ -388,6 +468,13 @@ def main() -> None:
             prompts = Path(tempfile.mkdtemp(prefix="bulkgen-bench-")) / "prompts.jsonl"
             prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
         result = pipeline_mode(prompts, args.dtype, args.quantize, args.broker, args.timeout)
+    elif args.kind == "fleet":
+        # FLEET_REQUESTS requests (the workload's lines over and over, FLEET_NEW_TOKENS new tokens each) on two
+        # pool processes of one thread each: occupancy across a job of many messages per worker
+        many = [dict(line, max_new_tokens=FLEET_NEW_TOKENS) for line in itertools.islice(itertools.cycle(lines), FLEET_REQUESTS)]
+        prompts = Path(tempfile.mkdtemp(prefix="bulkgen-bench-")) / "fleet.jsonl"
+        prompts.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "custom_id"}) + "\n" for line in many))
+        result = pipeline_mode(prompts, args.dtype, args.quantize, args.broker, args.timeout, processes=2)
     elif args.kind == "gpu":
         result = gpu_mode(lines)
     else:

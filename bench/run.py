@@ -34,8 +34,10 @@ TARGETS = {
     "fp32": 1.5,  # engine float32 vs (b)
     "best": 3.0,  # fastest engine mode passing the quality guard vs (b)
     "naive": 25.0,  # engine vs (a)
-    "pipeline": 0.9,  # (d) vs (c) in the same mode
+    "pipeline": 0.97,  # (d) vs (c) in the same mode
+    "occupancy": 0.9,  # share of the batch's slots busy until the last 5% of requests, in (d) and in the fleet run
 }
+FLEET = "fleet"
 
 
 def child(kind: str, out_dir: Path, prompts: Path, *extra: str, requests: int | None = None, timeout: float = 7200) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
     base_ppl = results.get("engine float32", {}).get("perplexity")
     rows = []
     for key, result in results.items():
-        if key in ("matmul", "gpu") or not result:
+        if key in ("matmul", "gpu", FLEET) or not result:
             continue
         if "error" in result:
             rows.append([key] + ["–"] * (len(HEADER) - 2) + [f"error: {result['error']}"])
@@ -178,7 +180,12 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
         add("pipeline", f"pipeline (d) ≥ {TARGETS['pipeline']}× engine (c), same mode ({same[7:]})", r, TARGETS["pipeline"],
             f"{fmt(r, '.2f')}× ({fmt(rate(d), '.0f')} tokens/s against "
             f"{'the mean of (c) before and after it: ' if len(engine_rates) == 2 else '(c): '}{runs})")
-    rss = {k: v["rss_mib"] for k, v in results.items() if k.startswith(("engine", "pipeline")) and v.get("rss_mib")}
+    for key in (pipeline_key, FLEET):
+        occupancy = (results.get(key or "", {}) or {}).get("occupancy", {}).get("until_last_5pct")
+        if key and key in results:
+            add("occupancy", f"{key}: batch slots busy until the last 5% of requests ≥ {TARGETS['occupancy']:.0%}", occupancy,
+                TARGETS["occupancy"], fmt(None if occupancy is None else occupancy * 100, ".1f", "%"))
+    rss = {k: v["rss_mib"] for k, v in results.items() if k.startswith(("engine", "pipeline", FLEET)) and v.get("rss_mib")}
     worst = max(rss.items(), key=lambda kv: kv[1]) if rss else None
     out.append(("rss", f"worker peak RSS ≤ {RSS_LIMIT_MIB / 1024:.0f} GiB", None if worst is None else worst[1] <= RSS_LIMIT_MIB,
                 "–" if worst is None else f"largest {worst[1]:.0f} MiB ({worst[0]})"))
@@ -241,20 +248,18 @@ def analysis(results: dict[str, dict[str, Any]], verdicts: list[tuple[str, str, 
         ]
     pipeline = next((v for k, v in results.items() if k.startswith("pipeline")), {})
     if pipeline and rate(pipeline):
-        messages = pipeline.get("message_seconds") or []
         verdict = ("missed in this run" if "pipeline" in missed else
                    "met in this run; the margin is worth reading against the drift between the two (c) runs")
+        occupancy = pipeline.get("occupancy", {})
         lines += [
-            f"- **(d) vs (c)** ({verdict}): the pipeline's own work is small: py-spy on the worker's pool process during a (d) run",
-            "  (2026-11-26, `py-spy record -p <pool pid>`) put 99.9% of its samples inside `Engine.generate` (claims,",
-            "  result writes, Celery and the lease thread under 0.1%); `producer submit` took "
-            f"{fmt(pipeline.get('submit_seconds'), '.1f')} s of this run. The rest of the gap is",
-            "  scheduling: the worker runs one `engine.generate` per queue message (BULKGEN_IDS_PER_MESSAGE requests),",
-            f"  {'here ' + str(len(messages)) + ' message(s) taking ' + ' + '.join(f'{x:.1f}' for x in messages) + ' s' if messages else 'so several per job'}, and each ends with a tail in which its last rows",
-            "  decode in an ever smaller batch while the next message waits. What would move it: a runner that keeps",
-            "  the engine fed across messages (claim the job's next queued requests while the current batch decodes",
-            "  and admit them as rows finish, writing results as they finish), so a worker's batch only drains at",
-            "  the end of the job.",
+            f"- **(d) vs (c)** ({verdict}): the worker keeps its engine's batch full across queue messages (workers/worker.py:",
+            "  the task claims a message and returns once less than a quarter of a batch waits; the engine thread admits",
+            "  the new rows as running rows finish), so the batch drains only when the queue is empty. Slots busy until the",
+            f"  last 5% of requests: {fmt(_pct(occupancy.get('until_last_5pct')), '.1f', '%')}; over the whole job, tail included:",
+            f"  {fmt(_pct(occupancy.get('whole_job')), '.1f', '%')}. What is left between (d) and (c): `producer submit` "
+            f"({fmt(pipeline.get('submit_seconds'), '.1f')} s of this run, while",
+            "  the worker already generates), the model's first rows waiting for the first message, result writes",
+            "  (a thread of their own) and the job's tail, which (c) has too.",
         ]
     if "rss" in missed:
         lines += [
@@ -263,6 +268,31 @@ def analysis(results: dict[str, dict[str, Any]], verdicts: list[tuple[str, str, 
             "  What would move it: a smaller --batch-size (the cache shrinks with it), bfloat16, or int8 weights.",
         ]
     return lines
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else value * 100
+
+
+def occupancy_section(results: dict[str, dict[str, Any]], pipeline_key: str | None) -> list[str]:
+    """Batch occupancy (running rows / the rows the KV cache allows, per decode step, from each pool process's
+    bulkgen_batch_occupancy histogram scraped twice a second) across the job, by tenths of its requests."""
+    runs = [(key, results[key]) for key in (pipeline_key, FLEET) if key and results.get(key, {}).get("occupancy")]
+    if not runs:
+        return []
+    lines = ["## Batch occupancy across a job", "",
+             "Running rows over the rows the KV cache allows, averaged over the decode steps in which each tenth of the job's",
+             "requests finished (from the workers' own `bulkgen_batch_occupancy` histograms, scraped twice a second).",
+             f"The fleet run: {results.get(FLEET, {}).get('requests', '?')} requests (the workload's lines over and over, 24 new tokens each)",
+             "on one `workers start --concurrency 2` (two pool processes, one thread each), 128 ids per message.", ""]
+    header = ["run", "processes", "requests", "tokens/s", "until the last 5%", "whole job"] + [f"{10 * k}-{10 * k + 10}%" for k in range(10)]
+    rows = []
+    for key, result in runs:
+        occupancy = result["occupancy"]
+        rows.append([key, str(result.get("processes", 1)), str(result.get("requests", "–")), fmt(rate(result)),
+                     fmt(_pct(occupancy.get("until_last_5pct")), ".1f", "%"), fmt(_pct(occupancy.get("whole_job")), ".1f", "%")]
+                    + [fmt(_pct(v), ".0f", "%") for v in occupancy.get("per_tenth_of_requests", [])])
+    return [*lines, markdown_table(header, rows), ""]
 
 
 DETERMINISM = """\
@@ -329,6 +359,7 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
                   "token: 2 x the Linear weights, LM head included):", ""]
         lines += [f"- {name}: {g:.0f} GFLOP/s = {g / per_token:.0f} tokens/s" for name, g in matmul["gflops"].items()]
         lines.append("")
+    lines += occupancy_section(results, pipeline_key)
     lines += ["## What bounds each figure, and what would move it", "", *analysis(results, verdicts, best), ""]
     lines += ["## Seeded sampling and batches", "", DETERMINISM, ""]
     gpu = results.get("gpu", {})
@@ -356,7 +387,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, aodynamic, pipeline, matmul, gpu (comma-separated).")
+                        "naive, static, static-path, aodynamic, pipeline, fleet, matmul, gpu (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -382,13 +413,16 @@ def main() -> None:
             extra.append("--make-reference")
         results["engine " + mode_name(dtype, quantize)] = child("engine", tmp, prompts, *extra, requests=args.requests)
     skip = set(filter(None, args.skip.split(",")))
+    if "static-path" not in skip:  # what architectures workers.llama does not run get: static batches, same sampling
+        results["engine float32, static-batch path"] = child(
+            "engine", tmp, prompts, "--dtype", "float32", "--static", "--timing-only", requests=args.requests)
     if "aodynamic" not in skip:
         results["engine int8 torch.ao dynamic"] = child("aodynamic", tmp, prompts, "--reference", str(reference), requests=args.requests)
     results["naive"] = {} if "naive" in skip else child(
         "naive", tmp, prompts, requests=min(args.naive_requests, args.requests or args.naive_requests))
     results["static"] = {} if "static" in skip else child("static", tmp, prompts, requests=args.requests)
     base = results["engine float32"].get("perplexity")
-    offered = {k: v for k, v in results.items() if k.startswith("engine ") and "torch.ao" not in k and rate(v)}
+    offered = {k: v for k, v in results.items() if k.startswith("engine ") and "torch.ao" not in k and "static" not in k and rate(v)}
     passing = {k: v for k, v in offered.items() if k == "engine float32" or passes_guard(v, base)}
     best = max(passing, key=lambda k: rate(passing[k])) if passing else None  # type: ignore[arg-type,return-value]
     pipeline_key = None
@@ -401,6 +435,9 @@ def main() -> None:
         # is compared with the mean of the (c) runs before and after it
         results[best + AGAIN] = child("engine", tmp, prompts, "--dtype", d["precision"], "--quantize", d["quantize"],
                                       "--timing-only", requests=args.requests)
+    if "fleet" not in skip and best:
+        d = results[best]
+        results[FLEET] = child("fleet", tmp, prompts, "--dtype", d["precision"], "--quantize", d["quantize"], "--broker", args.broker)
     results["matmul"] = {} if "matmul" in skip else child("matmul", tmp, prompts)
     results["gpu"] = {"skipped": "--skip gpu"} if "gpu" in skip else child("gpu", tmp, prompts, requests=args.requests)
     wall = time.perf_counter() - started

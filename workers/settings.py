@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 3 * 3600
     """Redis hands an unacknowledged message to another worker after this long; every time limit stays below it."""
     task_soft_time_limit_s: int = 2 * 3600
-    """A batch still generating after this long hands its requests back (they are retried one by one)."""
+    """A task (claiming a message, then waiting for room in the batch) still running after this long stops."""
     task_time_limit_s: int = 2 * 3600 + 600
     """A pool process still busy after this long is killed (its requests come back through their lease)."""
     lease_s: int = 120

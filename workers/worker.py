@@ -15,9 +15,9 @@ held by this worker under a lease it renews. From then on the lease, not the bro
 worker killed at any moment leaves its requests running under a lease that lapses, and the reconciler puts
 them back on the queue; nothing is lost, and the first write of a result wins, so nothing is written twice.
 
-A request started before (its claim says one_by_one) runs alone: the engine finishes what it runs, takes
-nothing else meanwhile, and only then admits it, so that a request that kills its worker takes no other
-request with it. When the engine raises, every request it holds is handed back and each is claimed again,
+A request started before (its claim says one_by_one) runs alone: the worker finishes and records everything
+it holds, takes nothing else meanwhile, and only then admits it; the next such request is claimed only once
+this one is recorded. So a request that kills its worker takes no other request, and no other attempt, with it. When the engine raises, every request it holds is handed back and each is claimed again,
 alone; the one that keeps failing ends failed after max_attempts.
 """
 from __future__ import annotations
@@ -157,6 +157,7 @@ class Worker:
         self._held: dict[int, Held] = {}
         self._outbox: list[tuple[Held, GenerationResult, datetime, float]] = []
         self._alone_running = False
+        self._recording = False
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._occupancy = (0.0, 0)
@@ -192,6 +193,8 @@ class Worker:
                 raise RuntimeError(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
             self._accept(claimed)
             claimed_count += len(claimed.requests)
+            if claimed.one_by_one:  # claim the next one only once this one is recorded: a request waiting
+                self._wait_recorded([r.id for r in claimed.requests])  # behind a poison would lose attempts to it
             if not claimed.one_by_one and len(claimed.requests) + len(claimed.gave_up) >= len(todo):
                 break  # every id was claimed at once: nothing is left to claim
         self._wait_for_room()
@@ -216,6 +219,11 @@ class Worker:
             Held(claimed.job_id, r, GenerationRequest(params=resolve_params(claimed.defaults, r.params or {}), prompt=r.prompt, messages=r.messages), now)
             for r in claimed.requests
         ]
+
+    def _wait_recorded(self, ids: list[int]) -> None:
+        with self._lock:
+            while not self._stopping and any(i in self._held for i in ids):
+                self._lock.wait(timeout=1.0)
 
     def _wait_for_room(self) -> None:
         with self._lock:
@@ -314,7 +322,11 @@ class Worker:
         if not self._inbox or self._alone_running:
             return False
         head = self._inbox[0]
-        return not (head.alone or head.reclaim) or self.engine.idle
+        return not (head.alone or head.reclaim) or self._settled()
+
+    def _settled(self) -> bool:
+        """Nothing generating and nothing waiting to be recorded: what runs alone now can take nothing with it."""
+        return self.engine.idle and not self._outbox and not self._recording
 
     def _take_admissible(self) -> list[Work]:
         """Inbox items the engine may take now: claims until one that must run alone (taken only when the engine
@@ -323,7 +335,7 @@ class Worker:
         while self._inbox and not self._alone_running:
             head = self._inbox[0]
             if head.alone or head.reclaim:
-                if taken or not self.engine.idle:
+                if taken or not self._settled():
                     break
                 if head.reclaim:  # stays in the inbox until _reclaim replaces it: the worker is never seen idle
                     taken.append(head)
@@ -420,6 +432,7 @@ class Worker:
                 if self._stopping and not self._outbox:
                     return
                 batch, self._outbox = self._outbox, []
+                self._recording = True
             by_job: dict[int, list[Outcome]] = {}
             for h, result, finished_at, seconds in batch:
                 by_job.setdefault(h.job_id, []).append(self._outcome(h, result, finished_at, seconds))
@@ -440,6 +453,7 @@ class Worker:
             with self._lock:
                 for h, *_ in batch:
                     self._held.pop(h.request.id, None)
+                self._recording = False
                 self._lock.notify_all()
 
     def _outcome(self, h: Held, result: GenerationResult, finished_at: datetime, seconds: float) -> Outcome:

@@ -54,6 +54,35 @@ def test_sigkill_a_worker_holding_a_batch(pg_url: str, broker_url: str, tmp_path
     assert redone and all(r["status"] == "done" and r["attempts"] >= 2 for r in redone), redone
 
 
+def test_sigkill_a_worker_holding_requests_of_several_messages(pg_url: str, broker_url: str, tmp_path: Path) -> None:
+    """1b. A worker keeps its batch full across messages (8 ids each here), so when it dies it holds requests of
+    several messages, most of them already acknowledged: their leases bring them back; nothing lost, nothing twice."""
+    env = fault_env(pg_url, broker_url)
+    lines = [{"prompt": f"Item {i}: a short story about", "seed": i} for i in range(240)]
+    job_id = submit(env, write_jsonl(tmp_path / "p.jsonl", lines), "--model", TINY, "--max-new-tokens", "32")
+    store = Store(pg_url)
+    fleet = Fleet(env, TINY, count=2, log_dir=tmp_path)
+    try:
+        wait_until(lambda: store.results(job_id) >= 10, 240, "results mid-job")
+
+        def holding_several() -> tuple[int, list[int]] | None:
+            victim, ids = freeze_holding(store, job_id, 60)
+            if len(ids) > int(env["BULKGEN_IDS_PER_MESSAGE"]):
+                return victim, ids
+            os.kill(victim, signal.SIGCONT)
+            return None
+
+        victim, victim_ids = wait_until(holding_several, 120, "a worker holding more than one message's requests")
+        os.kill(victim, signal.SIGKILL)
+        assert store.wait_status(job_id, 300) == "completed", fleet.logs()
+        assert fleet.alive(), "a worker's main process exited"
+    finally:
+        fleet.stop()
+    store.assert_exactly_once(job_id, len(lines))
+    redone = store.query(f"SELECT attempts, status FROM requests WHERE id IN ({in_list(victim_ids)})")
+    assert len(redone) == len(victim_ids) and all(r["status"] == "done" and r["attempts"] >= 2 for r in redone)
+
+
 def test_killed_after_commit_before_ack(pg_url: str, broker_url: str, tmp_path: Path) -> None:
     """8. A worker dies after committing a batch's results but before acknowledging its message: the
     message comes back, yet every (request, sample) has exactly one row and it is the first one written."""
