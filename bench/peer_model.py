@@ -48,6 +48,7 @@ def export(out: Path, model_name: str = SMOLLM2) -> Path:
         _check(tmp, template)
         if out.exists():
             shutil.rmtree(out)
+        tmp.chmod(0o755)  # mkdtemp made it private
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

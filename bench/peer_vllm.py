@@ -139,7 +139,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = cpu_seconds() - cpu
     return {
         "requests": len(outputs),
-        "tokens": sum(len(sample.token_ids) for output in outputs for sample in output.outputs),
+        # the answers' tokens, as our engine counts them: a final end-of-sequence token is not counted
+        "tokens": sum(
+            len(sample.token_ids) - (1 if sample.token_ids and sample.finish_reason == "stop" and sample.stop_reason is None else 0)
+            for output in outputs
+            for sample in output.outputs
+        ),
         "seconds": seconds,
         "cpu_seconds": cpu,
         "rss_mib": peak_rss_mib(),

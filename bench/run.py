@@ -38,6 +38,29 @@ TARGETS = {
     "occupancy": 0.9,  # share of the batch's slots busy until the last 5% of requests, in (d) and in the fleet run
 }
 FLEET = "fleet"
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+PEER_MODEL = ROOT / ".peers" / "smollm2-hf"
+PEER = "vLLM 0.32 CPU build (peer; seeds dropped)"
+PEER_TARGET = 1.5  # the engine's fastest mode vs vLLM's CPU build, same workload, same run (a goal)
+
+
+def peer_child(out_dir: Path, prompts: Path, requests: int | None, timeout: float = 3600) -> dict[str, Any]:
+    """vLLM's CPU build on the same workload, in its own venv (`make bench-peers`); {} when that venv is absent."""
+    if not (PEER_PYTHON.exists() and (PEER_MODEL / "config.json").is_file()):
+        return {"skipped": "no .venv-peers (run `make bench-peers` to create it)"}
+    out = out_dir / "peer-vllm.json"
+    command = [str(PEER_PYTHON), "-m", "bench.peer_vllm", "--model", str(PEER_MODEL), "--prompts", str(prompts), "--out", str(out)]
+    if requests is not None:
+        command += ["--requests", str(requests)]
+    print("[bench] vLLM CPU peer ...", file=sys.stderr, flush=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        print("\n".join(tail), file=sys.stderr)
+        return {"error": tail[-1] if tail else f"exit {done.returncode}"}
+    result = json.loads(out.read_text())
+    print(f"[bench]   done: {summary(result)}", file=sys.stderr, flush=True)
+    return result
 
 
 def child(kind: str, out_dir: Path, prompts: Path, *extra: str, requests: int | None = None, timeout: float = 7200) -> dict[str, Any]:
@@ -103,7 +126,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
     base_ppl = results.get("engine float32", {}).get("perplexity")
     rows = []
     for key, result in results.items():
-        if key in ("matmul", "gpu", FLEET) or not result:
+        if key in ("matmul", "gpu", FLEET) or not result or "skipped" in result:
             continue
         if "error" in result:
             rows.append([key] + ["–"] * (len(HEADER) - 2) + [f"error: {result['error']}"])
@@ -180,6 +203,11 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
         add("pipeline", f"pipeline (d) ≥ {TARGETS['pipeline']}× engine (c), same mode ({same[7:]})", r, TARGETS["pipeline"],
             f"{fmt(r, '.2f')}× ({fmt(rate(d), '.0f')} tokens/s against "
             f"{'the mean of (c) before and after it: ' if len(engine_rates) == 2 else '(c): '}{runs})")
+    peer = rate(results.get(PEER, {}))
+    if peer:
+        r = ratio(best_rate, peer)
+        add("peer", f"engine ({(best or '–')[7:]}) ≥ {PEER_TARGET}× vLLM's CPU build (a goal)", r, PEER_TARGET,
+            f"{fmt(r, '.2f')}× ({fmt(best_rate, '.0f')} against {peer:.0f} tokens/s; vLLM without the seeds, which crash its CPU build)")
     for key in (pipeline_key, FLEET):
         occupancy = (results.get(key or "", {}) or {}).get("occupancy", {}).get("until_last_5pct")
         if key and key in results:
@@ -387,7 +415,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, static-path, aodynamic, pipeline, fleet, matmul, gpu (comma-separated).")
+                        "naive, static, static-path, aodynamic, peer, pipeline, fleet, matmul, gpu (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -425,6 +453,8 @@ def main() -> None:
     offered = {k: v for k, v in results.items() if k.startswith("engine ") and "torch.ao" not in k and "static" not in k and rate(v)}
     passing = {k: v for k, v in offered.items() if k == "engine float32" or passes_guard(v, base)}
     best = max(passing, key=lambda k: rate(passing[k])) if passing else None  # type: ignore[arg-type,return-value]
+    if "peer" not in skip:
+        results[PEER] = peer_child(tmp, prompts, args.requests)
     pipeline_key = None
     if "pipeline" not in skip and best:
         d = results[best]
