@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from models.db import make_engine, session_factory, utcnow
 from models.tables import Job, Request, Result
+from producer.stats import collect
 from tests.test_engine import cache_dir, engine  # noqa: F401
 from tests.test_lifecycle import job_row, make_job, requests_of
 from workers.engine import Engine
@@ -69,6 +70,8 @@ def test_the_batch_stays_full_across_messages_and_every_result_is_written_once(t
     with session_factory(make_engine(sqlite_url))() as session:
         occupancy = session.scalars(select(Result.batch_occupancy).where(Result.job_id == job_id)).all()
     assert len(occupancy) == 48 and all(o is not None and 0 < o <= 1 for o in occupancy)
+    (per_worker,) = collect(make_engine(sqlite_url), job_id)["per_worker"]  # what `producer stats` shows
+    assert per_worker["worker"] == "test:1" and 0.5 < per_worker["mean_occupancy"] <= 1
 
 
 class Gate(StandInEngine):
