@@ -44,6 +44,9 @@ from bench.workload import (
 )
 
 STATIC_BATCH = 64
+BATCH_ROWS = 64
+"""The workers' batch size (BULKGEN_BATCH_SIZE's default): once fewer requests than this are left per process,
+its batch can only drain."""
 FLEET_REQUESTS = 2000
 FLEET_NEW_TOKENS = 24
 """The fleet run: requests, each with this max_new_tokens (short, so that 2,000 requests take minutes)."""
@@ -221,9 +224,10 @@ def scrape_occupancy(port: int) -> tuple[float, float]:
     return total, count
 
 
-def occupancy_summary(timeline: list[tuple[float, int, float, float]], total: int) -> dict[str, Any]:
+def occupancy_summary(timeline: list[tuple[float, int, float, float]], total: int, drain_from: int | None = None) -> dict[str, Any]:
     """From (seconds, requests done, occupancy sum, decode steps) samples summed over the worker processes: the
-    mean occupancy until the last 5% of requests, over the whole job, and per tenth of the job's requests."""
+    mean occupancy while requests still waited to join (until `drain_from` were done: from there on the last
+    batches can only drain), until the last 5% of requests, over the whole job, and per tenth of the requests."""
     def mean_between(rows: list[tuple[float, int, float, float]]) -> float | None:
         if len(rows) < 2 or rows[-1][3] <= rows[0][3]:
             return None
@@ -236,7 +240,9 @@ def occupancy_summary(timeline: list[tuple[float, int, float, float]], total: in
     for k in range(10):
         rows = [row for row in timeline if k * total / 10 <= row[1] <= (k + 1) * total / 10]
         tenths.append(None if mean_between(rows) is None else round(mean_between(rows), 3))  # type: ignore[arg-type]
+    waiting = [row for row in timeline if drain_from is not None and row[1] < drain_from]
     return {
+        "while_requests_waited": None if mean_between(waiting) is None else round(mean_between(waiting), 3),  # type: ignore[arg-type]
         "until_last_5pct": None if mean_between(until) is None else round(mean_between(until), 3),  # type: ignore[arg-type]
         "whole_job": None if mean_between(timeline) is None else round(mean_between(timeline), 3),  # type: ignore[arg-type]
         "per_tenth_of_requests": tenths,
@@ -324,7 +330,8 @@ def pipeline_mode(
         client.close()
     return dict(requests=done, tokens=tokens, seconds=seconds, cpu_seconds=cpu, submit_seconds=submit_seconds, failed=failed,
                 status=status, precision=dtype, quantize=quantize, rss_mib=peak[0], recorded=[list(p) for p in precisions],
-                message_seconds=message_seconds, processes=processes, occupancy=occupancy_summary(timeline, total))
+                message_seconds=message_seconds, processes=processes,
+                occupancy=occupancy_summary(timeline, total, drain_from=total - processes * BATCH_ROWS))
 
 
 def free_port_block(count: int) -> int:

@@ -12,15 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
+from workers.types import RANGES
+
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 16
-MAX_N = 128
-MAX_BEAMS = 64
 MAX_CUSTOM_ID = 512
 """The width of requests.custom_id in the store."""
-MAX_TOP_LOGPROBS = 20
-"""OpenAI's limit for chat `top_logprobs`."""
-SEED_LIMIT = 2**63
 
 _SHOW_LIMIT = 40
 _SAMPLING_OFF = {"temperature": 0, "top_p": 1, "top_k": 0}
@@ -101,17 +98,17 @@ def _stop_count(value: list[str]) -> list[str]:
     return value
 
 
-MaxNewTokens = Annotated[int, _check(lambda v: v >= 1, ">= 1")]
-Temperature = Annotated[float, _check(lambda v: v >= 0, ">= 0")]
-TopP = Annotated[float, _check(lambda v: 0 < v <= 1, "in (0, 1]")]
-TopK = Annotated[int, _check(lambda v: v >= 0, ">= 0 (0 turns top-k off)")]
-Seed = Annotated[int, _check(lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**63)")]
-Penalty = Annotated[float, _check(lambda v: -2 <= v <= 2, "in [-2, 2]")]
+MaxNewTokens = Annotated[int, _check(*RANGES["max_new_tokens"])]
+Temperature = Annotated[float, _check(*RANGES["temperature"])]
+TopP = Annotated[float, _check(*RANGES["top_p"])]
+TopK = Annotated[int, _check(*RANGES["top_k"])]
+Seed = Annotated[int, _check(*RANGES["seed"])]
+Penalty = Annotated[float, _check(*RANGES["frequency_penalty"])]
 """frequency_penalty and presence_penalty, with OpenAI's range and meaning (0 = off)."""
-TopLogprobs = Annotated[int, _check(lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]")]
-N = Annotated[int, _check(lambda v: 1 <= v <= MAX_N, f"in [1, {MAX_N}]")]
-NumBeams = Annotated[int, _check(lambda v: 1 <= v <= MAX_BEAMS, f"in [1, {MAX_BEAMS}]")]
-RepetitionPenalty = Annotated[float, _check(lambda v: v > 0, "> 0")]
+TopLogprobs = Annotated[int, _check(*RANGES["top_logprobs"])]
+N = Annotated[int, _check(*RANGES["n"])]
+NumBeams = Annotated[int, _check(*RANGES["num_beams"])]
+RepetitionPenalty = Annotated[float, _check(*RANGES["repetition_penalty"])]
 StopString = Annotated[str, AfterValidator(_not_empty)]
 Stop = Annotated[list[StopString], BeforeValidator(_stop_as_list), AfterValidator(_stop_count)]
 CustomId = Annotated[str, AfterValidator(_not_empty), _at_most_chars(MAX_CUSTOM_ID)]

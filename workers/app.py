@@ -28,9 +28,9 @@ def make_app(broker_url: str | None = None, settings: Settings | None = None) ->
         accept_content=["json"],  # a pickled message is refused, never unpickled
         result_serializer="json",
         task_ignore_result=True,  # results live in the SQL store, not in a result backend
-        task_acks_late=True,  # ack after the results are committed: a dead worker's batch is redelivered
+        task_acks_late=True,  # ack once the requests are claimed under a lease (workers.worker): a worker dying before is redelivered
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,  # long tasks: don't hoard messages another worker could run
+        worker_prefetch_multiplier=1,  # the next message only when there is room for it: never hoard
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
@@ -54,13 +54,16 @@ def delivery_problems(conf: Any, settings: Settings) -> list[str]:
     """What in these settings would lose or duplicate work; empty when a worker may start."""
     problems = []
     if not conf.task_acks_late:
-        problems.append("task_acks_late is off: a message would be acknowledged before its results are stored")
+        problems.append(
+            "task_acks_late is off: a message would be acknowledged before its requests are claimed, so a worker "
+            "dying in between would leave them to the reconciler instead of the broker's redelivery"
+        )
     if not conf.task_reject_on_worker_lost:
         problems.append("task_reject_on_worker_lost is off: a batch whose worker process dies would be dropped")
     if conf.worker_prefetch_multiplier != 1:
         problems.append(
-            f"worker_prefetch_multiplier is {conf.worker_prefetch_multiplier}, not 1: a worker would hold "
-            "batches it is not generating, beyond the reach of the others"
+            f"worker_prefetch_multiplier is {conf.worker_prefetch_multiplier}, not 1: a worker would reserve "
+            "messages before it has room for them, beyond the reach of idle workers"
         )
     if list(conf.accept_content) != ["json"]:
         problems.append(f"accept_content is {list(conf.accept_content)}: only JSON may be accepted (a pickle runs code)")

@@ -45,19 +45,21 @@ def init_process() -> Worker:
     with_db_retry(lambda: check_schema(db), within_s=min(settings.db_retry_s, 120))
     spec = registry.resolve(settings.model)
     started = time.perf_counter()
-    engine = _load_engine(spec, settings)
-    load_s = time.perf_counter() - started
-    log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, load_s)
-    metrics.MODEL_LOAD.labels(spec.name, settings.device).set(load_s)
-    metrics.serve(settings.metrics_port, _metrics_offset(settings.device))
-    _worker = Worker(
-        engine=engine,
+    worker = Worker(
+        engine=None,
         sessions=session_factory(db),
         model=spec.name,
         device=settings.device,
         worker=f"{socket.gethostname()}:{os.getpid()}",
         settings=settings,
+        load=lambda: _load_engine(spec, settings),
     )
+    worker.wait_loaded()  # the model is loaded before the process takes a task
+    load_s = time.perf_counter() - started
+    log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, load_s)
+    metrics.MODEL_LOAD.labels(spec.name, settings.device).set(load_s)
+    metrics.serve(settings.metrics_port, _metrics_offset(settings.device))
+    _worker = worker
     return _worker
 
 

@@ -1,8 +1,31 @@
 """The data that crosses the engine's boundary: requests with their sampling parameters in, results out."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+MAX_N = 128
+MAX_BEAMS = 64
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's limit for chat `top_logprobs`."""
+SEED_LIMIT = 2**63
+
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 turns top-k off)"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "seed": (lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**63)"),
+    "n": (lambda v: 1 <= v <= MAX_N, f"in [1, {MAX_N}]"),
+    "num_beams": (lambda v: 1 <= v <= MAX_BEAMS, f"in [1, {MAX_BEAMS}]"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "top_logprobs": (lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]"),
+}
+"""The one statement of every sampling parameter's range (ok, rule): the producer's schema refuses a line with
+`<field>: must be <rule>, got <value>`, the engine a request with `<field> must be <rule>, got <value>.`"""
 
 
 @dataclass
@@ -31,24 +54,16 @@ class SamplingParams:
     def problem(self) -> str | None:
         """The first out-of-range parameter, in vLLM's message pattern; None when every one is in range.
 
-        The one check of these ranges on the worker's side (the producer's schema refuses the same values
-        with the line number before anything is stored; this guards every other way in).
+        The ranges are RANGES, which the producer's schema checks too (with the line number, before anything is
+        stored); this guards every other way into the engine.
         """
-        checks = (
-            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}."),
-            (self.temperature >= 0, f"temperature must be non-negative, got {self.temperature}."),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}."),
-            (self.top_k >= 0, f"top_k must be non-negative (0 disables it), got {self.top_k}."),
-            (self.repetition_penalty > 0, f"repetition_penalty must be positive, got {self.repetition_penalty}."),
-            (self.n >= 1, f"n must be at least 1, got {self.n}."),
-            (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}."),
-            (
-                self.num_beams == 1 or self.n <= self.num_beams,
-                f"n must not exceed num_beams for beam search, got n={self.n} and num_beams={self.num_beams}.",
-            ),
-            (0 <= self.top_logprobs <= 20, f"top_logprobs must be in [0, 20], got {self.top_logprobs}."),
-        )
-        return next((message for ok, message in checks if not ok), None)
+        for name, (ok, rule) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                return f"{name} must be {rule}, got {value}."
+        if self.num_beams > 1 and self.n > self.num_beams:
+            return f"n must not exceed num_beams for beam search, got n={self.n} and num_beams={self.num_beams}."
+        return None
 
     @property
     def greedy(self) -> bool:
