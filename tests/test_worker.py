@@ -88,10 +88,14 @@ class Gate(StandInEngine):
         return super().generate(requests)
 
 
-def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_url: str) -> None:
-    settings = Settings(database_url=sqlite_url, model=STANDIN, lease_s=2, batch_size=64)
+def gated_worker(sqlite_url: str, lease_s: int) -> tuple[Worker, Gate]:
     gated = Gate()
-    worker = Worker(gated, session_factory(make_engine(sqlite_url)), STANDIN, "cpu", "test:1", settings)
+    settings = Settings(database_url=sqlite_url, model=STANDIN, lease_s=lease_s, batch_size=64)
+    return Worker(gated, session_factory(make_engine(sqlite_url)), STANDIN, "cpu", "test:1", settings), gated
+
+
+def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_url: str) -> None:
+    worker, gated = gated_worker(sqlite_url, lease_s=2)
     job_id, ids = make_job(sqlite_url, 12)
     try:
         for start in range(0, 12, 4):
@@ -114,9 +118,7 @@ def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_ur
 
 
 def test_a_duplicate_message_for_held_requests_claims_nothing_again(sqlite_url: str) -> None:
-    settings = Settings(database_url=sqlite_url, model=STANDIN, lease_s=30, batch_size=64)
-    gated = Gate()
-    worker = Worker(gated, session_factory(make_engine(sqlite_url)), STANDIN, "cpu", "test:1", settings)
+    worker, gated = gated_worker(sqlite_url, lease_s=30)
     job_id, ids = make_job(sqlite_url, 4)
     try:
         assert worker.handle(job_id, ids) == 4
