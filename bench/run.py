@@ -211,7 +211,8 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
             waited, last5 = occupancy.get("while_requests_waited"), occupancy.get("until_last_5pct")
             add("occupancy", f"{key}: batch slots busy while requests wait to join ≥ {TARGETS['occupancy']:.0%}", waited,
                 TARGETS["occupancy"], f"{fmt(_pct(waited), '.1f', '%')} (until the last 5% of requests: {fmt(_pct(last5), '.1f', '%')})")
-    rss = {k: v["rss_mib"] for k, v in results.items() if k.startswith(("engine", "pipeline", FLEET)) and v.get("rss_mib")}
+    # per worker process: the fleet run's tree holds two pool processes, each with its model, so it is not one worker
+    rss = {k: v["rss_mib"] for k, v in results.items() if k.startswith(("engine", "pipeline")) and v.get("rss_mib")}
     worst = max(rss.items(), key=lambda kv: kv[1]) if rss else None
     out.append(("rss", f"worker peak RSS ≤ {RSS_LIMIT_MIB / 1024:.0f} GiB", None if worst is None else worst[1] <= RSS_LIMIT_MIB,
                 "–" if worst is None else f"largest {worst[1]:.0f} MiB ({worst[0]})"))
