@@ -47,10 +47,6 @@ class Row:
         """Cache positions the row may take: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.params.max_new_tokens
 
-    @property
-    def request_index(self) -> Hashable:
-        return self.request
-
 
 def decoded_rows(params: SamplingParams) -> int:
     """How many rows a request is decoded as: n, but one for a greedy request (its samples are all the same)."""

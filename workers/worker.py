@@ -190,8 +190,6 @@ class Worker:
     def handle(self, job_id: int, request_ids: list[int]) -> int:
         """Claim a message's requests and hand them to the engine; returns how many were claimed, once the
         worker has room for the next message."""
-        from workers.runner import with_db_retry
-
         self._start()
         self.wait_loaded()
         claimed_count = 0
@@ -200,13 +198,7 @@ class Worker:
             with self._lock:
                 todo = [i for i in wanted if i not in self._held]  # a duplicate message: what we hold stays ours
 
-            def claim() -> Claim | None:
-                with self.sessions() as session:
-                    return claim_requests(
-                        session, job_id, todo, self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts
-                    )
-
-            claimed = with_db_retry(claim) if todo else None
+            claimed = self._claim(job_id, todo) if todo else None
             if claimed is None or not claimed.requests:
                 break
             if claimed.gave_up:
@@ -222,6 +214,18 @@ class Worker:
                 break  # every id was claimed at once: nothing is left to claim
         self._wait_for_room()
         return claimed_count
+
+    def _claim(self, job_id: int, ids: list[int]) -> Claim | None:
+        """claim_requests under this worker's lease, waiting out a store that is down."""
+        from workers.runner import with_db_retry
+
+        def claim() -> Claim | None:
+            with self.sessions() as session:
+                return claim_requests(
+                    session, job_id, ids, self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts
+                )
+
+        return with_db_retry(claim)
 
     def _accept(self, claimed: Claim) -> None:
         if claimed.one_by_one:
@@ -361,8 +365,8 @@ class Worker:
         return self.engine.idle and not self._outbox and not self._recording
 
     def _take_admissible(self) -> list[Work]:
-        """Inbox items the engine may take now: claims until one that must run alone (taken only when the engine
-        is idle, and then by itself)."""
+        """Inbox items the engine may take now: claims until one that must run alone (taken only when everything
+        else is generated and recorded, and then by itself)."""
         taken: list[Work] = []
         while self._inbox and not self._alone_running:
             head = self._inbox[0]
@@ -380,15 +384,8 @@ class Worker:
 
     def _reclaim(self, item: Work) -> None:
         """Claim the first of the handed-back ids again, to run alone; the rest wait behind it."""
-        from workers.runner import with_db_retry
-
         first, rest = item.reclaim[0], item.reclaim[1:]
-
-        def claim() -> Claim | None:
-            with self.sessions() as session:
-                return claim_requests(session, item.job_id, [first], self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts)
-
-        claimed = with_db_retry(claim)
+        claimed = self._claim(item.job_id, [first])
         if claimed is not None and claimed.gave_up:
             log.warning("job %d: gave up on request %s after %d attempts", item.job_id, claimed.gave_up, self.settings.max_attempts)
         with self._lock:
