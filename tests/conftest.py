@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from models.db import upgrade_schema
-from tests.helpers import REDIS_HOST_URL, create_pg_database, drop_pg_database
+from tests.helpers import RedisServer, create_pg_database, drop_pg_database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,15 +28,15 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def broker_url() -> Iterator[str]:
-    """A Redis database of the test's own on the local server, emptied before and after."""
-    db = random.randint(1, 15)
-    url = f"{REDIS_HOST_URL}/{db}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+def broker_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of the test's own, on a free port: no other test, no leftover worker of an earlier test,
+    and no other run of the suite on this machine can take its messages (a shared server's 15 databases can)."""
+    server = RedisServer(tmp_path / "broker", aof=False)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,22 +1,24 @@
-"""Real services for the tests: fresh databases, a Redis db of their own, real worker processes."""
+"""Real services for the tests: fresh databases, a redis-server of their own, real worker processes."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BULKGEN_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_HOST_URL = os.environ.get("BULKGEN_TEST_REDIS", "redis://127.0.0.1:6379")
 TINY = "tiny-random-llama"
 
 
@@ -116,3 +118,67 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any] | str]) -> Path:
         for row in rows:
             out.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str | Callable[[], str], every: float = 0.2) -> Any:
+    """Poll condition until it returns something truthy; fail the test (never hang) after timeout.
+    what: says what was awaited; a callable is asked at the timeout (a state seen then, not at the start)."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # e.g. the database is down on purpose right now
+            last_error = exc
+        time.sleep(every)
+    said = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout}s waiting for {said}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port; `kill()` crashes it, `start()` brings it back."""
+
+    def __init__(self, directory: Path, *, aof: bool, password: str | None = None, extra: Iterable[str] = ()) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.aof = aof
+        self.password = password
+        self.extra = list(extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [
+            shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.dir), "--save", "", "--appendonly", "yes" if self.aof else "no",
+            "--appendfsync", "everysec", *self.extra,
+        ]
+        if self.password:
+            command += ["--requirepass", self.password]
+        log = (self.dir / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        wait_until(lambda: client.ping(), 20, f"redis on port {self.port}")
+        client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill does (no final save)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)

@@ -514,7 +514,7 @@ def test_tls_broker_with_password_and_no_credential_in_any_output(pg_url: str, t
     import shutil
     import subprocess
 
-    from tests.faults.harness import RedisServer
+    from tests.helpers import RedisServer, free_port
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make the test's certificate")
@@ -525,7 +525,7 @@ def test_tls_broker_with_password_and_no_credential_in_any_output(pg_url: str, t
         check=True, capture_output=True,
     )
     redis_password, db_password = "redis-Secret-41", "db-Secret-77"
-    tls_port = __import__("tests.faults.harness", fromlist=["free_port"]).free_port()
+    tls_port = free_port()
     server = RedisServer(tmp_path / "redis", aof=False, password=redis_password, extra=[
         "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])

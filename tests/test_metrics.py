@@ -1,7 +1,6 @@
 """A real worker serves Prometheus metrics that count what it did."""
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -9,16 +8,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import WorkerProcess, env_for, producer, wait_for_job, write_jsonl
+from tests.helpers import WorkerProcess, env_for, free_port, producer, wait_for_job, write_jsonl
 from workers.standin import STANDIN_COMPLETION_TOKENS
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scrape(port: int, timeout: float = 60) -> dict[tuple[str, tuple], float]:
@@ -39,7 +32,7 @@ def _scrape(port: int, timeout: float = 60) -> dict[tuple[str, tuple], float]:
 
 
 def test_worker_metrics_count_requests_and_tokens(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = env_for(sqlite_url, broker_url, BULKGEN_METRICS_PORT=str(port), BULKGEN_IDS_PER_MESSAGE="16")
     lines = [{"prompt": f"hello {i}", "n": 2 if i % 5 == 0 else 1} for i in range(40)] + [{"prompt": "x" * 3}]
     prompts = write_jsonl(tmp_path / "p.jsonl", lines)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from models.db import upgrade_schema
-from tests.faults.harness import PostgresServer, RedisServer, postgres_bin
+from tests.faults.harness import PostgresServer, postgres_bin
+from tests.helpers import RedisServer
 
 
 @pytest.fixture
@@ -36,3 +37,22 @@ def own_postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+LOG_TAIL_LINES = 30
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed fault test shows the end of each worker's log (CI prints only the end of the output)."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.when != "call" or not report.failed or tmp_path is None:
+        return
+    for log in sorted(Path(tmp_path).glob("worker-*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        worrying = [line for line in lines[:-LOG_TAIL_LINES] if any(level in line for level in ("WARNING/", "ERROR/", "CRITICAL/", "Traceback"))]
+        shown = worrying[-LOG_TAIL_LINES:] + ["..."] + lines[-LOG_TAIL_LINES:]
+        text = "\n".join(line[:240] for line in shown)
+        report.sections.append((f"worker log {log.name}: its warnings, then its last {LOG_TAIL_LINES} lines", text))

@@ -9,18 +9,16 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import create_engine, text
 
-from tests.helpers import WorkerProcess, env_for, producer
+from tests.helpers import WorkerProcess, env_for, free_port, producer, wait_until
 
 FAULT_SETTINGS = {
     # short enough that a lost holder is noticed in seconds, long enough for a busy 2-core box
@@ -31,27 +29,6 @@ FAULT_SETTINGS = {
     "BULKGEN_IDS_PER_MESSAGE": "8",
     "BULKGEN_DB_RETRY_S": "120",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    """Poll condition until it returns something truthy; fail the test (never hang) after timeout."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # e.g. the database is down on purpose right now
-            last_error = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
 class Store:
@@ -86,12 +63,21 @@ class Store:
         rows = self.query("SELECT id, worker FROM requests WHERE job_id = :j AND status = 'running' ORDER BY id", j=job_id)
         return [(row["id"], row["worker"]) for row in rows]
 
+    def progress(self, job_id: int) -> str:
+        """Request states, attempts and holders of a job: what a timed-out test reports."""
+        rows = self.query(
+            "SELECT status, attempts, worker IS NOT NULL AS held, count(*) AS c FROM requests WHERE job_id = :j "
+            "GROUP BY status, attempts, worker IS NOT NULL ORDER BY status, attempts", j=job_id)
+        job = self.job(job_id)
+        counts = ", ".join(f"{r['status']}/attempts {r['attempts']}{'/held' if r['held'] else ''}: {r['c']}" for r in rows)
+        return f"job {job['status']}, done {job['done_count']}, failed {job['failed_count']}; requests {counts}"
+
     def wait_status(self, job_id: int, timeout: float, statuses: Iterable[str] = ("completed", "failed", "cancelled")) -> str:
         wanted = tuple(statuses)
         return wait_until(
             lambda: (s := self.scalar("SELECT status FROM jobs WHERE id = :j", j=job_id)) in wanted and s,
             timeout,
-            f"job {job_id} to reach {wanted} (now {self.states(job_id)})",
+            lambda: f"job {job_id} to reach {wanted} (at the timeout: {self.progress(job_id)})",
         )
 
     def assert_exactly_once(self, job_id: int, requests: int, samples_per_request: int = 1) -> None:
@@ -191,47 +177,6 @@ def in_list(ids: Iterable[int]) -> str:
 
 def holder_pid(worker: str) -> int:
     return int(worker.rsplit(":", 1)[1])
-
-
-class RedisServer:
-    """A redis-server of the test's own on a free port; `kill()` crashes it, `start()` brings it back."""
-
-    def __init__(self, directory: Path, *, aof: bool, password: str | None = None, extra: Iterable[str] = ()) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.aof = aof
-        self.password = password
-        self.extra = list(extra)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        command = [
-            shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.dir), "--save", "", "--appendonly", "yes" if self.aof else "no",
-            "--appendfsync", "everysec", *self.extra,
-        ]
-        if self.password:
-            command += ["--requirepass", self.password]
-        log = (self.dir / "redis.log").open("ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-        wait_until(lambda: client.ping(), 20, f"redis on port {self.port}")
-        client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: what a crash or an OOM kill does (no final save)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
 
 
 def postgres_bin() -> Path | None:
