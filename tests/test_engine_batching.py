@@ -49,7 +49,8 @@ def varied_requests(count: int, seed: int = 0) -> list[GenerationRequest]:
 
 
 class Recorder:
-    """Wraps a runner's prefill and decode: records each call's rows, and raises out of memory above a limit."""
+    """Wraps a runner's extend (the scheduler's prefills) and decode: records each call's rows, and raises out
+    of memory above a limit."""
 
     def __init__(self, engine: Engine, fail_above: int | None = None, error: type[Exception] = torch.OutOfMemoryError):  # noqa: F811
         runner = engine.runner
@@ -57,7 +58,7 @@ class Recorder:
         self.prefills: list[tuple[int, int]] = []  # (rows already running, rows joining)
         self.decodes: list[int] = []
         self.failures = 0
-        prefill, decode = runner.prefill, runner.decode
+        extend, decode = runner.extend, runner.decode
 
         def check(rows: int) -> None:
             if fail_above is not None and rows > fail_above:
@@ -67,17 +68,17 @@ class Recorder:
                 )
                 raise error(message)
 
-        def recording_prefill(cache, prompts):  # type: ignore[no-untyped-def]
-            check(cache.rows + len(prompts))
-            self.prefills.append((cache.rows, len(prompts)))
-            return prefill(cache, prompts)
+        def recording_extend(cache, first, chunks):  # type: ignore[no-untyped-def]
+            check(first + len(chunks))  # the joining rows are admitted (slots first..) before their prefill
+            self.prefills.append((first, len(chunks)))
+            return extend(cache, first, chunks)
 
         def recording_decode(cache, tokens):  # type: ignore[no-untyped-def]
             check(len(tokens))
             self.decodes.append(len(tokens))
             return decode(cache, tokens)
 
-        runner.prefill = recording_prefill  # type: ignore[method-assign]
+        runner.extend = recording_extend  # type: ignore[method-assign]
         runner.decode = recording_decode  # type: ignore[method-assign]
 
 
@@ -168,7 +169,7 @@ def test_static_batches_split_on_out_of_memory_too(engine: Engine, monkeypatch: 
     requests = varied_requests(10, seed=9)
     static = fresh(engine, max_batch_rows=8)
     static.runner = static.scheduler = None
-    expected = one_at_a_time(fresh(engine), requests)
+    expected = one_at_a_time(fresh(engine, prefix_cache_tokens=0), requests)  # static batches cache no prefix
     sizes: list[int] = []
     decode_batch = static_batches.decode_batch
 

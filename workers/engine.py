@@ -25,6 +25,7 @@ from workers.finish import complete_greedy, eos_token_ids, finish_sequence
 from workers.kv_cache import kv_budget_tokens
 from workers.llama import LlamaRunner, supports
 from workers.loader import load_model
+from workers.prefix_cache import PREFIX_CACHE_TOKENS, PrefixCache
 from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
 from workers.registry import ModelSpec
 from workers.rows import Row, decoded_rows, expand_rows
@@ -64,6 +65,7 @@ class Engine:
         max_batch_rows: int = 64,
         max_batch_tokens: int | None = None,
         batch_invariant: bool | None = None,
+        prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
@@ -73,6 +75,9 @@ class Engine:
         numbers do not depend on its batch (see workers.llama.LlamaRunner): a seeded request then gives the same
         text alone or in any batch. It costs a few percent; other precisions are not batch-invariant anyway.
         The model is used as given: load() quantizes it before it gets here.
+
+        prefix_cache_tokens: the most prompt tokens whose K/V are kept for later rows that start with the same
+        tokens (workers.prefix_cache); 0 turns prefix caching off. Llama-family models only.
         """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -99,7 +104,8 @@ class Engine:
         self.scheduler: Scheduler | None = None
         if self.runner is not None:
             self.scheduler = Scheduler(
-                self.runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens
+                self.runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
+                prefix=PrefixCache(prefix_cache_tokens),
             )
         self._flights: dict[Hashable, InFlight] = {}
         self._ready: list[tuple[Hashable, GenerationResult]] = []
@@ -115,13 +121,17 @@ class Engine:
         quantize: str = "none",
         max_batch_rows: int = 64,
         max_batch_tokens: int | None = None,
+        prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     ) -> Engine:
         problem = check_combination(device, dtype, quantize)  # before the slow load
         if problem is not None:
             raise ValueError(problem)
         model, tokenizer = load_model(spec, device, dtype)
         model = quantize_model(model, quantize)
-        return cls(model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens)
+        return cls(
+            model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens,
+            prefix_cache_tokens=prefix_cache_tokens,
+        )
 
     @property
     def eos_ids(self) -> frozenset[int]:

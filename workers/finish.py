@@ -71,7 +71,10 @@ def complete_greedy(samples: list[Sample], params: SamplingParams) -> list[Sampl
         return samples
     first = samples[0]
     return [
-        Sample(first.text, first.finish_reason, first.completion_tokens, None if params.seed is None else params.seed + i)
+        Sample(
+            first.text, first.finish_reason, first.completion_tokens, None if params.seed is None else params.seed + i,
+            first.logprobs, first.cached_tokens,
+        )
         for i in range(params.n)
     ]
 

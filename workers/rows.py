@@ -37,6 +37,8 @@ class Row:
     params: SamplingParams
     seed: int | None
     """The seed reported in the Sample; for sampled rows (temperature > 0) also the seed of the row's generator."""
+    cached_tokens: int = 0
+    """Set at admission: its prompt's first tokens whose K/V were copied from the prefix cache."""
 
     @property
     def sampled(self) -> bool:

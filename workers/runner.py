@@ -84,7 +84,10 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
     children = int(os.environ.get("BULKGEN_POOL_SIZE", "1"))
     if settings.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, children)))
-    return Engine.load(spec, settings.device, settings.dtype, settings.quantize, settings.batch_size, settings.kv_cache_tokens)
+    return Engine.load(
+        spec, settings.device, settings.dtype, settings.quantize, settings.batch_size, settings.kv_cache_tokens,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -16,11 +16,17 @@ at most 12.5%) that fits the longest row running or joining; slots = budget // c
 comes, the cache is reshaped to fewer, longer slots as soon as the rows running fit them; when only short
 rows are left, back to more, shorter slots.
 
+Prefix caching (workers.prefix_cache): a joining row whose prompt starts with blocks held in the prefix cache gets
+their K/V copied into its slot and is prefilled from there; after the prefill its blocks are stored. A row that
+would find more of its prompt cached once a row of the same group is prefilled waits for the next admission
+instead (the first request of a job with a shared system prompt computes it, the others copy it).
+
 Out of memory: the rows that were running start over from their prompts (fresh generators, so they give
 exactly what they would have given) with at most half as many rows at once; a row out of memory alone fails.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -33,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.kv_cache import KVCache
 from workers.llama import LlamaRunner
+from workers.prefix_cache import BLOCK, PrefixCache, block_keys
 from workers.rows import Row, RunningBatch
 from workers.types import Sample
 
@@ -80,6 +87,7 @@ class Scheduler:
         max_rows: int,
         max_tokens: int,
         admit_at: int | None = None,
+        prefix: PrefixCache | None = None,
     ) -> None:
         if max_rows < 1 or max_tokens < 1:
             raise ValueError(f"max_rows and max_tokens must be at least 1, got {max_rows} and {max_tokens}")
@@ -95,6 +103,8 @@ class Scheduler:
         self.cache: KVCache | None = None
         self.budget = 0
         """prompt + max_new_tokens summed over the running rows."""
+        self.prefix = prefix if prefix is not None and prefix.enabled else None
+        """The prefix cache joining rows copy from and store into; None: off."""
         self.on_step: Callable[[int, int], None] | None = None
         """Called after every decode step with (rows running, rows the cache's shape allows): occupancy."""
 
@@ -195,23 +205,49 @@ class Scheduler:
         if free <= 0 or not (free >= admit_at or not self.running or len(self.waiting) <= free):
             return
         group: list[Row] = []
-        budget = self.budget
+        starts: list[int] = []
+        later: list[Row] = []
+        coming: set[int] = set()
+        """Keys of the blocks this group's prefill will store in the prefix cache."""
+        budget, longest = self.budget, 0
         while self.waiting and len(group) < free:
             row = self.waiting[0]
             if row.need > self.cache.capacity:
                 break  # the next step reshapes the cache for it
             if (self.running or group) and budget + row.need > self.max_tokens:
                 break
-            if group and (len(group) + 1) * self.runner.aligned(len(row.prompt_ids)) > PREFILL_TOKENS:
+            start = 0
+            if self.prefix is not None:
+                held = self.prefix.cached_blocks(row.prompt_ids)
+                keys = block_keys(row.prompt_ids, (len(row.prompt_ids) - 1) // BLOCK)
+                if held < len(keys) and keys[held][0] in coming and len(later) < 4 * free:
+                    later.append(self.waiting.popleft())  # its next block is being computed by this group
+                    continue
+                coming.update(key for key, _ in block_keys(row.prompt_ids, self.prefix.max_blocks)[held:])
+                start = held * BLOCK
+            rest = self.runner.aligned(len(row.prompt_ids) - start)
+            if group and (len(group) + 1) * max(longest, rest) > PREFILL_TOKENS:
                 break
             group.append(self.waiting.popleft())
+            starts.append(start)
             budget += row.need
+            longest = max(longest, rest)
+        self.waiting.extendleft(reversed(later))
         if not group:
             return
         self.budget = budget
+        for row, start in zip(group, starts):
+            row.cached_tokens = start
         self.batch.add(group)
-        first = self.running - len(group)
-        logits = self.runner.prefill(self.cache, [row.prompt_ids for row in group])
+        first = self.cache.admit(starts)
+        if self.prefix is not None:
+            for slot, (row, start) in enumerate(zip(group, starts), start=first):
+                self.prefix.load(self.cache, slot, row.prompt_ids, start // BLOCK)
+        logits = self.runner.extend(self.cache, first, [row.prompt_ids[start:] for row, start in zip(group, starts)])
+        if self.prefix is not None:
+            for slot, (row, start) in enumerate(zip(group, starts), start=first):
+                self.prefix.store(self.cache, slot, row.prompt_ids)
+                self.prefix.count(len(row.prompt_ids), start)
         self._retire(finished, [None] * first + self.batch.sample(logits, first))
 
     def _retire(self, finished: list[Finished], ended: list[Sample | None]) -> None:
@@ -221,7 +257,7 @@ class Scheduler:
             return
         for slot in leaving:
             row = self.batch.states[slot].row
-            finished.append(Finished(row, ended[slot]))
+            finished.append(Finished(row, dataclasses.replace(ended[slot], cached_tokens=row.cached_tokens)))
             self.budget -= row.need
         assert self.cache is not None
         self.batch.keep(self.cache.release(leaving))
@@ -232,6 +268,8 @@ class Scheduler:
         self.batch.clear()
         self.budget = 0
         self.cache = None
+        if self.prefix is not None:
+            self.prefix.clear()  # its memory first: a worker never runs out of memory because of the cache
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = None
     """Tokens of K/V the running rows may hold (prompt + max_new_tokens each). Unset: 65,536 on a CPU; on a GPU,
     what 90% of its memory left free by the model holds."""
+    prefix_cache_tokens: int = 8192
+    """Prompt tokens whose K/V a worker keeps for later prompts that start the same way (a shared system prompt
+    is computed once); least recently used first out; 0 turns prefix caching off. Llama-family models only."""
     ids_per_message: int = 128
     """Request ids carried by one queue message."""
     metrics_port: int = 9400

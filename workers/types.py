@@ -107,6 +107,9 @@ class Sample:
     logprobs: list[dict[str, Any]] | None = None
     """With params.logprobs: one entry per generated token of the text,
     {"token": str, "logprob": float, "top_logprobs": [{"token": str, "logprob": float}, ...]}."""
+    cached_tokens: int = field(default=0, compare=False)
+    """Prompt tokens whose K/V came from the prefix cache instead of being computed for this sample (accounting:
+    two samples with the same text, reason, tokens and seed are equal wherever their prompt's K/V came from)."""
 
 
 @dataclass

@@ -1,0 +1,164 @@
+"""Prefix caching: prompts that start alike reuse the K/V already computed, and nothing they generate changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_engine import cache_dir, engine  # noqa: F401
+from workers.engine import Engine
+from workers.kv_cache import KVCache
+from workers.prefix_cache import BLOCK, PrefixCache, block_keys
+from workers.types import GenerationRequest, SamplingParams
+
+SYSTEM = (
+    "You label customer messages. Answer with one word: billing, delivery, product or other. "
+    "Examples. 'My card was charged twice' -> billing. 'The parcel never came' -> delivery. "
+    "'The handle broke after a day' -> product. 'Do you have a shop in Lyon?' -> other. "
+    "'I was billed for a month I cancelled' -> billing. 'The courier left it in the rain' -> delivery."
+)
+QUESTIONS = [
+    "The invoice shows the wrong address.",
+    "Where is my order?",
+    "The zip is stuck.",
+    "Can I pay in instalments?",
+    "It arrived broken.",
+    "Do you ship to Norway?",
+]
+
+
+def with_prefix_cache(engine: Engine, tokens: int, rows: int = 8) -> Engine:
+    """The same loaded model behind an engine with a prefix cache of `tokens` (0: off)."""
+    return Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, max_batch_rows=rows, prefix_cache_tokens=tokens)
+
+
+def chat(question: str, system: str | None = SYSTEM, **params) -> GenerationRequest:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return GenerationRequest(SamplingParams(**({"max_new_tokens": 10, "temperature": 0} | params)), messages=messages)
+
+
+def texts(engine: Engine, requests: list[GenerationRequest]) -> list[list[str]]:
+    return [[s.text for s in r.samples] for r in engine.generate(requests)]
+
+
+def test_block_keys_name_a_block_by_every_token_before_it() -> None:
+    a = list(range(40))
+    b = [99] + a[1:]  # the same tokens from position 1 on: no block is the same
+    assert [k for k, _ in block_keys(a)] != [k for k, _ in block_keys(b)]
+    assert block_keys(a)[1][1] == block_keys(b)[1][1] and block_keys(a)[1][0] != block_keys(b)[1][0]
+    assert len(block_keys(a)) == 40 // BLOCK and block_keys(a, 1) == block_keys(a)[:1]
+    assert block_keys(a[: BLOCK - 1]) == []
+
+
+def small_cache(capacity: int = 64) -> KVCache:
+    return KVCache(layers=2, kv_heads=1, head_dim=2, slots=4, capacity=capacity, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_store_then_load_copies_exactly_the_blocks_and_leaves_the_last_token_to_compute() -> None:
+    cache, prefix = small_cache(), PrefixCache(max_tokens=1024)
+    ids = list(range(3 * BLOCK))  # exactly three blocks
+    cache.admit([0])
+    cache.keys[:, 0] = torch.randn_like(cache.keys[:, 0])
+    cache.values[:, 0] = torch.randn_like(cache.values[:, 0])
+    assert prefix.store(cache, 0, ids) == 3 and prefix.store(cache, 0, ids) == 0
+    # the same prompt again: two blocks copied, the third computed (its last token's logits are needed)
+    assert prefix.cached_blocks(ids) == 2
+    assert prefix.cached_blocks(ids + [7]) == 3
+    assert prefix.cached_blocks(ids[: 2 * BLOCK] + [5] * BLOCK) == 2
+    cache.admit([3 * BLOCK])
+    prefix.load(cache, 1, ids + [7], 3)
+    assert torch.equal(cache.keys[:, 1, :, :, : 3 * BLOCK], cache.keys[:, 0, :, :, : 3 * BLOCK])
+    assert torch.equal(cache.values[:, 1, :, : 3 * BLOCK], cache.values[:, 0, :, : 3 * BLOCK])
+
+
+def test_least_recently_used_blocks_leave_first_and_the_size_is_bounded() -> None:
+    cache, prefix = small_cache(), PrefixCache(max_tokens=3 * BLOCK)
+    cache.admit([0])
+    first, second = [1] * (2 * BLOCK), [2] * (2 * BLOCK)
+    prefix.store(cache, 0, first)
+    prefix.store(cache, 0, second)  # four blocks for a room of three: first's oldest block leaves
+    assert len(prefix) == 3 and prefix.tokens == 3 * BLOCK
+    assert prefix.cached_blocks(first + [0]) == 0  # its start is gone, so its second block is unreachable
+    assert prefix.cached_blocks(second + [0]) == 2
+    assert prefix.nbytes() == 3 * 2 * (2 * 1 * 2 * BLOCK * 4)
+    longer = [3] * (5 * BLOCK)  # a prompt longer than the whole cache keeps its first blocks, not its last
+    prefix.store(cache, 0, longer[: 4 * BLOCK])
+    assert prefix.cached_blocks(longer) == 3
+
+
+def test_a_collision_of_keys_never_reuses_other_tokens() -> None:
+    cache, prefix = small_cache(), PrefixCache(max_tokens=1024)
+    cache.admit([0])
+    ids = list(range(2 * BLOCK))
+    prefix.store(cache, 0, ids)
+    key = block_keys(ids)[0][0]
+    prefix._blocks[key].tokens = tuple([5] * BLOCK)  # what a hash collision would look like
+    assert prefix.cached_blocks(ids + [1]) == 0
+
+
+def test_greedy_text_is_the_same_with_and_without_the_prefix_cache_and_later_rows_copy_the_prefix(engine: Engine) -> None:
+    requests = [chat(q) for q in QUESTIONS]
+    off = texts(with_prefix_cache(engine, 0), requests)
+    cached = with_prefix_cache(engine, 4096, rows=4)
+    results = cached.generate(requests)
+    assert [[s.text for s in r.samples] for r in results] == off
+    shared = len(engine.tokenizer.apply_chat_template(requests[0].messages, tokenize=True)) // 2
+    counts = [r.samples[0].cached_tokens for r in results]
+    assert counts[0] == 0 and all(c >= shared // BLOCK * BLOCK - BLOCK for c in counts[1:]), counts
+    assert cached.scheduler is not None and cached.scheduler.prefix is not None
+    assert cached.scheduler.prefix.hit_tokens == sum(counts)
+    # a second job with the same system prompt finds it at once, in its first group too
+    again = cached.generate(requests[:2])
+    assert [[s.text for s in r.samples] for r in again] == off[:2]
+    assert all(r.samples[0].cached_tokens > 0 for r in again)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param(lambda p: p[: len(p) // 2], id="a strict prefix of a cached prompt"),
+        pytest.param(lambda p: p[:-1] + ("!" if p[-1] != "!" else "?"), id="differs only in its last character"),
+        pytest.param(lambda p: p + " And one more sentence about the weather in spring.", id="longer than the cached one"),
+        pytest.param(lambda p: p, id="the very same prompt"),
+    ],
+)
+def test_prompts_related_to_a_cached_one_give_what_they_give_uncached(engine: Engine, second) -> None:
+    first = "Once upon a time, in a valley between two rivers, there lived a miller who counted every grain he ground " * 2
+    requests = [GenerationRequest(SamplingParams(max_new_tokens=8, temperature=0), prompt=p) for p in (first, second(first))]
+    off = [texts(with_prefix_cache(engine, 0), [r]) for r in requests]
+    cached = with_prefix_cache(engine, 4096)
+    assert texts(cached, [requests[0]]) == off[0]
+    result = cached.generate([requests[1]])[0]
+    assert [s.text for s in result.samples] == off[1][0]
+    assert 0 < result.samples[0].cached_tokens < result.prompt_tokens
+
+
+def test_chat_with_and_without_a_system_message_and_seeded_sampling_are_unchanged(engine: Engine) -> None:
+    requests = [chat(q, system=None) for q in QUESTIONS[:3]] + [chat(q) for q in QUESTIONS[:3]]
+    requests += [chat(q, temperature=0.9, seed=7 + i, n=2) for i, q in enumerate(QUESTIONS)]
+    off = texts(with_prefix_cache(engine, 0), requests)
+    cached = with_prefix_cache(engine, 4096, rows=4)
+    assert texts(cached, requests) == off
+    assert cached.scheduler is not None and cached.scheduler.prefix is not None and cached.scheduler.prefix.hit_tokens > 0
+
+
+def test_a_tiny_prefix_cache_evicts_and_still_gives_the_same_text(engine: Engine) -> None:
+    requests = [chat(q) for q in QUESTIONS] + [chat(q, system="Be brief. " * 20) for q in QUESTIONS]
+    off = texts(with_prefix_cache(engine, 0), requests)
+    cached = with_prefix_cache(engine, 2 * BLOCK, rows=4)
+    assert texts(cached, requests) == off
+    assert cached.scheduler is not None and cached.scheduler.prefix is not None and len(cached.scheduler.prefix) <= 2
+
+
+@pytest.mark.slow
+def test_the_real_model_gives_the_same_greedy_text_with_a_cached_system_prompt(cache_dir) -> None:  # noqa: F811
+    """SmolLM2 in float32 (the tiny random model barely looks at its context): every request after the first
+    copies the shared system prompt, and the texts are those computed from scratch."""
+    from workers.registry import SMOLLM2, resolve
+
+    real = Engine.load(resolve(SMOLLM2), max_batch_rows=4)
+    requests = [chat(q, max_new_tokens=16) for q in QUESTIONS]
+    off = texts(with_prefix_cache(real, 0, rows=4), requests)
+    cached = with_prefix_cache(real, 4096, rows=4)
+    results = cached.generate(requests)
+    assert [[s.text for s in r.samples] for r in results] == off
+    assert all(r.samples[0].cached_tokens >= 96 for r in results[1:])

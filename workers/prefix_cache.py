@@ -1,0 +1,142 @@
+"""Prefix caching: the K/V of prompt prefixes already computed, kept to be copied into a new row's slot instead
+of being computed again (a job's shared system prompt, worked examples, a chat template's opening).
+
+As vLLM's automatic prefix caching does, a prompt is cut into blocks of BLOCK tokens and each full block is
+named by a hash chained over every block before it, so a block is found again only after the same tokens from
+position 0 (its K/V depend on all of them). A row looks up the longest run of its blocks from the start, gets
+their K/V copied into its slot (workers.kv_cache), and is prefilled from there on (LlamaRunner.extend, with the
+rotary positions continuing). At least its last prompt token is always computed: its logits give the first
+new token. After a prefill, the row's full blocks not held yet are copied in.
+
+Memory is bounded by max_tokens (the prefix_cache_tokens setting): least recently used blocks go first. Running
+rows hold copies in their own slots, so evicting a block never takes anything from a row; the scheduler also
+drops the whole cache before it retries after running out of memory.
+
+In order: block_keys (the chain of hashes) -> PrefixCache (lookup, load, store, eviction, counters).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from workers.kv_cache import KVCache
+from workers.settings import Settings
+
+BLOCK = 16
+"""Tokens per cached block (vLLM's default block size): a shared prefix is reused up to its last full block."""
+PREFIX_CACHE_TOKENS: int = Settings.model_fields["prefix_cache_tokens"].default
+"""The prefix cache's default size in tokens (8,192; SmolLM2-135M: 188 MiB in bfloat16, 377 MiB in float32)."""
+
+
+def block_keys(ids: Sequence[int], blocks: int | None = None) -> list[tuple[int, tuple[int, ...]]]:
+    """(chained hash, tokens) of the first `blocks` full blocks of ids (all of them when None)."""
+    count = len(ids) // BLOCK if blocks is None else min(blocks, len(ids) // BLOCK)
+    keys: list[tuple[int, tuple[int, ...]]] = []
+    parent = 0
+    for b in range(count):
+        tokens = tuple(ids[b * BLOCK : (b + 1) * BLOCK])
+        parent = hash((parent, tokens))
+        keys.append((parent, tokens))
+    return keys
+
+
+@dataclass
+class Block:
+    """One block's K (layers, kv_heads, head_dim, BLOCK) and V (layers, kv_heads, BLOCK, head_dim), and what
+    names it: its tokens and its parent's key, checked on every lookup so that a hash collision never reuses
+    the wrong K/V."""
+
+    parent: int
+    tokens: tuple[int, ...]
+    keys: Tensor
+    values: Tensor
+
+
+class PrefixCache:
+    """Blocks of prompt K/V by chained key, least recently used first out; at most max_tokens tokens."""
+
+    def __init__(self, max_tokens: int) -> None:
+        if max_tokens < 0:
+            raise ValueError(f"the prefix cache size must be at least 0 tokens, got {max_tokens}")
+        self.max_blocks = max_tokens // BLOCK
+        self._blocks: OrderedDict[int, Block] = OrderedDict()
+        self.looked_up_tokens = 0
+        """Prompt tokens of every row admitted."""
+        self.hit_tokens = 0
+        """Of those, the tokens copied from the cache instead of computed."""
+
+    # --- what it holds ---------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_blocks > 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self._blocks) * BLOCK
+
+    def nbytes(self) -> int:
+        return sum(b.keys.numel() * b.keys.element_size() + b.values.numel() * b.values.element_size() for b in self._blocks.values())
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    # --- the verbs ---------------------------------------------------------------------------------
+
+    def cached_blocks(self, ids: Sequence[int]) -> int:
+        """How many of ids' first blocks are held (at most what leaves its last token to compute); touches none."""
+        held = 0
+        parent = 0
+        for key, tokens in block_keys(ids, (len(ids) - 1) // BLOCK):
+            block = self._blocks.get(key)
+            if block is None or block.tokens != tokens or block.parent != parent:
+                break
+            held += 1
+            parent = key
+        return held
+
+    def load(self, cache: KVCache, slot: int, ids: Sequence[int], blocks: int) -> None:
+        """Copy the K/V of ids' first `blocks` blocks (held: see cached_blocks) into slot's positions 0.. (the
+        slot was admitted at blocks * BLOCK)."""
+        for b, (key, _tokens) in enumerate(block_keys(ids, blocks)):
+            block = self._blocks[key]
+            self._blocks.move_to_end(key)
+            cache.keys[:, slot, :, :, b * BLOCK : (b + 1) * BLOCK] = block.keys
+            cache.values[:, slot, :, b * BLOCK : (b + 1) * BLOCK] = block.values
+
+    def count(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A row was admitted with prompt_tokens, cached_tokens of them copied (the hit rate's counters)."""
+        self.looked_up_tokens += prompt_tokens
+        self.hit_tokens += cached_tokens
+
+    def store(self, cache: KVCache, slot: int, ids: Sequence[int]) -> int:
+        """Copy the full blocks of ids (the prompt now in slot) that are not held yet out of the slot; returns
+        how many blocks were added. The oldest blocks make room."""
+        if not self.enabled:
+            return 0
+        added = 0
+        parent = 0
+        for b, (key, tokens) in enumerate(block_keys(ids, self.max_blocks)):  # more would evict its own start
+            block = self._blocks.get(key)
+            if block is not None and block.tokens == tokens and block.parent == parent:
+                self._blocks.move_to_end(key)
+            else:
+                self._blocks[key] = Block(
+                    parent,
+                    tokens,
+                    cache.keys[:, slot, :, :, b * BLOCK : (b + 1) * BLOCK].clone(),
+                    cache.values[:, slot, :, b * BLOCK : (b + 1) * BLOCK].clone(),
+                )
+                self._blocks.move_to_end(key)
+                added += 1
+            parent = key
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+        return added
+
+    def clear(self) -> None:
+        """Drop every block (their memory is freed once nothing else refers to it)."""
+        self._blocks.clear()
