@@ -142,6 +142,12 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
     tokens = sum(s.completion_tokens for r in results for s in r.samples)
     out = dict(requests=len(requests), tokens=tokens, seconds=seconds, cpu_seconds=cpu_seconds() - cpu,
                failed=len(failed), precision=engine.dtype, quantize=engine.quantize, rss_mib=peak_rss_mib())
+    prefix = engine.scheduler.prefix if engine.scheduler is not None else None
+    if prefix is not None:  # the warm-up's rows count too: they are the same workload's first lines
+        out["prefix_cache"] = dict(hit_tokens=prefix.hit_tokens, prompt_tokens=prefix.looked_up_tokens,
+                                   hit_rate=round(prefix.hit_tokens / max(1, prefix.looked_up_tokens), 4),
+                                   cached_tokens=sum(s.cached_tokens for r in results for s in r.samples),
+                                   held_tokens=prefix.tokens, mib=round(prefix.nbytes() / 2**20, 1))
     if not extras:
         return out
 
@@ -165,13 +171,14 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
 
 
 def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path | None, make_reference: bool,
-                extras: bool = True, static: bool = False) -> dict[str, Any]:
+                extras: bool = True, static: bool = False, prefix_cache_tokens: int | None = None) -> dict[str, Any]:
     """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
     transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
     from workers.registry import resolve
 
-    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=64)
+    more = {} if prefix_cache_tokens is None else {"prefix_cache_tokens": prefix_cache_tokens}
+    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=64, **more)
     if static:
         engine.runner = engine.scheduler = None
     return run_engine(engine, lines, reference, make_reference, extras)
@@ -457,6 +464,7 @@ def main() -> None:
     parser.add_argument("--make-reference", action="store_true")
     parser.add_argument("--timing-only", action="store_true", help="engine: the timed run only (no profile, no quality guard)")
     parser.add_argument("--static", action="store_true", help="engine: the static-batch path of non-Llama architectures")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="engine: the prefix cache's size (0: off)")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379")
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
@@ -466,7 +474,8 @@ def main() -> None:
     elif args.kind == "static":
         result = hf_generate(lines, STATIC_BATCH, "float32")
     elif args.kind == "engine":
-        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only, args.static)
+        result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only, args.static,
+                             args.prefix_cache_tokens)
     elif args.kind == "aodynamic":
         result = aodynamic_mode(lines, args.reference)
     elif args.kind == "pipeline":

@@ -129,6 +129,9 @@ class Result(Base):
     batch_occupancy: Mapped[Optional[float]] = mapped_column(Float)
     """Mean share of the engine's batch slots in use over the decode steps while this request ran (None: no
     decode steps, e.g. the stand-in engine or beam search)."""
+    cached_prompt_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    """Of prompt_tokens, those whose K/V this sample copied from the worker's prefix cache instead of computing
+    them (0: none; None: written before the column existed)."""
 
     def __repr__(self) -> str:
         return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"

@@ -20,8 +20,8 @@ from models.tables import Request, Result
 
 FORMATS = ("jsonl", "csv", "parquet", "openai")
 FLAT_COLUMNS = (
-    "custom_id", "sample_index", "status", "text", "finish_reason", "prompt_tokens", "completion_tokens",
-    "seed", "error", "metadata",
+    "custom_id", "sample_index", "status", "text", "finish_reason", "prompt_tokens", "cached_prompt_tokens",
+    "completion_tokens", "seed", "error", "metadata",
 )
 
 
@@ -56,6 +56,7 @@ def flat_records(db: Engine, job_id: int, logprobs: bool = False) -> Iterator[di
                 "text": result.text,
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
+                "cached_prompt_tokens": result.cached_prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "seed": result.seed,
             }
@@ -93,7 +94,8 @@ def write_parquet(db: Engine, job_id: int, path: str, row_group: int = 10_000) -
 
     schema = pa.schema([
         ("custom_id", pa.string()), ("sample_index", pa.int32()), ("status", pa.string()), ("text", pa.string()),
-        ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("cached_prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
         ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()),
     ])
     count = 0
@@ -145,6 +147,7 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
             choice["logprobs"] = completion_logprobs(result.logprobs)
         choices.append(choice)
     prompt_tokens = item.results[0].prompt_tokens
+    cached_tokens = item.results[0].cached_prompt_tokens or 0
     completion_tokens = sum(r.completion_tokens for r in item.results)
     finished = max(r.finished_at for r in item.results)
     created = int((finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc)).timestamp())
@@ -161,6 +164,7 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
             },
         },
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session
 
 from models.tables import Job, Request, RequestStatus, Result
@@ -23,6 +23,16 @@ def _rate(tokens: int, start: datetime | None, end: datetime | None) -> float | 
     return round(tokens / (end - start).total_seconds(), 1)
 
 
+def _counted_prompt_tokens() -> Any:
+    """Prompt tokens of the results that say how many of theirs came from the prefix cache."""
+    return func.sum(case((Result.cached_prompt_tokens.is_not(None), Result.prompt_tokens), else_=0))
+
+
+def _hit_rate(cached: int | None, prompt: int | None) -> float | None:
+    """Share of prompt tokens read from the prefix cache instead of computed (None: nothing counted)."""
+    return round(int(cached) / int(prompt), 3) if cached is not None and prompt else None
+
+
 def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
     """Stats for one job, or for every job when job_id is None."""
     on_requests = [Request.job_id == job_id] if job_id is not None else []
@@ -38,6 +48,9 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
             ).where(*on_jobs)
         ).one()
         total, prompt_tokens, completion_tokens, started, finished, jobs, open_jobs = totals
+        cached, counted = session.execute(
+            select(func.sum(Result.cached_prompt_tokens), _counted_prompt_tokens()).where(*on_results)
+        ).one()
         groups = {}
         for name, column in (("workers", Result.worker_host), ("models", Result.model)):
             groups[name] = [
@@ -45,11 +58,13 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
                     name[:-1]: key, "results": count, "completion_tokens": int(tokens or 0),
                     "tokens_per_s": _rate(int(tokens or 0), first, last),
                     "mean_occupancy": None if occupancy is None else round(float(occupancy), 3),
+                    "prefix_hit_rate": _hit_rate(cached, prompt),
                 }
-                for key, count, tokens, first, last, occupancy in session.execute(
+                for key, count, tokens, first, last, occupancy, cached, prompt in session.execute(
                     select(
                         column, func.count(), func.sum(Result.completion_tokens), func.min(Result.started_at),
                         func.max(Result.finished_at), func.avg(Result.batch_occupancy),
+                        func.sum(Result.cached_prompt_tokens), _counted_prompt_tokens(),
                     )
                     .where(*on_results).group_by(column).order_by(column)
                 ).all()
@@ -73,6 +88,7 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
         "requests": int(total),
         "by_state": by_state,
         "prompt_tokens": int(prompt_tokens),
+        "prefix_hit_rate": _hit_rate(cached, counted),
         "completion_tokens": int(completion_tokens),
         "elapsed_s": None if elapsed is None else round(elapsed, 1),
         "tokens_per_s": round(int(completion_tokens) / elapsed, 1) if elapsed else None,

@@ -50,15 +50,16 @@ def _job_with_results(url: str) -> int:
         ids = {r.custom_id: r.id for r in claim.requests}
     now = utcnow()
 
-    def row(request_id: int, sample: int, text: str, tokens: int, logprobs: list | None = None) -> dict:
+    def row(request_id: int, sample: int, text: str, tokens: int, logprobs: list | None = None, cached: int = 0) -> dict:
         return {"request_id": request_id, "job_id": job_id, "sample_index": sample, "text": text, "finish_reason": "stop",
                 "prompt_tokens": 7, "completion_tokens": tokens, "params": {"seed": sample}, "seed": 40 + sample,
                 "model": "tiny-random-llama", "dtype": "float32", "quantization": "none", "worker_host": "h",
-                "device": "cpu", "started_at": now, "finished_at": now, "generation_seconds": 0.5, "logprobs": logprobs}
+                "device": "cpu", "started_at": now, "finished_at": now, "generation_seconds": 0.5, "logprobs": logprobs,
+                "cached_prompt_tokens": cached}
 
     with sessions() as s:
         record_outcomes(s, job_id, [
-            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3, CHAT_LOGPROBS), row(ids["chat"], 1, "Hi,\nthere", 4)]),
+            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3, CHAT_LOGPROBS, 4), row(ids["chat"], 1, "Hi,\nthere", 4, cached=4)]),
             Outcome(ids["raw"], 7, [row(ids["raw"], 0, "upon a time", 3, RAW_LOGPROBS)]),
             Outcome(ids["bad"], 0, error="prompt has 9000 tokens"),
         ])
@@ -108,6 +109,7 @@ def test_parquet_loads_with_pandas_and_datasets(sqlite_url: str, tmp_path: Path,
     typed = pandas.read_parquet(out, dtype_backend="numpy_nullable")  # the failed row's counts stay missing, not NaN floats
     assert str(typed["completion_tokens"].dtype) == "Int32" and str(typed["seed"].dtype) == "Int64"
     assert typed["seed"].tolist()[:3] == [40, 41, 40] and typed["seed"].isna().tolist() == [False, False, False, True]
+    assert typed["cached_prompt_tokens"].tolist()[:3] == [4, 4, 0] and str(typed["cached_prompt_tokens"].dtype) == "Int32"
     assert frame["text"].iloc[1] == "Hi,\nthere" and frame["error"].iloc[3] == "prompt has 9000 tokens"
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
@@ -131,7 +133,8 @@ def test_openai_batch_output_format(sqlite_url: str) -> None:
         {"role": "assistant", "content": "Hello, “friend”", "refusal": None}, {"role": "assistant", "content": "Hi,\nthere", "refusal": None}]
     ChatCompletion.model_validate(body)  # the official SDK's type parses it
     assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 4}}
+    assert ChatCompletion.model_validate(body).usage.prompt_tokens_details.cached_tokens == 4
     raw = lines[1]["response"]["body"]
     assert raw["object"] == "text_completion" and raw["choices"][0]["text"] == "upon a time"
     Completion.model_validate(raw)

@@ -52,7 +52,8 @@ def test_stats_by_job_and_overall(store_url: str) -> None:
     info = json.loads(result.output)
     assert info["requests"] == 3 and info["by_state"] == {"done": 2, "failed": 1}
     assert info["completion_tokens"] == 10 and info["prompt_tokens"] == 14
-    assert info["per_worker"] == [{"worker": "h", "results": 3, "completion_tokens": 10, "tokens_per_s": None, "mean_occupancy": None}]
+    assert info["per_worker"] == [{"worker": "h", "results": 3, "completion_tokens": 10, "tokens_per_s": None, "mean_occupancy": None, "prefix_hit_rate": 0.381}]
+    assert info["prefix_hit_rate"] == round(8 / 21, 3)  # 4 of the chat request's 7 prompt tokens, in each of its 2 samples
     assert info["per_model"][0]["model"] == "tiny-random-llama"
     assert info["failures"] == [{"reason": "prompt has 9000 tokens", "count": 1}]
     assert info["eta_s"] == 0.0

@@ -131,3 +131,27 @@ def test_a_duplicate_message_for_held_requests_claims_nothing_again(sqlite_url: 
         worker.shutdown(timeout=30)
     assert {rows.attempts for rows in requests_of(sqlite_url, job_id).values()} == {1}
     assert job_row(sqlite_url, job_id).result_count == 4
+
+
+def test_prompts_sharing_a_prefix_report_their_cached_tokens_in_results_stats_and_metrics(tiny_worker: TracedWorker, sqlite_url: str) -> None:
+    from workers import metrics
+
+    job_id, ids = make_job(sqlite_url, 12, model=tiny_worker.model)
+    set_prompts(sqlite_url, job_id, tiny_worker.model, max_new_tokens=4)
+    shared = "You are a careful assistant who answers in one short sentence, without lists. " * 3
+    with session_factory(make_engine(sqlite_url))() as session:
+        for request in session.scalars(select(Request).where(Request.job_id == job_id)).all():
+            request.prompt = shared + request.prompt
+        session.commit()
+    counter = metrics.CACHED_PROMPT_TOKENS.labels(tiny_worker.model)
+    before = counter._value.get()
+    for start in range(0, len(ids), 4):
+        tiny_worker.handle(job_id, ids[start : start + 4])
+    assert tiny_worker.wait_idle(timeout=120)
+    with session_factory(make_engine(sqlite_url))() as session:
+        rows = session.execute(select(Result.cached_prompt_tokens, Result.prompt_tokens).where(Result.job_id == job_id)).all()
+    assert len(rows) == 12 and all(cached is not None and 0 <= cached < prompt for cached, prompt in rows)
+    assert sum(1 for cached, _ in rows if cached >= 32) >= 10, rows  # all but the first copy the shared start's full blocks
+    info = collect(make_engine(sqlite_url), job_id)
+    assert info["prefix_hit_rate"] == round(sum(c for c, _ in rows) / sum(p for _, p in rows), 3) > 0.3
+    assert counter._value.get() - before == sum(c for c, _ in rows)

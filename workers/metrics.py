@@ -14,6 +14,11 @@ log = logging.getLogger("bulkgen.metrics")
 REGISTRY = CollectorRegistry()
 TOKENS = Counter("bulkgen_tokens_generated", "Completion tokens generated.", ["model"], registry=REGISTRY)
 PROMPT_TOKENS = Counter("bulkgen_prompt_tokens", "Prompt tokens processed.", ["model"], registry=REGISTRY)
+CACHED_PROMPT_TOKENS = Counter(
+    "bulkgen_cached_prompt_tokens",
+    "Of the prompt tokens, those whose K/V came from the prefix cache (hit rate: this / bulkgen_prompt_tokens).",
+    ["model"], registry=REGISTRY,
+)
 REQUESTS = Counter("bulkgen_requests", "Requests finished, by outcome (done or failed).", ["model", "outcome"], registry=REGISTRY)
 BATCH_SIZE = Histogram(
     "bulkgen_batch_requests", "Requests per claim (what one queue message handed to the engine).", ["model"], registry=REGISTRY,

@@ -513,6 +513,7 @@ class Worker:
                     "generation_seconds": seconds,
                     "logprobs": sample.logprobs,
                     "batch_occupancy": occupancy,
+                    "cached_prompt_tokens": sample.cached_tokens,
                 }
             )
         metrics.GENERATION.labels(self.model).observe(seconds)
@@ -557,6 +558,8 @@ def _count_outcomes(model: str, outcomes: list[Outcome]) -> None:
             continue
         metrics.REQUESTS.labels(model, "done").inc()
         metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+        if outcome.results:  # the request's prompt once, as prompt_tokens: its first sample's share from the cache
+            metrics.CACHED_PROMPT_TOKENS.labels(model).inc(outcome.results[0]["cached_prompt_tokens"] or 0)
         metrics.TOKENS.labels(model).inc(sum(row["completion_tokens"] for row in outcome.results))
 
 
