@@ -10,7 +10,10 @@ parameters and seeds) it measures, each in a process of its own (so that peak RS
   (d) the whole pipeline: `producer submit` -> local Redis (an empty database index) -> a real `workers start`
       -> a temporary SQLite file, from the submit command to the last committed result, in the fastest engine
       mode that passes the quality guard
-and, where CUDA exists, a random ~1B Llama in bfloat16 on the GPU. It prints a table and writes docs/benchmarks.md.
+and, where CUDA exists, a random ~1B Llama in bfloat16 on the GPU. Prefix caching: on ../shared/bench/fewshot.jsonl
+(192 chat requests sharing a system prompt of ~600 tokens, 64 new tokens each) the engine in bfloat16 with its prefix
+cache, without it, and vLLM's CPU build (its automatic prefix caching on); and the bench workload in bfloat16 without
+the prefix cache, against (c) with it. It prints a table and writes docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -42,6 +45,13 @@ PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_MODEL = ROOT / ".peers" / "smollm2-hf"
 PEER = "vLLM 0.32 CPU build (peer; seeds dropped)"
 PEER_TARGET = 1.5  # the engine's fastest mode vs vLLM's CPU build, same workload, same run (a goal)
+FEWSHOT_PROMPTS = DEFAULT_PROMPTS.parent / "fewshot.jsonl"
+FEWSHOT_ON = "fewshot: engine bfloat16, prefix cache on"
+FEWSHOT_OFF = "fewshot: engine bfloat16, prefix cache off"
+FEWSHOT_PEER = "fewshot: " + PEER
+NO_PREFIX = "engine bfloat16, prefix cache off"
+PREFIX_TARGETS = {"on_off": 5.0, "peer": 1.2, "bench": 0.98}
+"""fewshot with the prefix cache vs without, and vs vLLM's CPU build; the bench workload with it vs without."""
 
 
 def peer_child(out_dir: Path, prompts: Path, requests: int | None, timeout: float = 3600) -> dict[str, Any]:
@@ -123,7 +133,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
     base_ppl = results.get("engine float32", {}).get("perplexity")
     rows = []
     for key, result in results.items():
-        if key in ("matmul", "gpu", FLEET) or not result or "skipped" in result:
+        if key in ("matmul", "gpu", FLEET) or key.startswith("fewshot") or not result or "skipped" in result:
             continue
         if "error" in result:
             rows.append([key] + ["–"] * (len(HEADER) - 2) + [f"error: {result['error']}"])
@@ -211,6 +221,20 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
             waited, last5 = occupancy.get("while_requests_waited"), occupancy.get("until_last_5pct")
             add("occupancy", f"{key}: batch slots busy while requests wait to join ≥ {TARGETS['occupancy']:.0%}", waited,
                 TARGETS["occupancy"], f"{fmt(_pct(waited), '.1f', '%')} (until the last 5% of requests: {fmt(_pct(last5), '.1f', '%')})")
+    on, off, vllm = (rate(results.get(k, {})) for k in (FEWSHOT_ON, FEWSHOT_OFF, FEWSHOT_PEER))
+    if on or off:
+        r = ratio(on, off)
+        add("prefix", f"fewshot: prefix cache on ≥ {PREFIX_TARGETS['on_off']:.0f}× off", r, PREFIX_TARGETS["on_off"],
+            f"{fmt(r, '.2f')}× ({fmt(on, '.0f')} against {fmt(off, '.0f')} tokens/s)")
+        if vllm:
+            r = ratio(on, vllm)
+            add("prefix-peer", f"fewshot: prefix cache on ≥ {PREFIX_TARGETS['peer']}× vLLM's CPU build (its prefix caching on)", r,
+                PREFIX_TARGETS["peer"], f"{fmt(r, '.2f')}× ({fmt(on, '.0f')} against {vllm:.0f} tokens/s)")
+    with_cache, without = mean(mode_rates(results, "engine bfloat16")), rate(results.get(NO_PREFIX, {}))
+    if with_cache and without:
+        r = ratio(with_cache, without)
+        add("prefix-bench", f"bench workload: prefix cache on ≥ {PREFIX_TARGETS['bench']}× off (bfloat16)", r, PREFIX_TARGETS["bench"],
+            f"{fmt(r, '.2f')}× ({with_cache:.0f} against {without:.0f} tokens/s)")
     # per worker process: the fleet run's tree holds two pool processes, each with its model, so it is not one worker
     rss = {k: v["rss_mib"] for k, v in results.items() if k.startswith(("engine", "pipeline")) and v.get("rss_mib")}
     worst = max(rss.items(), key=lambda kv: kv[1]) if rss else None
@@ -316,6 +340,32 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else value * 100
 
 
+def prefix_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The fewshot runs: tokens/s, memory, and how much of the prompts the prefix cache supplied."""
+    keys = [k for k in (FEWSHOT_ON, FEWSHOT_OFF, FEWSHOT_PEER) if results.get(k) and "skipped" not in results[k]]
+    if not keys:
+        return []
+    rows = []
+    for key in keys:
+        result = results[key]
+        if "error" in result:
+            rows.append([key, "–", "–", "–", "–", "–", f"error: {result['error']}"])
+            continue
+        cache = result.get("prefix_cache", {})
+        hit = f"{cache['hit_rate']:.1%} ({cache['hit_tokens']} of {cache['prompt_tokens']})" if cache else "–"
+        rows.append([key[len("fewshot: "):], str(result.get("requests", "–")), str(result.get("tokens", "–")), fmt(result.get("seconds")),
+                     fmt(rate(result)), fmt(result.get("rss_mib"), ".0f"),
+                     hit + (f"; cache {cache['mib']:.0f} MiB for {cache['held_tokens']} tokens" if cache else "")])
+    return [
+        "## Prefix caching (fewshot workload)", "",
+        "Workload: `../shared/bench/fewshot.jsonl`, 192 chat requests sharing one system prompt of about 600 tokens (worked",
+        "examples), 64 new tokens each, bfloat16. Prefix cache: prompt tokens copied from the cache instead of computed (the",
+        "warm-up's four requests included), and the memory its blocks held at the end. vLLM's CPU build runs with its",
+        "automatic prefix caching on (its default); its peak RSS is summed over its processes.", "",
+        markdown_table(["run", "requests", "generated tokens", "seconds", "tokens/s", "peak RSS MiB", "prefix cache"], rows), "",
+    ]
+
+
 def occupancy_section(results: dict[str, dict[str, Any]], pipeline_key: str | None) -> list[str]:
     """Batch occupancy (running rows / the rows the KV cache allows, per decode step, from each pool process's
     bulkgen_batch_occupancy histogram scraped twice a second) across the job, by tenths of its requests."""
@@ -406,6 +456,7 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
                   "token: 2 x the Linear weights, LM head included):", ""]
         lines += [f"- {name}: {g:.0f} GFLOP/s = {g / per_token:.0f} tokens/s" for name, g in matmul["gflops"].items()]
         lines.append("")
+    lines += prefix_section(results)
     lines += occupancy_section(results, pipeline_key)
     lines += ["## What bounds each figure, and what would move it", "", *analysis(results, verdicts, best), ""]
     lines += ["## Seeded sampling and batches", "", DETERMINISM, ""]
@@ -434,7 +485,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, static-path, aodynamic, peer, pipeline, fleet, matmul, gpu (comma-separated).")
+                        "naive, static, static-path, aodynamic, fewshot, peer, pipeline, fleet, matmul, gpu (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -460,6 +511,14 @@ def main() -> None:
             extra.append("--make-reference")
         results["engine " + mode_name(dtype, quantize)] = child("engine", tmp, prompts, *extra, requests=args.requests)
     skip = set(filter(None, args.skip.split(",")))
+    if "fewshot" not in skip and FEWSHOT_PROMPTS.is_file():
+        results[FEWSHOT_ON] = child("engine", tmp, FEWSHOT_PROMPTS, "--dtype", "bfloat16", "--timing-only", requests=args.requests)
+        results[FEWSHOT_OFF] = child("engine", tmp, FEWSHOT_PROMPTS, "--dtype", "bfloat16", "--timing-only",
+                                     "--prefix-cache-tokens", "0", requests=args.requests)
+        if "peer" not in skip:
+            results[FEWSHOT_PEER] = peer_child(tmp, FEWSHOT_PROMPTS, args.requests)
+        results[NO_PREFIX] = child("engine", tmp, prompts, "--dtype", "bfloat16", "--timing-only", "--prefix-cache-tokens", "0",
+                                   requests=args.requests)
     if "static-path" not in skip:  # what architectures workers.llama does not run get: static batches, same sampling
         results["engine float32, static-batch path"] = child(
             "engine", tmp, prompts, "--dtype", "float32", "--static", "--timing-only", requests=args.requests)
