@@ -59,13 +59,13 @@ def test_store_then_load_copies_exactly_the_blocks_and_leaves_the_last_token_to_
     cache.admit([0])
     cache.keys[:, 0] = torch.randn_like(cache.keys[:, 0])
     cache.values[:, 0] = torch.randn_like(cache.values[:, 0])
-    assert prefix.store(cache, 0, ids) == 3 and prefix.store(cache, 0, ids) == 0
+    assert prefix.store(cache, 0, block_keys(ids)) == 3 and prefix.store(cache, 0, block_keys(ids)) == 0
     # the same prompt again: two blocks copied, the third computed (its last token's logits are needed)
     assert prefix.cached_blocks(ids) == 2
     assert prefix.cached_blocks(ids + [7]) == 3
     assert prefix.cached_blocks(ids[: 2 * BLOCK] + [5] * BLOCK) == 2
     cache.admit([3 * BLOCK])
-    prefix.load(cache, 1, ids + [7], 3)
+    prefix.load(cache, 1, block_keys(ids + [7])[:3])
     assert torch.equal(cache.keys[:, 1, :, :, : 3 * BLOCK], cache.keys[:, 0, :, :, : 3 * BLOCK])
     assert torch.equal(cache.values[:, 1, :, : 3 * BLOCK], cache.values[:, 0, :, : 3 * BLOCK])
 
@@ -74,14 +74,14 @@ def test_least_recently_used_blocks_leave_first_and_the_size_is_bounded() -> Non
     cache, prefix = small_cache(), PrefixCache(max_tokens=3 * BLOCK)
     cache.admit([0])
     first, second = [1] * (2 * BLOCK), [2] * (2 * BLOCK)
-    prefix.store(cache, 0, first)
-    prefix.store(cache, 0, second)  # four blocks for a room of three: first's oldest block leaves
+    prefix.store(cache, 0, block_keys(first))
+    prefix.store(cache, 0, block_keys(second))  # four blocks for a room of three: first's oldest block leaves
     assert len(prefix) == 3 and prefix.tokens == 3 * BLOCK
     assert prefix.cached_blocks(first + [0]) == 0  # its start is gone, so its second block is unreachable
     assert prefix.cached_blocks(second + [0]) == 2
     assert prefix.nbytes() == 3 * 2 * (2 * 1 * 2 * BLOCK * 4)
     longer = [3] * (5 * BLOCK)  # a prompt longer than the whole cache keeps its first blocks, not its last
-    prefix.store(cache, 0, longer[: 4 * BLOCK])
+    prefix.store(cache, 0, block_keys(longer[: 4 * BLOCK]))
     assert prefix.cached_blocks(longer) == 3
 
 
@@ -89,7 +89,7 @@ def test_a_collision_of_keys_never_reuses_other_tokens() -> None:
     cache, prefix = small_cache(), PrefixCache(max_tokens=1024)
     cache.admit([0])
     ids = list(range(2 * BLOCK))
-    prefix.store(cache, 0, ids)
+    prefix.store(cache, 0, block_keys(ids))
     key = block_keys(ids)[0][0]
     prefix._blocks[key].tokens = tuple([5] * BLOCK)  # what a hash collision would look like
     assert prefix.cached_blocks(ids + [1]) == 0

@@ -31,10 +31,19 @@ PREFIX_CACHE_TOKENS: int = Settings.model_fields["prefix_cache_tokens"].default
 """The prefix cache's default size in tokens (8,192; SmolLM2-135M: 188 MiB in bfloat16, 377 MiB in float32)."""
 
 
-def block_keys(ids: Sequence[int], blocks: int | None = None) -> list[tuple[int, tuple[int, ...]]]:
+BlockKey = tuple[int, tuple[int, ...]]
+"""(chained hash, tokens) of one full block."""
+
+
+def reusable_blocks(ids: Sequence[int]) -> int:
+    """How many of a prompt's blocks a row may copy: all full blocks that leave its last token to compute."""
+    return (len(ids) - 1) // BLOCK
+
+
+def block_keys(ids: Sequence[int], blocks: int | None = None) -> list[BlockKey]:
     """(chained hash, tokens) of the first `blocks` full blocks of ids (all of them when None)."""
     count = len(ids) // BLOCK if blocks is None else min(blocks, len(ids) // BLOCK)
-    keys: list[tuple[int, tuple[int, ...]]] = []
+    keys: list[BlockKey] = []
     parent = 0
     for b in range(count):
         tokens = tuple(ids[b * BLOCK : (b + 1) * BLOCK])
@@ -87,10 +96,14 @@ class PrefixCache:
     # --- the verbs ---------------------------------------------------------------------------------
 
     def cached_blocks(self, ids: Sequence[int]) -> int:
-        """How many of ids' first blocks are held (at most what leaves its last token to compute); touches none."""
+        """How many of a prompt's first blocks are held (at most its reusable_blocks); touches none."""
+        return self.held(block_keys(ids, reusable_blocks(ids)))
+
+    def held(self, keys: Sequence[BlockKey]) -> int:
+        """How many of these keys (a prompt's, from its first block) are held, from the first on; touches none."""
         held = 0
         parent = 0
-        for key, tokens in block_keys(ids, (len(ids) - 1) // BLOCK):
+        for key, tokens in keys:
             block = self._blocks.get(key)
             if block is None or block.tokens != tokens or block.parent != parent:
                 break
@@ -98,10 +111,10 @@ class PrefixCache:
             parent = key
         return held
 
-    def load(self, cache: KVCache, slot: int, ids: Sequence[int], blocks: int) -> None:
-        """Copy the K/V of ids' first `blocks` blocks (held: see cached_blocks) into slot's positions 0.. (the
-        slot was admitted at blocks * BLOCK)."""
-        for b, (key, _tokens) in enumerate(block_keys(ids, blocks)):
+    def load(self, cache: KVCache, slot: int, keys: Sequence[BlockKey]) -> None:
+        """Copy the K/V of these held blocks (a prompt's first ones: see held) into slot's positions 0.. (the
+        slot was admitted at len(keys) * BLOCK)."""
+        for b, (key, _tokens) in enumerate(keys):
             block = self._blocks[key]
             self._blocks.move_to_end(key)
             cache.keys[:, slot, :, :, b * BLOCK : (b + 1) * BLOCK] = block.keys
@@ -112,14 +125,14 @@ class PrefixCache:
         self.looked_up_tokens += prompt_tokens
         self.hit_tokens += cached_tokens
 
-    def store(self, cache: KVCache, slot: int, ids: Sequence[int]) -> int:
-        """Copy the full blocks of ids (the prompt now in slot) that are not held yet out of the slot; returns
-        how many blocks were added. The oldest blocks make room."""
+    def store(self, cache: KVCache, slot: int, keys: Sequence[BlockKey]) -> int:
+        """Copy the blocks of these keys (block_keys of the prompt now in slot) that are not held yet out of the
+        slot; returns how many blocks were added. The oldest blocks make room."""
         if not self.enabled:
             return 0
         added = 0
         parent = 0
-        for b, (key, tokens) in enumerate(block_keys(ids, self.max_blocks)):  # more would evict its own start
+        for b, (key, tokens) in enumerate(keys[: self.max_blocks]):  # more would evict its own start
             block = self._blocks.get(key)
             if block is not None and block.tokens == tokens and block.parent == parent:
                 self._blocks.move_to_end(key)

@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.kv_cache import KVCache
 from workers.llama import LlamaRunner
-from workers.prefix_cache import BLOCK, PrefixCache, block_keys
+from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Row, RunningBatch
 from workers.types import Sample
 
@@ -206,6 +206,8 @@ class Scheduler:
             return
         group: list[Row] = []
         starts: list[int] = []
+        keys_of: list[list[BlockKey]] = []
+        """Each joining row's block keys (prefix cache on)."""
         later: list[Row] = []
         coming: set[int] = set()
         """Keys of the blocks this group's prefill will store in the prefix cache."""
@@ -216,20 +218,22 @@ class Scheduler:
                 break  # the next step reshapes the cache for it
             if (self.running or group) and budget + row.need > self.max_tokens:
                 break
-            start = 0
+            start, keys = 0, []
             if self.prefix is not None:
-                held = self.prefix.cached_blocks(row.prompt_ids)
-                keys = block_keys(row.prompt_ids, (len(row.prompt_ids) - 1) // BLOCK)
-                if held < len(keys) and keys[held][0] in coming and len(later) < 4 * free:
+                keys = block_keys(row.prompt_ids)
+                reusable = reusable_blocks(row.prompt_ids)
+                held = self.prefix.held(keys[:reusable])
+                if held < reusable and keys[held][0] in coming and len(later) < 4 * free:
                     later.append(self.waiting.popleft())  # its next block is being computed by this group
                     continue
-                coming.update(key for key, _ in block_keys(row.prompt_ids, self.prefix.max_blocks)[held:])
+                coming.update(key for key, _ in keys[held : self.prefix.max_blocks])
                 start = held * BLOCK
             rest = self.runner.aligned(len(row.prompt_ids) - start)
             if group and (len(group) + 1) * max(longest, rest) > PREFILL_TOKENS:
                 break
             group.append(self.waiting.popleft())
             starts.append(start)
+            keys_of.append(keys)
             budget += row.need
             longest = max(longest, rest)
         self.waiting.extendleft(reversed(later))
@@ -241,12 +245,12 @@ class Scheduler:
         self.batch.add(group)
         first = self.cache.admit(starts)
         if self.prefix is not None:
-            for slot, (row, start) in enumerate(zip(group, starts), start=first):
-                self.prefix.load(self.cache, slot, row.prompt_ids, start // BLOCK)
+            for slot, (keys, start) in enumerate(zip(keys_of, starts), start=first):
+                self.prefix.load(self.cache, slot, keys[: start // BLOCK])
         logits = self.runner.extend(self.cache, first, [row.prompt_ids[start:] for row, start in zip(group, starts)])
         if self.prefix is not None:
-            for slot, (row, start) in enumerate(zip(group, starts), start=first):
-                self.prefix.store(self.cache, slot, row.prompt_ids)
+            for slot, (row, keys, start) in enumerate(zip(group, keys_of, starts), start=first):
+                self.prefix.store(self.cache, slot, keys)
                 self.prefix.count(len(row.prompt_ids), start)
         self._retire(finished, [None] * first + self.batch.sample(logits, first))
 
