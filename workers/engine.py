@@ -30,6 +30,7 @@ from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
 from workers.registry import ModelSpec
 from workers.rows import Row, decoded_rows, expand_rows
 from workers.scheduler import Finished, Scheduler, is_out_of_memory
+from workers.speculation import SPECULATIVE_TOKENS, SpeculationPolicy
 from workers.types import GenerationRequest, GenerationResult, Sample, SamplingParams
 
 __all__ = ["Engine", "expand_rows", "is_out_of_memory"]
@@ -66,6 +67,7 @@ class Engine:
         max_batch_tokens: int | None = None,
         batch_invariant: bool | None = None,
         prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+        speculative_tokens: int = SPECULATIVE_TOKENS,
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
@@ -78,6 +80,9 @@ class Engine:
 
         prefix_cache_tokens: the most prompt tokens whose K/V are kept for later rows that start with the same
         tokens (workers.prefix_cache); 0 turns prefix caching off. Llama-family models only.
+
+        speculative_tokens: the most draft tokens a row proposes per step when speculative decoding pays
+        (workers.speculation: prompt lookup, exact); 0 turns it off. Llama-family models only.
         """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -105,7 +110,7 @@ class Engine:
         if self.runner is not None:
             self.scheduler = Scheduler(
                 self.runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
-                prefix=PrefixCache(prefix_cache_tokens),
+                prefix=PrefixCache(prefix_cache_tokens), speculation=SpeculationPolicy(speculative_tokens),
             )
         self._flights: dict[Hashable, InFlight] = {}
         self._ready: list[tuple[Hashable, GenerationResult]] = []
@@ -122,6 +127,7 @@ class Engine:
         max_batch_rows: int = 64,
         max_batch_tokens: int | None = None,
         prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+        speculative_tokens: int = SPECULATIVE_TOKENS,
     ) -> Engine:
         problem = check_combination(device, dtype, quantize)  # before the slow load
         if problem is not None:
@@ -130,7 +136,7 @@ class Engine:
         model = quantize_model(model, quantize)
         return cls(
             model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens,
-            prefix_cache_tokens=prefix_cache_tokens,
+            prefix_cache_tokens=prefix_cache_tokens, speculative_tokens=speculative_tokens,
         )
 
     @property

@@ -73,7 +73,7 @@ def complete_greedy(samples: list[Sample], params: SamplingParams) -> list[Sampl
     return [
         Sample(
             first.text, first.finish_reason, first.completion_tokens, None if params.seed is None else params.seed + i,
-            first.logprobs, first.cached_tokens,
+            first.logprobs, first.cached_tokens, first.draft_tokens, first.accepted_tokens,
         )
         for i in range(params.n)
     ]

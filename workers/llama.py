@@ -138,6 +138,31 @@ class LlamaRunner:
         cache.extend(first, [len(c) for c in chunks])
         return self._logits(hidden)
 
+    def verify(self, cache: KVCache, chunks: list[list[int]]) -> Tensor:
+        """Feed chunks[r] (the row's last token, then its draft tokens) to every running row r, after the tokens
+        it holds; logits at every position (rows, tokens, vocab), tokens = the longest chunk (shorter chunks are
+        padded; a pad's output is garbage and its K/V is not kept). Each row's length grows by its chunk's
+        length: the caller truncates what it rejects (KVCache.truncate)."""
+        rows = len(chunks)
+        assert rows == cache.rows, f"verify feeds {rows} chunks to a batch of {cache.rows} rows"
+        assert all(chunks), "verify needs at least the last token of every row"
+        device = cache.keys.device
+        tokens = max(max(len(c) for c in chunks), -(-self.min_rows // rows))
+        ids = torch.zeros((rows, tokens), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        ids = ids.to(device)
+        counts = torch.tensor([len(c) for c in chunks], device=device)
+        offsets = torch.arange(tokens, device=device)
+        positions = cache.lengths[:rows].clone()[:, None] + offsets[None, :]
+        real = offsets[None, :] < counts[:, None]
+        length = min(self.aligned(int((positions[:, 0] + counts).max())), cache.capacity)
+        visible = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+        hidden = self._layers(cache, ids, positions, visible, 0, real, length, real)
+        cache.extend(0, [len(c) for c in chunks])
+        width = int(counts.max())
+        return self._logits(hidden[:, :width].reshape(rows * width, -1)).view(rows, width, -1)
+
     def decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
         """Feed one token to each of the rows 0..len(tokens)-1 (at their own positions); logits (rows, vocab)."""
         rows = tokens.shape[0]

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.finish import finish
 from workers.sampling import RowParams, draw_uniforms, next_tokens
+from workers.speculation import Acceptance, NgramDrafter, SpeculationStats
 from workers.types import Sample, SamplingParams
 
 SEED_LIMIT = 2**31
@@ -75,6 +76,20 @@ class RowState:
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """One entry per generated token, kept only when the row asks for logprobs."""
+    drafter: NgramDrafter | None = None
+    """Built the first time the row is drafted for (speculative decoding)."""
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens guessed to come next (workers.speculation), never past max_new_tokens."""
+        limit = min(limit, self.row.params.max_new_tokens - len(self.generated) - 1)
+        if limit <= 0:
+            return []
+        if self.drafter is None:
+            self.drafter = NgramDrafter(self.row.prompt_ids)
+        self.drafter.sync(self.generated)
+        return self.drafter.propose(limit)
 
 
 def start_row(row: Row) -> RowState:
@@ -156,18 +171,56 @@ class RunningBatch:
     def sample(self, logits: Tensor, first: int = 0) -> list[Sample | None]:
         """Draw the next token of rows first.. from their logits (rows, vocab), append it, and return each row's
         Sample if it is done (None if not)."""
-        rows = logits.shape[0]
-        span = slice(first, first + rows)
-        states = self.states[span]
+        return self._sample_at(logits, list(range(first, first + logits.shape[0])))
+
+    def accept(self, logits: Tensor, drafts: list[list[int]]) -> tuple[list[Sample | None], list[int]]:
+        """After a verify pass (logits (rows, width, vocab) of every running row): draw each row's tokens position
+        by position, exactly as decode steps would, while the token drawn is its draft's; returns each row's
+        Sample if it is done, and how many tokens it took (1 + the draft tokens kept)."""
+        rows = len(drafts)
+        done: list[Sample | None] = [None] * rows
+        taken = [0] * rows
+        active = list(range(rows))
+        for position in range(logits.shape[1]):
+            if not active:
+                break
+            index = torch.tensor(active, dtype=torch.long, device=logits.device)
+            ended = self._sample_at(logits[index, position], active)
+            still = []
+            for slot, sample in zip(active, ended):
+                taken[slot] += 1
+                draft = drafts[slot]
+                if sample is not None:
+                    done[slot] = sample
+                elif position < len(draft) and self.states[slot].generated[-1] == draft[position]:
+                    still.append(slot)
+            active = still
+        for slot, (state, draft) in enumerate(zip(self.states, drafts)):
+            if draft:
+                kept = min(taken[slot] - 1, len(draft))
+                state.acceptance.record(len(draft), kept)
+                state.speculation.add(len(draft), kept)
+                if done[slot] is not None:
+                    done[slot] = _with_speculation(done[slot], state)
+        return done, taken
+
+    def _sample_at(self, logits: Tensor, slots: list[int]) -> list[Sample | None]:
+        """Draw the next token of the rows in these slots from their logits (one row each), append it, and return
+        each row's Sample if it is done (None if not)."""
+        states = [self.states[slot] for slot in slots]
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        at: slice | Tensor = (
+            slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, dtype=torch.long, device=self.device)
+        )
         raw = logits
         if self.counts is not None:
-            counts = self.counts[span]
-            penalty = self.frequency[span, None] * counts + self.presence[span, None] * (counts > 0).float()
+            counts = self.counts[at]
+            penalty = self.frequency[at, None] * counts + self.presence[at, None] * (counts > 0).float()
             logits = logits - penalty.to(logits.dtype)
-        params = RowParams(*(t[span] for t in _fields(self.params)))
-        seen = self.seen[span] if self.seen is not None else None
+        params = RowParams(*(t[at] for t in _fields(self.params)))
+        seen = self.seen[at] if self.seen is not None else None
         tokens = next_tokens(logits, params, seen, draw_uniforms([s.generator for s in states], self.device))
-        at = torch.arange(first, first + rows, device=self.device)
+        at = torch.tensor(slots, dtype=torch.long, device=self.device)
         if self.seen is not None:
             self.seen[at, tokens] = True
         if self.counts is not None:
@@ -179,6 +232,8 @@ class RunningBatch:
             sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
             if sample is not None and state.row.params.logprobs:
                 sample.logprobs = state.logprobs[: sample.completion_tokens]
+            if sample is not None and state.speculation.steps:
+                sample = _with_speculation(sample, state)
             finished.append(sample)
         return finished
 
@@ -209,6 +264,11 @@ class RunningBatch:
                 for value, candidate in zip(top.values[j, :keep].tolist(), top.indices[j, :keep].tolist()):
                     entry["top_logprobs"].append({"token": decode([candidate]), "logprob": value})
             state.logprobs.append(entry)
+
+
+def _with_speculation(sample: Sample, state: RowState) -> Sample:
+    sample.draft_tokens, sample.accepted_tokens = state.speculation.proposed, state.speculation.kept
+    return sample
 
 
 def _fields(params: RowParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:

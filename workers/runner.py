@@ -87,6 +87,7 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
     return Engine.load(
         spec, settings.device, settings.dtype, settings.quantize, settings.batch_size, settings.kv_cache_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
+        speculative_tokens=settings.speculative_tokens,
     )
 
 

@@ -30,6 +30,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from workers.kv_cache import KVCache
 from workers.llama import LlamaRunner
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Row, RunningBatch
+from workers.speculation import Plan, SpeculationPolicy, SpeculationStats
 from workers.types import Sample
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class Scheduler:
         max_tokens: int,
         admit_at: int | None = None,
         prefix: PrefixCache | None = None,
+        speculation: SpeculationPolicy | None = None,
     ) -> None:
         if max_rows < 1 or max_tokens < 1:
             raise ValueError(f"max_rows and max_tokens must be at least 1, got {max_rows} and {max_tokens}")
@@ -105,6 +108,10 @@ class Scheduler:
         """prompt + max_new_tokens summed over the running rows."""
         self.prefix = prefix if prefix is not None and prefix.enabled else None
         """The prefix cache joining rows copy from and store into; None: off."""
+        self.speculation = speculation if speculation is not None and speculation.enabled else None
+        """Decides, per step, whether rows' drafts are verified (workers.speculation); None: off."""
+        self.speculated = SpeculationStats()
+        """Draft tokens proposed and kept over the scheduler's life."""
         self.on_step: Callable[[int, int], None] | None = None
         """Called after every decode step with (rows running, rows the cache's shape allows): occupancy."""
 
@@ -152,10 +159,8 @@ class Scheduler:
         try:
             self._admit(finished)
             if len(self.batch):
-                assert self.cache is not None
                 rows = len(self.batch)
-                logits = self.runner.decode(self.cache, self.batch.last_tokens())
-                self._retire(finished, self.batch.sample(logits))
+                self._retire(finished, self._decode())
                 if self.on_step is not None:
                     self.on_step(rows, self.slots)
         except Exception as exc:
@@ -163,6 +168,49 @@ class Scheduler:
                 raise
             self._recover(exc, finished)
         return finished
+
+    # --- one token (or more) for every running row ----------------------------------------------------
+
+    def _decode(self) -> list[Sample | None]:
+        """A decode step, or a verify step of the rows' drafts when the policy expects it to pay; each row's
+        Sample if it finished."""
+        assert self.cache is not None
+        plan = self._plan()
+        rows = len(self.batch)
+        started = time.perf_counter()
+        if plan is None:
+            logits = self.runner.decode(self.cache, self.batch.last_tokens())
+            ended = self.batch.sample(logits)
+        else:
+            ended = self._verify(plan)
+        if self.speculation is not None:
+            self.speculation.record_step(rows, 1 if plan is None else plan.width, time.perf_counter() - started)
+        return ended
+
+    def _plan(self) -> Plan | None:
+        policy = self.speculation
+        if policy is None:
+            return None
+        states = self.batch.states
+        drafts = [state.draft(policy.max_tokens) for state in states]
+        return policy.plan(drafts, [state.acceptance.rate(policy.prior) for state in states])
+
+    def _verify(self, plan: Plan) -> list[Sample | None]:
+        """Feed every row its last token and its draft in one pass; keep what matches what the row draws."""
+        assert self.cache is not None and self.speculation is not None
+        chunks = [[state.generated[-1]] + draft for state, draft in zip(self.batch.states, plan.drafts)]
+        before = self.cache.lengths[: len(chunks)].tolist()
+        logits = self.runner.verify(self.cache, chunks)
+        ended, taken = self.batch.accept(logits, plan.drafts)
+        proposed = kept = 0
+        for slot, (chunk, count) in enumerate(zip(chunks, taken)):
+            if count < len(chunk):
+                self.cache.truncate(slot, before[slot] + count)  # the rejected drafts' K/V
+            if len(chunk) > 1:
+                proposed, kept = proposed + len(chunk) - 1, kept + count - 1
+        self.speculated.add(proposed, kept)
+        self.speculation.record_verify(proposed, kept)
+        return ended
 
     # --- admission and retirement ---------------------------------------------------------------------
 

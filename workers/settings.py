@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     prefix_cache_tokens: int = 8192
     """Prompt tokens whose K/V a worker keeps for later prompts that start the same way (a shared system prompt
     is computed once); least recently used first out; 0 turns prefix caching off. Llama-family models only."""
+    speculative_tokens: int = 8
+    """Most draft tokens a row proposes per step for speculative decoding (prompt lookup: a row that copies its
+    prompt takes several tokens per step; exact, and used only when the worker measures that it pays); 0 = off."""
     ids_per_message: int = 128
     """Request ids carried by one queue message."""
     metrics_port: int = 9400

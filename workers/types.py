@@ -110,6 +110,10 @@ class Sample:
     cached_tokens: int = field(default=0, compare=False)
     """Prompt tokens whose K/V came from the prefix cache instead of being computed for this sample (accounting:
     two samples with the same text, reason, tokens and seed are equal wherever their prompt's K/V came from)."""
+    draft_tokens: int = field(default=0, compare=False)
+    """Tokens speculative decoding proposed for this sample (workers.speculation)."""
+    accepted_tokens: int = field(default=0, compare=False)
+    """Of draft_tokens, those kept: each one saved a decode step."""
 
 
 @dataclass

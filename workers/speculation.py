@@ -1,0 +1,221 @@
+"""Speculative decoding by prompt lookup: guess a row's next tokens from its own text, check them in one pass.
+
+A row that copies its prompt (rewriting, extraction, correction) keeps producing tokens that already appear
+earlier in its prompt or output. NgramDrafter finds the latest earlier occurrence of the row's last few tokens
+and proposes what followed it; the scheduler feeds the row's last token and the draft to the model in one
+forward pass (LlamaRunner.verify) and keeps the draft up to the first token the row would not have produced.
+
+Exactness: every position is sampled exactly as a plain decode step samples it (same penalties, same filters,
+the row's own generator, one draw per token), and a draft token is kept only if it is the token drawn. A row
+therefore produces the same tokens with and without speculation, greedy or seeded. This is speculative
+sampling's rejection rule for a draft that is a single proposed token (accept with probability p(draft), else
+draw from the rest), realised by coupling the draw: the kept tokens follow the model's distribution exactly.
+
+The policy (SpeculationPolicy): a verify pass over `rows` rows of `width` positions costs more than a decode
+step; it learns how much more on this machine from the steps it times (a least-squares fit of step time on
+rows and extra positions, recent steps weighing most) and, for each step, picks the width that maximises
+expected tokens per second, given each row's recent acceptance rate. With many rows on a CPU, extra positions
+cost nearly what rows do and speculation stays off; with few rows (a job's tail, a small job) it pays.
+
+In order: NgramDrafter -> Acceptance -> StepCost -> SpeculationPolicy -> SpeculationStats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from workers.settings import Settings
+
+SPECULATIVE_TOKENS: int = Settings.model_fields["speculative_tokens"].default
+"""Most draft tokens one row proposes in one step (the speculative_tokens setting; 0 turns speculation off)."""
+NGRAM_SIZES = (3, 2, 1)
+"""The lengths of the row's suffix looked up, longest first."""
+PROBE_EVERY = 8
+"""While the cost of a wider pass is not measured yet, one step in this many speculates to measure it."""
+
+
+class NgramDrafter:
+    """Where each n-gram of a row's tokens (prompt, then output) last occurred, kept up to date as tokens come.
+
+    `ends[n][gram]` is the position right after the latest occurrence of `gram` that has a token after it, so
+    the draft for a suffix is what followed its latest earlier occurrence.
+    """
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.tokens: list[int] = []
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAM_SIZES}
+        self._extend(prompt)
+        self.prompt_length = len(prompt)
+
+    def _extend(self, tokens: list[int]) -> None:
+        seq = self.tokens
+        for token in tokens:
+            end = len(seq)  # the n-grams ending here now have a token after them
+            for n, index in self.ends.items():
+                if end >= n:
+                    index[tuple(seq[end - n : end])] = end
+            seq.append(token)
+
+    def sync(self, generated: list[int]) -> None:
+        """Take the row's output tokens not seen yet."""
+        seen = len(self.tokens) - self.prompt_length
+        if len(generated) > seen:
+            self._extend(generated[seen:])
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the longest suffix found."""
+        seq = self.tokens
+        if limit <= 0:
+            return []
+        for n, index in self.ends.items():
+            if len(seq) < n:
+                continue
+            end = index.get(tuple(seq[len(seq) - n :]))
+            if end is not None:
+                return seq[end : end + limit]
+        return []
+
+
+@dataclass
+class Acceptance:
+    """A row's recent draft tokens kept and rejected (decayed), and the worker-wide rate as its prior."""
+
+    kept: float = 0.0
+    rejected: float = 0.0
+
+    DECAY = 0.8
+    PRIOR = 2.0
+    """Weight of the worker-wide rate in a row's estimate (in draft tokens)."""
+
+    def rate(self, prior: float) -> float:
+        """The estimated chance that the row's next draft token is kept, given the one before it was."""
+        return (self.kept + self.PRIOR * prior) / (self.kept + self.rejected + self.PRIOR)
+
+    def record(self, proposed: int, kept: int) -> None:
+        self.kept = self.kept * self.DECAY + kept
+        self.rejected = self.rejected * self.DECAY + (1 if kept < proposed else 0)
+
+
+class StepCost:
+    """Seconds of one decode or verify step as a + b * rows + c * extra positions, fitted by least squares over
+    the steps timed so far, each older step weighing FORGET times less than the one after it."""
+
+    FORGET = 0.98
+    RIDGE = 1e-9
+
+    def __init__(self) -> None:
+        self.xtx = numpy.zeros((3, 3))
+        self.xty = numpy.zeros(3)
+        self.steps = 0
+        self.wide_steps = 0
+        """Verify steps timed (extra positions > 0): until there are some, c is unknown."""
+        self._fit: numpy.ndarray | None = None
+
+    def record(self, rows: int, extra: int, seconds: float) -> None:
+        x = numpy.array([1.0, rows, extra])
+        self.xtx = self.xtx * self.FORGET + numpy.outer(x, x)
+        self.xty = self.xty * self.FORGET + x * seconds
+        self.steps += 1
+        self.wide_steps += extra > 0
+        self._fit = None
+
+    @property
+    def known(self) -> bool:
+        return self.steps >= 4 and self.wide_steps >= 2
+
+    def seconds(self, rows: int, extra: int) -> float:
+        if self._fit is None:
+            a = self.xtx + self.RIDGE * numpy.eye(3)
+            self._fit = numpy.linalg.solve(a, self.xty)
+        a, b, c = (float(v) for v in self._fit)
+        # A fit from few or noisy steps can put a negative weight on extra positions: they are never free.
+        return max(a + b * rows, 1e-6) + max(c, 1e-6 * max(a + b * rows, 1e-6)) * extra
+
+
+@dataclass
+class Plan:
+    """What one step feeds: each running row's draft (empty: the row takes one token, as in a decode step)."""
+
+    drafts: list[list[int]]
+
+    @property
+    def width(self) -> int:
+        return 1 + max((len(d) for d in self.drafts), default=0)
+
+
+class SpeculationPolicy:
+    """Per step: draft for each row, and keep the drafts only as long as the expected gain pays for the wider pass."""
+
+    def __init__(self, max_tokens: int = SPECULATIVE_TOKENS, always: bool = False) -> None:
+        """always: speculate at every step where some row has a draft (tests of exactness), whatever it costs."""
+        self.max_tokens = max_tokens
+        self.always = always
+        self.cost = StepCost()
+        self.prior = 0.5
+        """The worker-wide acceptance rate (exponentially weighted over verify steps)."""
+        self._since_probe = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_tokens > 0
+
+    def plan(self, drafts: list[list[int]], rates: list[float]) -> Plan | None:
+        """Cut drafts (each row's full proposal) to the width that maximises expected tokens per second;
+        None: a plain decode step pays best."""
+        rows = len(drafts)
+        longest = max((len(d) for d in drafts), default=0)
+        if longest == 0:
+            return None
+        if self.always:
+            return Plan(drafts)
+        if not self.cost.known:
+            self._since_probe += 1
+            if self._since_probe < PROBE_EVERY:
+                return None
+            self._since_probe = 0
+            return Plan([d[: max(1, self.max_tokens // 2)] for d in drafts])
+        best, best_rate = 0, rows / self.cost.seconds(rows, 0)
+        for width in range(1, longest + 1):
+            rate = self._expected(drafts, rates, width) / self.cost.seconds(rows, rows * width)
+            if rate > best_rate:
+                best, best_rate = width, rate
+        if best == 0:
+            return None
+        return Plan([d[:best] for d in drafts])
+
+    @staticmethod
+    def _expected(drafts: list[list[int]], rates: list[float], width: int) -> float:
+        """Expected tokens of a step where each row may keep up to `width` draft tokens: one, plus rate + rate^2
+        + ... + rate^k for k = its draft's length within width (a token is kept only if every one before it was)."""
+        total = 0.0
+        for draft, rate in zip(drafts, rates):
+            k = min(width, len(draft))
+            total += 1.0 + (rate * (1 - rate**k) / (1 - rate) if rate < 1.0 else float(k))
+        return total
+
+    def record_step(self, rows: int, width: int, seconds: float) -> None:
+        self.cost.record(rows, rows * (width - 1), seconds)
+
+    def record_verify(self, proposed: int, kept: int) -> None:
+        if proposed:
+            self.prior = 0.9 * self.prior + 0.1 * (kept / proposed)
+
+
+@dataclass
+class SpeculationStats:
+    """Draft tokens proposed and kept, for one row (reported with its Sample) or a whole worker."""
+
+    proposed: int = 0
+    kept: int = 0
+    steps: int = 0
+    """Verify steps (for a row: those in which it had a draft)."""
+
+    def add(self, proposed: int, kept: int) -> None:
+        self.proposed += proposed
+        self.kept += kept
+        self.steps += 1
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.kept / self.proposed if self.proposed else None
