@@ -33,6 +33,8 @@ NGRAM_SIZES = (3, 2, 1)
 """The lengths of the row's suffix looked up, longest first."""
 PROBE_EVERY = 8
 """While the cost of a wider pass is not measured yet, one step in this many speculates to measure it."""
+MARGIN = 0.03
+"""A verify step must be expected to beat a decode step by this much (the cost fit is an estimate)."""
 
 
 class NgramDrafter:
@@ -175,7 +177,7 @@ class SpeculationPolicy:
                 return None
             self._since_probe = 0
             return Plan([d[: max(1, self.max_tokens // 2)] for d in drafts])
-        best, best_rate = 0, rows / self.cost.seconds(rows, 0)
+        best, best_rate = 0, rows / self.cost.seconds(rows, 0) * (1 + MARGIN)
         for width in range(1, longest + 1):
             rate = self._expected(drafts, rates, width) / self.cost.seconds(rows, rows * width)
             if rate > best_rate:

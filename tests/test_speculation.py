@@ -1,0 +1,190 @@
+"""Speculative decoding: drafts from the row's own text, verified in one pass; nothing a row produces changes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_engine import cache_dir, engine  # noqa: F401
+from workers.engine import Engine
+from workers.rows import Row, RunningBatch
+from workers.speculation import NgramDrafter, SpeculationPolicy, StepCost
+from workers.types import GenerationRequest, SamplingParams
+
+COPY_ME = (
+    "Fix the spelling mistakes in this text and write the whole text back, nothing else:\n\n"
+    "The quick brown fox jumsp over the lazy dog. The quick brown fox jumps over the lazy dgo again and again."
+)
+
+
+def engine_with(engine: Engine, speculative_tokens: int, always: bool = False, rows: int = 8) -> Engine:
+    """The same loaded model behind a fresh engine; always: verify every draft, whatever the cost model says."""
+    fresh = Engine(
+        engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, max_batch_rows=rows,
+        speculative_tokens=speculative_tokens,
+    )
+    if always:
+        assert fresh.scheduler is not None and fresh.scheduler.speculation is not None
+        fresh.scheduler.speculation.always = True
+    return fresh
+
+
+# --- drafting ------------------------------------------------------------------------------------------
+
+
+def test_the_drafter_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix() -> None:
+    drafter = NgramDrafter([1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 7, 2, 3])
+    assert drafter.propose(3) == [4, 5, 6]  # "2 3" last came before 4 (the "1 2 3" before 9 is older)
+    drafter.sync([8])  # the output so far: [8]; "3 8" and "8" were never seen
+    assert drafter.propose(4) == []
+    drafter.sync([8, 1, 2])  # now "8 1 2": "1 2" was last followed by 3
+    assert drafter.propose(2) == [3, 4]
+    assert drafter.propose(0) == []
+
+
+def test_the_drafter_may_copy_from_the_rows_own_output() -> None:
+    drafter = NgramDrafter([5, 6])
+    drafter.sync([7, 8, 9, 7, 8])
+    assert drafter.propose(5) == [9, 7, 8]  # what followed "7 8", up to the end of the text
+
+
+# --- the policy ----------------------------------------------------------------------------------------
+
+
+def test_the_step_cost_fit_recovers_a_linear_cost() -> None:
+    cost = StepCost()
+    for rows in (8, 16, 32, 64):
+        for extra in (0, rows, 4 * rows):
+            cost.record(rows, extra, 0.040 + 0.001 * rows + 0.0003 * extra)
+    assert cost.known
+    assert cost.seconds(24, 48) == pytest.approx(0.040 + 0.024 + 0.0144, rel=1e-3)
+
+
+def policy_with(seconds) -> SpeculationPolicy:  # type: ignore[no-untyped-def]
+    policy = SpeculationPolicy(max_tokens=8)
+    for rows in (4, 8, 32, 64):
+        for width in (1, 2, 5):
+            policy.record_step(rows, width, seconds(rows, rows * (width - 1)))
+    return policy
+
+
+def test_speculation_runs_where_it_pays_and_stays_off_where_it_does_not() -> None:
+    cpu = policy_with(lambda rows, extra: 0.040 + 0.0013 * rows + 0.0003 * extra)
+    drafts = [[1, 2, 3, 4, 5, 6]] * 8
+    plan = cpu.plan(drafts, [0.9] * 8)
+    assert plan is not None and plan.width > 3  # few rows that copy: several tokens a step
+    assert cpu.plan(drafts, [0.05] * 8) is None  # drafts that are rarely right cost more than they give
+    assert cpu.plan([[]] * 8, [0.9] * 8) is None  # nothing to verify
+    # Extra positions that cost as much as whole steps: never worth it.
+    dear = policy_with(lambda rows, extra: 0.010 + 0.001 * rows + 0.01 * extra)
+    assert dear.plan([[1, 2, 3]] * 64, [0.8] * 64) is None
+
+
+def test_until_the_cost_is_measured_a_step_in_a_few_probes_it() -> None:
+    policy = SpeculationPolicy(max_tokens=8)
+    plans = [policy.plan([[1, 2, 3, 4, 5, 6]], [0.9]) for _ in range(20)]
+    probes = [p for p in plans if p is not None]
+    assert 1 <= len(probes) <= 3 and all(p.width == 5 for p in probes)
+    assert SpeculationPolicy(max_tokens=0).enabled is False
+
+
+# --- exactness -----------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_a_verify_pass_gives_the_logits_of_decode_steps_bit_for_bit(engine: Engine) -> None:  # noqa: F811
+    runner = engine.runner
+    assert runner is not None and engine.dtype == "float32"
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 4000, (20 + 5 * i,), generator=generator).tolist() for i in range(3)]
+    chunks = [torch.randint(10, 4000, (4,), generator=generator).tolist() for _ in range(3)]
+    stepped, verified = runner.new_cache(3, 64, engine.device), runner.new_cache(3, 64, engine.device)
+    runner.prefill(stepped, prompts)
+    runner.prefill(verified, prompts)
+    steps = torch.stack([runner.decode(stepped, torch.tensor([c[j] for c in chunks])) for j in range(4)], dim=1)
+    assert torch.equal(runner.verify(verified, chunks), steps)
+    assert torch.equal(stepped.lengths, verified.lengths)
+
+
+def requests() -> list[GenerationRequest]:
+    """Greedy and seeded rows with every parameter that shapes a draw, stop strings and short limits."""
+    many = [
+        {"temperature": 0},
+        {"temperature": 0, "max_new_tokens": 3},
+        {"temperature": 0, "stop": [" the", "."]},
+        {"temperature": 0, "repetition_penalty": 1.3},
+        {"temperature": 0, "frequency_penalty": 0.5, "presence_penalty": 0.3},
+        {"temperature": 0, "logprobs": True, "top_logprobs": 2},
+        {"temperature": 0.8, "seed": 11},
+        {"temperature": 0.7, "top_k": 5, "seed": 12, "n": 3},
+        {"temperature": 1.0, "top_p": 0.9, "seed": 13, "logprobs": True},
+        {"temperature": 0.9, "repetition_penalty": 1.2, "seed": 14},
+    ]
+    return [
+        GenerationRequest(SamplingParams(**({"max_new_tokens": 40} | params)), prompt=COPY_ME + f" ({i})")
+        for i, params in enumerate(many)
+    ]
+
+
+def test_every_row_gives_the_same_tokens_with_speculation(engine: Engine) -> None:  # noqa: F811
+    """Greedy and seeded rows alike, with penalties, stop strings, max_new_tokens and logprobs (float32)."""
+    off = engine_with(engine, 0).generate(requests())
+    speculating = engine_with(engine, 8, always=True)
+    on = speculating.generate(requests())
+    assert on == off  # text, finish reason, token counts, seeds, logprobs
+    assert speculating.scheduler is not None
+    assert speculating.scheduler.speculated.kept > 0  # drafts were verified and some kept: the path ran
+    samples = [s for r in on for s in r.samples]
+    assert all(0 <= s.accepted_tokens <= s.draft_tokens for s in samples)
+    assert sum(s.draft_tokens for s in samples) > 0
+
+
+def test_the_default_policy_gives_the_same_tokens(engine: Engine) -> None:  # noqa: F811
+    off = engine_with(engine, 0, rows=4).generate(requests())
+    assert engine_with(engine, 8, rows=4).generate(requests()) == off
+
+
+def test_a_kept_draft_token_has_the_models_probability(engine: Engine) -> None:  # noqa: F811
+    """Speculative sampling's rule, checked by counting: over many seeded rows, a draft token is kept as often as
+    the model would draw it, and a row's first token follows the model's distribution whether its draft is kept
+    or not (a binomial and a chi-square test; a wrong rule fails them by far more than these bounds)."""
+    rows = 4000
+    vocab = engine.model.config.vocab_size
+    favoured = [100, 200, 300, 400]
+    logits = torch.full((rows, 2, vocab), -math.inf)
+    logits[:, :, favoured] = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    batch = RunningBatch(vocab, engine.device, engine.tokenizer, engine.eos_ids)
+    batch.add([Row(i, 0, [1, 2, 3], params, 1000 + i) for i in range(rows)])
+    probs = torch.softmax(torch.tensor([2.0, 1.0, 0.5, 0.0]) / 0.8, dim=0)
+    draft = 200
+    _, taken = batch.accept(logits, [[draft]] * rows)
+    kept = sum(1 for t in taken if t == 2)
+    p = float(probs[1])
+    assert abs(kept - rows * p) / math.sqrt(rows * p * (1 - p)) < 4.5
+    first = torch.tensor([state.generated[0] for state in batch.states])
+    observed = torch.tensor([float((first == token).sum()) for token in favoured])
+    expected = probs * rows
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # p = 0.001 with 3 degrees of freedom
+    assert all(state.generated[0] in favoured for state in batch.states)
+
+
+@pytest.mark.slow
+def test_the_real_model_copies_its_prompt_in_fewer_steps_with_the_same_text(cache_dir) -> None:  # noqa: F811
+    """SmolLM2 in float32 on rewriting prompts: the texts are those of plain decoding, and drafts are kept."""
+    from workers.registry import SMOLLM2, resolve
+
+    real = Engine.load(resolve(SMOLLM2), max_batch_rows=4, speculative_tokens=0)
+    asks = [
+        GenerationRequest(
+            SamplingParams(max_new_tokens=48, temperature=t, seed=5), messages=[{"role": "user", "content": COPY_ME + f" {i}"}]
+        )
+        for i, t in enumerate((0.0, 0.0, 0.6))
+    ]
+    off = real.generate(asks)
+    speculating = engine_with(real, 8, always=True, rows=4)
+    assert speculating.generate(asks) == off
+    stats = speculating.scheduler.speculated  # type: ignore[union-attr]
+    assert stats.kept >= 20  # decode steps saved, of 3 x 48 tokens
