@@ -132,6 +132,11 @@ class Result(Base):
     cached_prompt_tokens: Mapped[Optional[int]] = mapped_column(Integer)
     """Of prompt_tokens, those whose K/V this sample copied from the worker's prefix cache instead of computing
     them (0: none; None: written before the column existed)."""
+    draft_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    """Tokens speculative decoding proposed for this sample (0: none; None: written before the column existed or
+    by an engine that does not say)."""
+    accepted_draft_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    """Of draft_tokens, those kept: each one saved a decode step (None with draft_tokens)."""
 
     def __repr__(self) -> str:
         return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"

@@ -21,7 +21,7 @@ from models.tables import Request, Result
 FORMATS = ("jsonl", "csv", "parquet", "openai")
 FLAT_COLUMNS = (
     "custom_id", "sample_index", "status", "text", "finish_reason", "prompt_tokens", "cached_prompt_tokens",
-    "completion_tokens", "seed", "error", "metadata",
+    "completion_tokens", "draft_tokens", "accepted_draft_tokens", "seed", "error", "metadata",
 )
 
 
@@ -58,6 +58,8 @@ def flat_records(db: Engine, job_id: int, logprobs: bool = False) -> Iterator[di
                 "prompt_tokens": result.prompt_tokens,
                 "cached_prompt_tokens": result.cached_prompt_tokens,
                 "completion_tokens": result.completion_tokens,
+                "draft_tokens": result.draft_tokens,
+                "accepted_draft_tokens": result.accepted_draft_tokens,
                 "seed": result.seed,
             }
             if logprobs and result.logprobs is not None:
@@ -95,7 +97,7 @@ def write_parquet(db: Engine, job_id: int, path: str, row_group: int = 10_000) -
     schema = pa.schema([
         ("custom_id", pa.string()), ("sample_index", pa.int32()), ("status", pa.string()), ("text", pa.string()),
         ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("cached_prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()), ("draft_tokens", pa.int32()), ("accepted_draft_tokens", pa.int32()),
         ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()),
     ])
     count = 0
@@ -149,6 +151,15 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
     prompt_tokens = item.results[0].prompt_tokens
     cached_tokens = item.results[0].cached_prompt_tokens or 0
     completion_tokens = sum(r.completion_tokens for r in item.results)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+    predictions = _prediction_tokens(item.results)
+    if predictions is not None:
+        usage["completion_tokens_details"] = predictions
     finished = max(r.finished_at for r in item.results)
     created = int((finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc)).timestamp())
     line["response"] = {
@@ -160,15 +171,23 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": cached_tokens},
-            },
+            "usage": usage,
         },
     }
     return line
+
+
+def _prediction_tokens(results: list[Result]) -> dict[str, int] | None:
+    """The samples' draft tokens under OpenAI's names for predicted-output tokens: those kept (accepted) and the
+    rest (rejected); None when no sample's engine said."""
+    draft = accepted = 0
+    counted = False
+    for result in results:
+        if result.draft_tokens is not None and result.accepted_draft_tokens is not None:
+            draft, accepted, counted = draft + result.draft_tokens, accepted + result.accepted_draft_tokens, True
+    if not counted:
+        return None
+    return {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": draft - accepted}
 
 
 def _error_response(request: Request) -> dict[str, Any]:

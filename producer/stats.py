@@ -33,6 +33,11 @@ def _hit_rate(cached: int | None, prompt: int | None) -> float | None:
     return round(int(cached) / int(prompt), 3) if cached is not None and prompt else None
 
 
+def _acceptance(accepted: int | None, draft: int | None) -> float | None:
+    """Share of the tokens speculative decoding proposed that were kept (None: no draft tokens counted)."""
+    return round(int(accepted or 0) / int(draft), 3) if draft else None
+
+
 def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
     """Stats for one job, or for every job when job_id is None."""
     on_requests = [Request.job_id == job_id] if job_id is not None else []
@@ -48,8 +53,11 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
             ).where(*on_jobs)
         ).one()
         total, prompt_tokens, completion_tokens, started, finished, jobs, open_jobs = totals
-        cached, counted = session.execute(
-            select(func.sum(Result.cached_prompt_tokens), _counted_prompt_tokens()).where(*on_results)
+        cached, counted, draft, accepted = session.execute(
+            select(
+                func.sum(Result.cached_prompt_tokens), _counted_prompt_tokens(),
+                func.sum(Result.draft_tokens), func.sum(Result.accepted_draft_tokens),
+            ).where(*on_results)
         ).one()
         groups = {}
         for name, column in (("workers", Result.worker_host), ("models", Result.model)):
@@ -59,12 +67,15 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
                     "tokens_per_s": _rate(int(tokens or 0), first, last),
                     "mean_occupancy": None if occupancy is None else round(float(occupancy), 3),
                     "prefix_hit_rate": _hit_rate(cached, prompt),
+                    "draft_tokens": int(draft or 0), "accepted_draft_tokens": int(accepted or 0),
+                    "speculation_acceptance": _acceptance(accepted, draft),
                 }
-                for key, count, tokens, first, last, occupancy, cached, prompt in session.execute(
+                for key, count, tokens, first, last, occupancy, cached, prompt, draft, accepted in session.execute(
                     select(
                         column, func.count(), func.sum(Result.completion_tokens), func.min(Result.started_at),
                         func.max(Result.finished_at), func.avg(Result.batch_occupancy),
                         func.sum(Result.cached_prompt_tokens), _counted_prompt_tokens(),
+                        func.sum(Result.draft_tokens), func.sum(Result.accepted_draft_tokens),
                     )
                     .where(*on_results).group_by(column).order_by(column)
                 ).all()
@@ -90,6 +101,9 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
         "prompt_tokens": int(prompt_tokens),
         "prefix_hit_rate": _hit_rate(cached, counted),
         "completion_tokens": int(completion_tokens),
+        "draft_tokens": int(draft or 0),
+        "accepted_draft_tokens": int(accepted or 0),
+        "speculation_acceptance": _acceptance(accepted, draft),
         "elapsed_s": None if elapsed is None else round(elapsed, 1),
         "tokens_per_s": round(int(completion_tokens) / elapsed, 1) if elapsed else None,
         "eta_s": eta,

@@ -50,16 +50,18 @@ def _job_with_results(url: str) -> int:
         ids = {r.custom_id: r.id for r in claim.requests}
     now = utcnow()
 
-    def row(request_id: int, sample: int, text: str, tokens: int, logprobs: list | None = None, cached: int = 0) -> dict:
+    def row(request_id: int, sample: int, text: str, tokens: int, logprobs: list | None = None, cached: int = 0,
+            draft: int | None = None, accepted: int | None = None) -> dict:
         return {"request_id": request_id, "job_id": job_id, "sample_index": sample, "text": text, "finish_reason": "stop",
                 "prompt_tokens": 7, "completion_tokens": tokens, "params": {"seed": sample}, "seed": 40 + sample,
                 "model": "tiny-random-llama", "dtype": "float32", "quantization": "none", "worker_host": "h",
                 "device": "cpu", "started_at": now, "finished_at": now, "generation_seconds": 0.5, "logprobs": logprobs,
-                "cached_prompt_tokens": cached}
+                "cached_prompt_tokens": cached, "draft_tokens": draft, "accepted_draft_tokens": accepted}
 
     with sessions() as s:
         record_outcomes(s, job_id, [
-            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3, CHAT_LOGPROBS, 4), row(ids["chat"], 1, "Hi,\nthere", 4, cached=4)]),
+            Outcome(ids["chat"], 7, [row(ids["chat"], 0, "Hello, “friend”", 3, CHAT_LOGPROBS, 4, draft=5, accepted=2),
+                                     row(ids["chat"], 1, "Hi,\nthere", 4, cached=4, draft=3, accepted=0)]),
             Outcome(ids["raw"], 7, [row(ids["raw"], 0, "upon a time", 3, RAW_LOGPROBS)]),
             Outcome(ids["bad"], 0, error="prompt has 9000 tokens"),
         ])
@@ -79,8 +81,10 @@ def test_jsonl_and_csv(store_url: str) -> None:
     assert [(x["custom_id"], x.get("sample_index")) for x in lines] == [("chat", 0), ("chat", 1), ("raw", 0), ("bad", None)]
     assert lines[0]["text"] == "Hello, “friend”" and lines[0]["metadata"] == {"k": 1} and lines[0]["completion_tokens"] == 3
     assert lines[3] == {"custom_id": "bad", "status": "failed", "error": "prompt has 9000 tokens", "metadata": None}
+    assert [(x.get("draft_tokens"), x.get("accepted_draft_tokens")) for x in lines] == [(5, 2), (3, 0), (None, None), (None, None)]
     rows = list(csv.DictReader(io.StringIO(_export(store_url, job_id, "--format", "csv"))))
     assert len(rows) == 4 and rows[1]["text"] == "Hi,\nthere" and rows[0]["metadata"] == '{"k": 1}'
+    assert [(r["draft_tokens"], r["accepted_draft_tokens"]) for r in rows] == [("5", "2"), ("3", "0"), ("", ""), ("", "")]
     assert rows[3]["status"] == "failed" and rows[3]["text"] == ""
 
 
@@ -110,6 +114,8 @@ def test_parquet_loads_with_pandas_and_datasets(sqlite_url: str, tmp_path: Path,
     assert str(typed["completion_tokens"].dtype) == "Int32" and str(typed["seed"].dtype) == "Int64"
     assert typed["seed"].tolist()[:3] == [40, 41, 40] and typed["seed"].isna().tolist() == [False, False, False, True]
     assert typed["cached_prompt_tokens"].tolist()[:3] == [4, 4, 0] and str(typed["cached_prompt_tokens"].dtype) == "Int32"
+    for column, stored in (("draft_tokens", [5, 3]), ("accepted_draft_tokens", [2, 0])):  # the raw request's engine did not say
+        assert str(typed[column].dtype) == "Int32" and typed[column].tolist()[:2] == stored and typed[column].isna().tolist()[2:] == [True, True]
     assert frame["text"].iloc[1] == "Hi,\nthere" and frame["error"].iloc[3] == "prompt has 9000 tokens"
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
@@ -133,9 +139,12 @@ def test_openai_batch_output_format(sqlite_url: str) -> None:
         {"role": "assistant", "content": "Hello, “friend”", "refusal": None}, {"role": "assistant", "content": "Hi,\nthere", "refusal": None}]
     ChatCompletion.model_validate(body)  # the official SDK's type parses it
     assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 4}}
-    assert ChatCompletion.model_validate(body).usage.prompt_tokens_details.cached_tokens == 4
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 4},
+                             "completion_tokens_details": {"accepted_prediction_tokens": 2, "rejected_prediction_tokens": 6}}
+    usage = ChatCompletion.model_validate(body).usage
+    assert usage.prompt_tokens_details.cached_tokens == 4 and usage.completion_tokens_details.rejected_prediction_tokens == 6
     raw = lines[1]["response"]["body"]
+    assert "completion_tokens_details" not in raw["usage"]  # its draft columns are NULL: nothing said, nothing claimed
     assert raw["object"] == "text_completion" and raw["choices"][0]["text"] == "upon a time"
     Completion.model_validate(raw)
     assert raw["id"] != body["id"] and lines[0]["id"] != lines[1]["id"]

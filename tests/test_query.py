@@ -52,12 +52,16 @@ def test_stats_by_job_and_overall(store_url: str) -> None:
     info = json.loads(result.output)
     assert info["requests"] == 3 and info["by_state"] == {"done": 2, "failed": 1}
     assert info["completion_tokens"] == 10 and info["prompt_tokens"] == 14
-    assert info["per_worker"] == [{"worker": "h", "results": 3, "completion_tokens": 10, "tokens_per_s": None, "mean_occupancy": None, "prefix_hit_rate": 0.381}]
+    assert info["per_worker"] == [{"worker": "h", "results": 3, "completion_tokens": 10, "tokens_per_s": None, "mean_occupancy": None, "prefix_hit_rate": 0.381,
+                                   "draft_tokens": 8, "accepted_draft_tokens": 2, "speculation_acceptance": 0.25}]
+    # the chat request's samples proposed 5 and 3 draft tokens and kept 2 and 0; the raw one's engine did not say
+    assert (info["draft_tokens"], info["accepted_draft_tokens"], info["speculation_acceptance"]) == (8, 2, 0.25)
+    assert info["per_model"][0]["speculation_acceptance"] == 0.25
     assert info["prefix_hit_rate"] == round(8 / 21, 3)  # 4 of the chat request's 7 prompt tokens, in each of its 2 samples
     assert info["per_model"][0]["model"] == "tiny-random-llama"
     assert info["failures"] == [{"reason": "prompt has 9000 tokens", "count": 1}]
     assert info["eta_s"] == 0.0
     overall = CliRunner().invoke(main, ["stats", "--database-url", store_url], catch_exceptions=False)
-    assert overall.exit_code == 0 and "per worker" in overall.output
+    assert overall.exit_code == 0 and "per worker" in overall.output and "speculation_acceptance" in overall.output
     missing = CliRunner().invoke(main, ["stats", "999", "--database-url", store_url])
     assert missing.exit_code != 0 and "no job 999" in missing.output

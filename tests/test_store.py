@@ -182,3 +182,39 @@ def test_the_result_counter_is_filled_in_for_jobs_stored_before_it(tmp_path) -> 
     with db.connect() as c:
         assert c.execute(text("SELECT result_count FROM jobs WHERE id = 1")).scalar_one() == 3
     db.dispose()
+
+
+def test_the_speculation_columns_go_in_and_out_with_migration_0007(store_url: str) -> None:
+    """Down to 0006 drops both columns and keeps the results; back up, those results read NULL draft counts,
+    which stats count as nothing said."""
+    from alembic import command
+
+    from migrations import alembic_config
+    from producer.stats import collect
+
+    db = make_engine(store_url)
+    job_id, ids = _job_of(db, 2)
+    with session_factory(db)() as session:
+        assert claim_requests(session, job_id, ids, "w1") is not None
+        record_outcomes(session, job_id, [Outcome(i, 3, [_result_row(i, job_id, 0, f"old {i}")]) for i in ids])
+    db.dispose()
+
+    def columns() -> set[str]:
+        engine = create_engine(store_url)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns("results")}
+        finally:
+            engine.dispose()
+
+    command.downgrade(alembic_config(store_url), "0006")
+    assert "cached_prompt_tokens" in columns() and not columns() & {"draft_tokens", "accepted_draft_tokens"}
+    command.upgrade(alembic_config(store_url), "head")
+    assert columns() >= {"draft_tokens", "accepted_draft_tokens"}
+    db = make_engine(store_url)
+    with db.connect() as c:
+        rows = c.execute(select(Result.draft_tokens, Result.accepted_draft_tokens).where(Result.job_id == job_id)).all()
+    assert [tuple(r) for r in rows] == [(None, None), (None, None)]  # both results kept, neither with a count
+    info = collect(db, job_id)
+    assert (info["draft_tokens"], info["accepted_draft_tokens"], info["speculation_acceptance"]) == (0, 0, None)
+    assert info["per_worker"][0]["speculation_acceptance"] is None
+    db.dispose()

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from models.db import make_engine, session_factory, utcnow
 from models.tables import Job, Request, Result
+from producer.export import flat_records, iter_request_results, openai_line
 from producer.stats import collect
 from tests.test_engine import cache_dir, engine  # noqa: F401
 from tests.test_lifecycle import job_row, make_job, requests_of
@@ -133,7 +134,7 @@ def test_a_duplicate_message_for_held_requests_claims_nothing_again(sqlite_url: 
     assert job_row(sqlite_url, job_id).result_count == 4
 
 
-def test_prompts_sharing_a_prefix_report_their_cached_tokens_in_results_stats_and_metrics(tiny_worker: TracedWorker, sqlite_url: str) -> None:
+def test_prompts_sharing_a_prefix_report_their_cached_and_draft_tokens_in_results_exports_stats_and_metrics(tiny_worker: TracedWorker, sqlite_url: str) -> None:
     from workers import metrics
 
     job_id, ids = make_job(sqlite_url, 12, model=tiny_worker.model)
@@ -143,8 +144,12 @@ def test_prompts_sharing_a_prefix_report_their_cached_tokens_in_results_stats_an
         for request in session.scalars(select(Request).where(Request.job_id == job_id)).all():
             request.prompt = shared + request.prompt
         session.commit()
+    scheduler = tiny_worker.engine.scheduler
+    assert scheduler is not None and scheduler.speculation is not None
+    scheduler.speculation.always = True  # verify every draft: on this tiny model the cost model could decline them all
     counter = metrics.CACHED_PROMPT_TOKENS.labels(tiny_worker.model)
-    before = counter._value.get()
+    drafted, kept = metrics.DRAFT_TOKENS.labels(tiny_worker.model), metrics.ACCEPTED_DRAFT_TOKENS.labels(tiny_worker.model)
+    before, drafted_before, kept_before = counter._value.get(), drafted._value.get(), kept._value.get()
     for start in range(0, len(ids), 4):
         tiny_worker.handle(job_id, ids[start : start + 4])
     assert tiny_worker.wait_idle(timeout=120)
@@ -155,3 +160,24 @@ def test_prompts_sharing_a_prefix_report_their_cached_tokens_in_results_stats_an
     info = collect(make_engine(sqlite_url), job_id)
     assert info["prefix_hit_rate"] == round(sum(c for c, _ in rows) / sum(p for _, p in rows), 3) > 0.3
     assert counter._value.get() - before == sum(c for c, _ in rows)
+
+    # speculative decoding's counts, written beside them and reported as they are stored
+    with session_factory(make_engine(sqlite_url))() as session:
+        drafts = session.execute(
+            select(Request.custom_id, Result.sample_index, Result.draft_tokens, Result.accepted_draft_tokens)
+            .join(Request, Request.id == Result.request_id).where(Result.job_id == job_id)
+        ).all()
+    assert all(isinstance(d, int) and isinstance(a, int) and 0 <= a <= d for _, _, d, a in drafts), drafts
+    draft, accepted = sum(d for _, _, d, _ in drafts), sum(a for _, _, _, a in drafts)
+    assert draft > 0, drafts  # the shared start, said three times, gives every row an earlier match to draft from
+    assert (info["draft_tokens"], info["accepted_draft_tokens"]) == (draft, accepted)
+    assert info["speculation_acceptance"] == round(accepted / draft, 3)
+    assert info["per_model"][0]["speculation_acceptance"] == info["speculation_acceptance"]
+    assert (drafted._value.get() - drafted_before, kept._value.get() - kept_before) == (draft, accepted)
+    exported = {(r["custom_id"], r["sample_index"]): (r["draft_tokens"], r["accepted_draft_tokens"])
+                for r in flat_records(make_engine(sqlite_url), job_id)}
+    assert exported == {(c, i): (d, a) for c, i, d, a in drafts}
+    usage = {item.request.custom_id: openai_line(item, tiny_worker.model)["response"]["body"]["usage"]
+             for item in iter_request_results(make_engine(sqlite_url), job_id)}
+    assert {c: (u["completion_tokens_details"]["accepted_prediction_tokens"], u["completion_tokens_details"]["rejected_prediction_tokens"])
+            for c, u in usage.items()} == {c: (a, d - a) for c, _, d, a in drafts}

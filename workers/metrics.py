@@ -19,6 +19,12 @@ CACHED_PROMPT_TOKENS = Counter(
     "Of the prompt tokens, those whose K/V came from the prefix cache (hit rate: this / bulkgen_prompt_tokens).",
     ["model"], registry=REGISTRY,
 )
+DRAFT_TOKENS = Counter("bulkgen_draft_tokens", "Tokens speculative decoding proposed.", ["model"], registry=REGISTRY)
+ACCEPTED_DRAFT_TOKENS = Counter(
+    "bulkgen_accepted_draft_tokens",
+    "Of the draft tokens, those kept (acceptance rate: this / bulkgen_draft_tokens); each saved a decode step.",
+    ["model"], registry=REGISTRY,
+)
 REQUESTS = Counter("bulkgen_requests", "Requests finished, by outcome (done or failed).", ["model", "outcome"], registry=REGISTRY)
 BATCH_SIZE = Histogram(
     "bulkgen_batch_requests", "Requests per claim (what one queue message handed to the engine).", ["model"], registry=REGISTRY,

@@ -514,6 +514,8 @@ class Worker:
                     "logprobs": sample.logprobs,
                     "batch_occupancy": occupancy,
                     "cached_prompt_tokens": sample.cached_tokens,
+                    "draft_tokens": sample.draft_tokens,
+                    "accepted_draft_tokens": sample.accepted_tokens,
                 }
             )
         metrics.GENERATION.labels(self.model).observe(seconds)
@@ -560,6 +562,9 @@ def _count_outcomes(model: str, outcomes: list[Outcome]) -> None:
         metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
         if outcome.results:  # the request's prompt once, as prompt_tokens: its first sample's share from the cache
             metrics.CACHED_PROMPT_TOKENS.labels(model).inc(outcome.results[0]["cached_prompt_tokens"] or 0)
+        # every sample's own, as completion tokens: each sample decodes (and drafts) on its own
+        metrics.DRAFT_TOKENS.labels(model).inc(sum(row["draft_tokens"] or 0 for row in outcome.results))
+        metrics.ACCEPTED_DRAFT_TOKENS.labels(model).inc(sum(row["accepted_draft_tokens"] or 0 for row in outcome.results))
         metrics.TOKENS.labels(model).inc(sum(row["completion_tokens"] for row in outcome.results))
 
 

@@ -7,6 +7,9 @@ import click
 
 from producer.context import database_option, open_store, settings_with
 
+TOTALS_ONLY = ("draft_tokens", "accepted_draft_tokens")
+"""Per-worker and per-model counts the tables leave to --json (their share, speculation_acceptance, is shown)."""
+
 
 @click.command()
 @click.argument("job_id", type=int, required=False)
@@ -30,7 +33,8 @@ def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
 
     console = Console()
     summary = Table(title=f"job {job_id}" if job_id is not None else f"all {info['jobs']} jobs", show_header=False)
-    for key in ("requests", "prompt_tokens", "prefix_hit_rate", "completion_tokens", "elapsed_s", "tokens_per_s", "eta_s"):
+    for key in ("requests", "prompt_tokens", "prefix_hit_rate", "completion_tokens", "draft_tokens", "accepted_draft_tokens",
+                "speculation_acceptance", "elapsed_s", "tokens_per_s", "eta_s"):
         summary.add_row(key, "" if info[key] is None else str(info[key]))
     for state, count in sorted(info["by_state"].items()):
         summary.add_row(f"requests {state}", str(count))
@@ -38,8 +42,9 @@ def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
     for title, rows in (("per worker", info["per_worker"]), ("per model", info["per_model"]), ("failures by reason", info["failures"])):
         if rows:
             table = Table(title=title)
-            for column in rows[0]:
-                table.add_column(column)
+            columns = [c for c in rows[0] if c not in TOTALS_ONLY]
+            for column in columns:
+                table.add_column(column.replace("_", " "))  # words: a narrow terminal wraps a header instead of cutting it
             for row in rows:
-                table.add_row(*("" if v is None else str(v) for v in row.values()))
+                table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
             console.print(table)
