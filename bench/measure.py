@@ -148,6 +148,12 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
                                    hit_rate=round(prefix.hit_tokens / max(1, prefix.looked_up_tokens), 4),
                                    cached_tokens=sum(s.cached_tokens for r in results for s in r.samples),
                                    held_tokens=prefix.tokens, mib=round(prefix.nbytes() / 2**20, 1))
+    if engine.scheduler is not None and engine.scheduler.speculation is not None:  # the timed run's samples only
+        samples = [s for r in results for s in r.samples]
+        proposed, kept = sum(s.draft_tokens for s in samples), sum(s.accepted_tokens for s in samples)
+        out["speculation"] = dict(draft_tokens=proposed, accepted_tokens=kept, acceptance=round(kept / max(1, proposed), 4),
+                                  rows_with_drafts=sum(1 for s in samples if s.draft_tokens),
+                                  decode_steps_saved_pct=round(100 * kept / max(1, sum(s.completion_tokens for s in samples)), 1))
     if not extras:
         return out
 
@@ -171,14 +177,17 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
 
 
 def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path | None, make_reference: bool,
-                extras: bool = True, static: bool = False, prefix_cache_tokens: int | None = None) -> dict[str, Any]:
+                extras: bool = True, static: bool = False, prefix_cache_tokens: int | None = None,
+                speculative_tokens: int | None = None, batch_rows: int = 64) -> dict[str, Any]:
     """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
     transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
     from workers.registry import resolve
 
     more = {} if prefix_cache_tokens is None else {"prefix_cache_tokens": prefix_cache_tokens}
-    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=64, **more)
+    if speculative_tokens is not None:
+        more["speculative_tokens"] = speculative_tokens
+    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=batch_rows, **more)
     if static:
         engine.runner = engine.scheduler = None
     return run_engine(engine, lines, reference, make_reference, extras)
@@ -465,6 +474,8 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true", help="engine: the timed run only (no profile, no quality guard)")
     parser.add_argument("--static", action="store_true", help="engine: the static-batch path of non-Llama architectures")
     parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="engine: the prefix cache's size (0: off)")
+    parser.add_argument("--speculative-tokens", type=int, default=None, help="engine: most draft tokens per row and step (0: off)")
+    parser.add_argument("--batch-rows", type=int, default=64, help="engine: most rows decoded together")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379")
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
@@ -475,7 +486,7 @@ def main() -> None:
         result = hf_generate(lines, STATIC_BATCH, "float32")
     elif args.kind == "engine":
         result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only, args.static,
-                             args.prefix_cache_tokens)
+                             args.prefix_cache_tokens, args.speculative_tokens, args.batch_rows)
     elif args.kind == "aodynamic":
         result = aodynamic_mode(lines, args.reference)
     elif args.kind == "pipeline":

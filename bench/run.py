@@ -52,6 +52,20 @@ FEWSHOT_PEER = "fewshot: " + PEER
 NO_PREFIX = "engine bfloat16, prefix cache off"
 PREFIX_TARGETS = {"on_off": 5.0, "peer": 1.2, "bench": 0.98}
 """fewshot with the prefix cache vs without, and vs vLLM's CPU build; the bench workload with it vs without."""
+REWRITE_PROMPTS = DEFAULT_PROMPTS.parent / "rewrite.jsonl"
+FEW_ROWS = 8
+"""The 'few rows' of speculative decoding's first target (a job's tail, a small job)."""
+
+
+def rewrite_key(rows: int, on: bool) -> str:
+    return f"rewrite: engine bfloat16, {rows} rows, speculation {'on' if on else 'off'}"
+
+
+NO_SPEC = "engine bfloat16, speculation off"
+NO_SPEC_AGAIN = NO_SPEC + " (again)"
+SPEC_BESIDE = "engine bfloat16, speculation on (between the two runs without)"
+SPEC_TARGETS = {"few": 1.5, "default": 0.97, "bench": 0.98}
+"""rewrite at FEW_ROWS rows, on vs off; rewrite at the default batch, on vs off; the bench workload, on vs off."""
 
 
 def peer_child(out_dir: Path, prompts: Path, requests: int | None, timeout: float = 3600) -> dict[str, Any]:
@@ -133,7 +147,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
     base_ppl = results.get("engine float32", {}).get("perplexity")
     rows = []
     for key, result in results.items():
-        if key in ("matmul", "gpu", FLEET) or key.startswith("fewshot") or not result or "skipped" in result:
+        if key in ("matmul", "gpu", FLEET) or key.startswith(("fewshot", "rewrite")) or not result or "skipped" in result:
             continue
         if "error" in result:
             rows.append([key] + ["–"] * (len(HEADER) - 2) + [f"error: {result['error']}"])
@@ -241,6 +255,19 @@ def judge(results: dict[str, dict[str, Any]], best: str | None, pipeline_key: st
         r = ratio(with_cache, without)
         add("prefix-bench", f"bench workload: prefix cache on ≥ {PREFIX_TARGETS['bench']}× off (bfloat16, runs side by side)", r,
             PREFIX_TARGETS["bench"], f"{fmt(r, '.2f')}× ({with_cache:.0f} against {without:.0f} tokens/s)")
+    for rows, key, limit in ((FEW_ROWS, "few", SPEC_TARGETS["few"]), (64, "default", SPEC_TARGETS["default"])):
+        on, off = rate(results.get(rewrite_key(rows, True), {})), rate(results.get(rewrite_key(rows, False), {}))
+        if on and off:
+            acceptance = results[rewrite_key(rows, True)].get("speculation", {}).get("acceptance")
+            add(f"spec-{key}", f"rewrite at {rows} rows{' (the default batch)' if rows == 64 else ''}: speculation on ≥ {limit}× off",
+                ratio(on, off), limit, f"{fmt(ratio(on, off), '.2f')}× ({on:.0f} against {off:.0f} tokens/s; "
+                f"{fmt(_pct(acceptance), '.0f', '%')} of draft tokens kept)")
+    spec_on = rate(results.get(SPEC_BESIDE, {}))
+    spec_offs = [r for r in (rate(results.get(NO_SPEC, {})), rate(results.get(NO_SPEC_AGAIN, {}))) if r]
+    if spec_on and spec_offs:
+        r = ratio(spec_on, mean(spec_offs))
+        add("spec-bench", f"bench workload: speculation on ≥ {SPEC_TARGETS['bench']}× off (bfloat16; on between two runs off)", r,
+            SPEC_TARGETS["bench"], f"{fmt(r, '.2f')}× ({spec_on:.0f} against {' and '.join(f'{x:.0f}' for x in spec_offs)} tokens/s)")
     # per worker process: the fleet run's tree holds two pool processes, each with its model, so it is not one worker
     rss = {k: v["rss_mib"] for k, v in results.items() if k.startswith(("engine", "pipeline")) and v.get("rss_mib")}
     worst = max(rss.items(), key=lambda kv: kv[1]) if rss else None
@@ -385,6 +412,34 @@ def prefix_section(results: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def speculation_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The rewrite runs and the bench workload with and without speculation: tokens/s and what drafting gave."""
+    keys = [rewrite_key(rows, on) for rows in (FEW_ROWS, 64) for on in (False, True)] + [NO_SPEC, SPEC_BESIDE, NO_SPEC_AGAIN]
+    keys = [k for k in keys if results.get(k) and "skipped" not in results[k]]
+    if not keys:
+        return []
+    rows = []
+    for key in keys:
+        result = results[key]
+        if "error" in result:
+            rows.append([key, "–", "–", "–", "–", f"error: {result['error']}"])
+            continue
+        spec = result.get("speculation")
+        drafted = (f"{spec['acceptance']:.1%} of {spec['draft_tokens']} draft tokens kept; {spec['decode_steps_saved_pct']:.1f}% of "
+                   f"decode steps saved; {spec['rows_with_drafts']} of {result.get('requests')}+ rows drafted") if spec else "off"
+        rows.append([key.replace("rewrite: ", "rewrite, "), str(result.get("tokens", "–")), fmt(result.get("seconds")), fmt(rate(result)),
+                     fmt(result.get("rss_mib"), ".0f"), drafted])
+    return [
+        "## Speculative decoding (rewrite workload, and the bench workload)", "",
+        "Workload: `../shared/bench/rewrite.jsonl`, 64 chat requests that ask for a paragraph back with its typos fixed, up to",
+        f"192 new tokens, greedy and sampled; bfloat16, at most {FEW_ROWS} rows at once (a job's tail, a small job) and at the default",
+        "64. Drafts come from prompt lookup (the row's last 3, 2 or 1 tokens found earlier in its prompt or output); the policy",
+        "verifies them only when its fit of this machine's step times expects more tokens per second. A kept draft token is",
+        "a decode step saved. The bench workload's three runs follow each other (off, on, off).", "",
+        markdown_table(["run", "generated tokens", "seconds", "tokens/s", "peak RSS MiB", "drafts"], rows), "",
+    ]
+
+
 def occupancy_section(results: dict[str, dict[str, Any]], pipeline_key: str | None) -> list[str]:
     """Batch occupancy (running rows / the rows the KV cache allows, per decode step, from each pool process's
     bulkgen_batch_occupancy histogram scraped twice a second) across the job, by tenths of its requests."""
@@ -476,6 +531,7 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
         lines += [f"- {name}: {g:.0f} GFLOP/s = {g / per_token:.0f} tokens/s" for name, g in matmul["gflops"].items()]
         lines.append("")
     lines += prefix_section(results)
+    lines += speculation_section(results)
     lines += occupancy_section(results, pipeline_key)
     lines += ["## What bounds each figure, and what would move it", "", *analysis(results, verdicts, best), ""]
     lines += ["## Seeded sampling and batches", "", DETERMINISM, ""]
@@ -504,7 +560,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, static-path, aodynamic, fewshot, peer, pipeline, fleet, matmul, gpu (comma-separated).")
+                        "naive, static, static-path, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul, gpu (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -538,6 +594,15 @@ def main() -> None:
             results[FEWSHOT_PEER] = peer_child(tmp, FEWSHOT_PROMPTS, args.requests)
         results[NO_PREFIX] = child("engine", tmp, prompts, "--dtype", "bfloat16", "--timing-only", "--prefix-cache-tokens", "0",
                                    requests=args.requests)
+    if "rewrite" not in skip and REWRITE_PROMPTS.is_file():
+        for rows in (FEW_ROWS, 64):
+            for on in (False, True):
+                results[rewrite_key(rows, on)] = child(
+                    "engine", tmp, REWRITE_PROMPTS, "--dtype", "bfloat16", "--timing-only", "--batch-rows", str(rows),
+                    *([] if on else ["--speculative-tokens", "0"]), requests=args.requests)
+        # on between two runs off: this machine's speed drifts by more than the 2% this target allows
+        for key, extra in ((NO_SPEC, ["--speculative-tokens", "0"]), (SPEC_BESIDE, []), (NO_SPEC_AGAIN, ["--speculative-tokens", "0"])):
+            results[key] = child("engine", tmp, prompts, "--dtype", "bfloat16", "--timing-only", *extra, requests=args.requests)
     if "static-path" not in skip:  # what architectures workers.llama does not run get: static batches, same sampling
         results["engine float32, static-batch path"] = child(
             "engine", tmp, prompts, "--dtype", "float32", "--static", "--timing-only", requests=args.requests)
