@@ -19,12 +19,12 @@ def test_a_read_query_prints_rows(store_url: str) -> None:
     job_id = _job_with_results(store_url)
     result = _query(store_url, f"SELECT custom_id, status FROM requests WHERE job_id = {job_id} ORDER BY id", "--json")
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # a superuser URL also warns, on stderr
     assert rows == [{"custom_id": "chat", "status": "done"}, {"custom_id": "raw", "status": "done"}, {"custom_id": "bad", "status": "failed"}]
     table = _query(store_url, "SELECT sum(completion_tokens) AS tokens FROM results")
     assert table.exit_code == 0 and "10" in table.output
     as_csv = _query(store_url, "SELECT custom_id FROM requests ORDER BY id", "--csv")
-    assert as_csv.output.splitlines() == ["custom_id", "chat", "raw", "bad"]
+    assert as_csv.stdout.splitlines() == ["custom_id", "chat", "raw", "bad"]
 
 
 @pytest.mark.parametrize("statement", [

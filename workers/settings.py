@@ -16,6 +16,9 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///bulkgen.db"
     """SQLAlchemy URL of the results store (SQLite file by default, postgresql+psycopg://... for PostgreSQL)."""
+    reader_database_url: str | None = None
+    """URL `producer query` reads the store with (unset: database_url). On PostgreSQL, a role with SELECT on the
+    store's tables and nothing else; `query` warns when its role is a superuser or can write."""
     broker_url: str = "redis://127.0.0.1:6379/0"
     """Celery broker URL (redis://, rediss:// or redis+socket://)."""
     model: str = "smollm2-135m-instruct"
