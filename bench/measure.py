@@ -476,10 +476,16 @@ def main() -> None:
     parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="engine: the prefix cache's size (0: off)")
     parser.add_argument("--speculative-tokens", type=int, default=None, help="engine: most draft tokens per row and step (0: off)")
     parser.add_argument("--batch-rows", type=int, default=64, help="engine: most rows decoded together")
+    parser.add_argument("--no-cascade", action="store_true",
+                        help="engine: read a prefix all rows share once per row, not once per step (to measure cascade attention)")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379")
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
     lines = read_lines(args.prompts)[: args.requests]
+    if args.no_cascade:
+        import workers.scheduler
+
+        workers.scheduler.MIN_SHARED = 1 << 62
     if args.kind == "naive":
         result = hf_generate(lines, 1, "float32")
     elif args.kind == "static":

@@ -49,6 +49,7 @@ FEWSHOT_PROMPTS = DEFAULT_PROMPTS.parent / "fewshot.jsonl"
 FEWSHOT_ON = "fewshot: engine bfloat16, prefix cache on"
 FEWSHOT_OFF = "fewshot: engine bfloat16, prefix cache off"
 FEWSHOT_PEER = "fewshot: " + PEER
+FEWSHOT_NO_CASCADE = "fewshot: engine bfloat16, prefix cache on, shared prefix read once per row (no cascade)"
 NO_PREFIX = "engine bfloat16, prefix cache off"
 PREFIX_TARGETS = {"on_off": 5.0, "peer": 1.2, "bench": 0.98}
 """fewshot with the prefix cache vs without, and vs vLLM's CPU build; the bench workload with it vs without."""
@@ -388,7 +389,7 @@ def _pct(value: float | None) -> float | None:
 
 def prefix_section(results: dict[str, dict[str, Any]]) -> list[str]:
     """The fewshot runs: tokens/s, memory, and how much of the prompts the prefix cache supplied."""
-    keys = [k for k in (FEWSHOT_ON, FEWSHOT_OFF, FEWSHOT_PEER) if results.get(k) and "skipped" not in results[k]]
+    keys = [k for k in (FEWSHOT_ON, FEWSHOT_NO_CASCADE, FEWSHOT_OFF, FEWSHOT_PEER) if results.get(k) and "skipped" not in results[k]]
     if not keys:
         return []
     rows = []
@@ -590,6 +591,8 @@ def main() -> None:
         results[FEWSHOT_ON] = child("engine", tmp, FEWSHOT_PROMPTS, "--dtype", "bfloat16", "--timing-only", requests=args.requests)
         results[FEWSHOT_OFF] = child("engine", tmp, FEWSHOT_PROMPTS, "--dtype", "bfloat16", "--timing-only",
                                      "--prefix-cache-tokens", "0", requests=args.requests)
+        results[FEWSHOT_NO_CASCADE] = child("engine", tmp, FEWSHOT_PROMPTS, "--dtype", "bfloat16", "--timing-only", "--no-cascade",
+                                            requests=args.requests)
         if "peer" not in skip:
             results[FEWSHOT_PEER] = peer_child(tmp, FEWSHOT_PROMPTS, args.requests)
         results[NO_PREFIX] = child("engine", tmp, prompts, "--dtype", "bfloat16", "--timing-only", "--prefix-cache-tokens", "0",

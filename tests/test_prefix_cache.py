@@ -162,3 +162,51 @@ def test_the_real_model_gives_the_same_greedy_text_with_a_cached_system_prompt(c
     results = cached.generate(requests)
     assert [[s.text for s in r.samples] for r in results] == off
     assert all(r.samples[0].cached_tokens >= 96 for r in results[1:])
+
+
+def test_cascade_attention_is_attention_over_the_prefix_and_each_rows_own_keys() -> None:
+    from workers.llama import attention, cascade_attention
+
+    generator = torch.Generator().manual_seed(3)
+    rows, heads, kv_heads, d, shared, own, tokens = 5, 6, 2, 8, 11, 7, 2
+    q = torch.randn(rows, heads, tokens, d, generator=generator, dtype=torch.float64)
+    prefix_k, prefix_v = (torch.randn(kv_heads, d, shared, generator=generator, dtype=torch.float64),
+                          torch.randn(kv_heads, shared, d, generator=generator, dtype=torch.float64))
+    k_t, v = (torch.randn(rows, kv_heads, d, own, generator=generator, dtype=torch.float64),
+              torch.randn(rows, kv_heads, own, d, generator=generator, dtype=torch.float64))
+    visible = torch.rand(rows, 1, tokens, own, generator=generator) > 0.3
+    full_k = torch.cat([prefix_k.expand(rows, -1, -1, -1), k_t], dim=-1)
+    full_v = torch.cat([prefix_v.expand(rows, -1, -1, -1), v], dim=-2)
+    full_visible = torch.cat([torch.ones(rows, 1, tokens, shared, dtype=torch.bool), visible], dim=-1)
+    expected = attention(q, full_k, full_v, full_visible, 0.3)
+    assert torch.allclose(cascade_attention(q, prefix_k, prefix_v, k_t, v, visible, 0.3), expected, atol=1e-12)
+
+
+def test_rows_sharing_a_system_prompt_read_it_once_per_decode_step_and_give_the_same_text(engine: Engine, monkeypatch) -> None:  # noqa: F811
+    """Not batch-invariant (cascade attention is off in float32's batch-invariant mode), in float64 so that no
+    rounding can flip a greedy token: the texts with the shared prefix read once equal those without."""
+    import copy
+
+    import workers.llama
+    import workers.scheduler
+
+    model = copy.deepcopy(engine.model).double()
+    calls: list[int] = []
+    real = workers.llama.cascade_attention
+
+    def counted(q, shared_k_t, *args):  # type: ignore[no-untyped-def]
+        calls.append(shared_k_t.shape[-1])
+        return real(q, shared_k_t, *args)
+
+    def run() -> list[list[str]]:
+        fresh = Engine(model, engine.tokenizer, "cpu", engine.model_name, "float64", max_batch_rows=8, batch_invariant=False,
+                       speculative_tokens=0)
+        return texts(fresh, [chat(q, max_new_tokens=12) for q in QUESTIONS])
+
+    monkeypatch.setattr(workers.llama, "cascade_attention", counted)
+    monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 10**9)
+    alone = run()
+    assert not calls
+    monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 4 * BLOCK)
+    assert run() == alone
+    assert calls and min(calls) >= 4 * BLOCK  # the system prompt's whole blocks, read once per step

@@ -56,6 +56,29 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float) 
     return torch.matmul(probs, v).view(rows, heads, tokens, d)
 
 
+def cascade_attention(q: Tensor, shared_k_t: Tensor, shared_v: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
+    """attention() for rows whose first keys are the same for every row (a shared prefix), read once.
+
+    q (rows, heads, tokens, d); shared_k_t (kv_heads, d, P) and shared_v (kv_heads, P, d): the prefix every row
+    sees whole; k_t (rows, kv_heads, d, keys) and v (rows, kv_heads, keys, d): each row's own keys after it, with
+    visible (rows, 1, tokens, keys). One softmax over both parts (their scores are concatenated in float32): the
+    same function as attention() over the full keys, but the prefix's K/V are read once for all rows, not once
+    per row, and its products have rows x heads x tokens rows instead of heads x tokens.
+    """
+    rows, heads, tokens, d = q.shape
+    kv_heads, _, shared = shared_k_t.shape
+    width = heads // kv_heads * tokens
+    q = q.reshape(rows, kv_heads, width, d)
+    stacked = q.transpose(0, 1).reshape(kv_heads, rows * width, d)
+    prefix = torch.matmul(stacked, shared_k_t).float().view(kv_heads, rows, width, shared).transpose(0, 1) * scale
+    own = torch.matmul(q, k_t).float() * scale  # (rows, kv_heads, width, keys)
+    own = own.view(rows, kv_heads, width // tokens, tokens, -1).masked_fill(~visible[:, :, None], -math.inf).view(rows, kv_heads, width, -1)
+    probs = torch.softmax(torch.cat([prefix, own], dim=-1), dim=-1).to(v.dtype)
+    from_prefix = torch.matmul(probs[..., :shared].transpose(0, 1).reshape(kv_heads, rows * width, shared), shared_v)
+    out = from_prefix.view(kv_heads, rows, width, d).transpose(0, 1) + torch.matmul(probs[..., shared:], v)
+    return out.reshape(rows, heads, tokens, d)
+
+
 class LlamaRunner:
     """Prefill, extend and decode steps of a Llama-family model over a KVCache."""
 
@@ -163,8 +186,12 @@ class LlamaRunner:
         width = int(counts.max())
         return self._logits(hidden[:, :width].reshape(rows * width, -1)).view(rows, width, -1)
 
-    def decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
-        """Feed one token to each of the rows 0..len(tokens)-1 (at their own positions); logits (rows, vocab)."""
+    def decode(self, cache: KVCache, tokens: Tensor, shared: int = 0) -> Tensor:
+        """Feed one token to each of the rows 0..len(tokens)-1 (at their own positions); logits (rows, vocab).
+
+        shared: the first positions that hold the same tokens in every row (a shared system prompt): their K/V are
+        read once, from slot 0, for all rows (cascade_attention). Not when batch-invariant: a float32 row's numbers
+        must not depend on which rows share its prefix."""
         rows = tokens.shape[0]
         assert rows == cache.rows, f"decode feeds {rows} tokens to a batch of {cache.rows} rows"
         device = tokens.device
@@ -174,7 +201,8 @@ class LlamaRunner:
         positions = cache.lengths[:run].clone()
         length = min(self.aligned(int(positions.max()) + 1), cache.capacity)
         visible = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        hidden = self._layers(cache, tokens[:, None], positions[:, None], visible, 0, True, length, None)
+        shared = shared if self.align == 1 and run == rows and shared < length else 0
+        hidden = self._layers(cache, tokens[:, None], positions[:, None], visible, 0, True, length, None, shared)
         cache.advance()
         return self._logits(hidden[:rows, 0])
 
@@ -188,10 +216,11 @@ class LlamaRunner:
         read_cache: Tensor | bool | None,
         length: int,
         real: Tensor | None,
+        shared: int = 0,
     ) -> Tensor:
         """The decoder stack on ids (rows, tokens) at positions (rows, tokens); K/V of slots first.. are written
         (only the real positions, when real is given), then attended: the new K/V alone when read_cache is None,
-        else the slots' cache over length positions."""
+        else the slots' cache over length positions (the first `shared` of them read once, from slot 0)."""
         model = self.model.model
         rows, tokens = ids.shape
         x = model.embed_tokens(ids)
@@ -209,7 +238,13 @@ class LlamaRunner:
                 keys, values = k.transpose(-1, -2), v
             else:
                 keys, values = cache.view(index, first, rows, length)
-            o = attention(q, keys, values, visible, self.scale)
+            if shared:
+                o = cascade_attention(
+                    q, keys[0, :, :, :shared], values[0, :, :shared], keys[..., shared:], values[:, :, shared:],
+                    visible[..., shared:], self.scale,
+                )
+            else:
+                o = attention(q, keys, values, visible, self.scale)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(rows, tokens, self.heads * self.head_dim))
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp

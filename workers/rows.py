@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from workers.finish import finish
+from workers.prefix_cache import BlockKey
 from workers.sampling import RowParams, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, NgramDrafter, SpeculationStats
 from workers.types import Sample, SamplingParams
@@ -40,6 +41,9 @@ class Row:
     """The seed reported in the Sample; for sampled rows (temperature > 0) also the seed of the row's generator."""
     cached_tokens: int = 0
     """Set at admission: its prompt's first tokens whose K/V were copied from the prefix cache."""
+    block_keys: list[BlockKey] = field(default_factory=list, repr=False)
+    """Set at admission (prefix cache on): the prefix cache's keys of its prompt's full blocks, by which the
+    scheduler sees which first positions every running row shares."""
 
     @property
     def sampled(self) -> bool:

@@ -21,6 +21,11 @@ their K/V copied into its slot and is prefilled from there; after the prefill it
 would find more of its prompt cached once a row of the same group is prefilled waits for the next admission
 instead (the first request of a job with a shared system prompt computes it, the others copy it).
 
+Speculative decoding (workers.speculation): before each step every running row proposes a draft from its own text;
+when the policy expects more tokens per second from verifying them, the step feeds each row its last token and its
+draft in one pass (LlamaRunner.verify), keeps each row's tokens while they match what it draws, and truncates the
+rejected drafts' K/V. Either way every row gets at least one token per step, drawn exactly as a decode step draws it.
+
 Out of memory: the rows that were running start over from their prompts (fresh generators, so they give
 exactly what they would have given) with at most half as many rows at once; a row out of memory alone fails.
 """
@@ -51,6 +56,8 @@ PREFILL_TOKENS = 4096
 """Most (padded) prompt tokens one prefill forward takes; more waiting rows wait for the next one."""
 MIN_CAPACITY = 16
 """The shortest slot the cache is cut into (positions)."""
+MIN_SHARED = 4 * BLOCK
+"""A prefix every running row shares is read once per decode step (cascade attention) from this length on."""
 
 
 @dataclass
@@ -179,13 +186,31 @@ class Scheduler:
         rows = len(self.batch)
         started = time.perf_counter()
         if plan is None:
-            logits = self.runner.decode(self.cache, self.batch.last_tokens())
+            logits = self.runner.decode(self.cache, self.batch.last_tokens(), self._shared_prefix())
             ended = self.batch.sample(logits)
         else:
             ended = self._verify(plan)
         if self.speculation is not None:
             self.speculation.record_step(rows, 1 if plan is None else plan.width, time.perf_counter() - started)
         return ended
+
+    def _shared_prefix(self) -> int:
+        """How many first positions hold the same tokens in every running row (whole prefix-cache blocks, 0 below
+        MIN_SHARED): a decode step reads their K/V once for all rows."""
+        states = self.batch.states
+        if self.prefix is None or len(states) < 2:
+            return 0
+        first = states[0].row.block_keys
+        common = len(first)
+        for state in states[1:]:
+            keys = state.row.block_keys
+            n, limit = 0, min(common, len(keys))
+            while n < limit and keys[n][0] == first[n][0]:
+                n += 1
+            common = n
+            if common * BLOCK < MIN_SHARED:
+                return 0
+        return common * BLOCK
 
     def _plan(self) -> Plan | None:
         policy = self.speculation
@@ -288,8 +313,8 @@ class Scheduler:
         if not group:
             return
         self.budget = budget
-        for row, start in zip(group, starts):
-            row.cached_tokens = start
+        for row, start, keys in zip(group, starts, keys_of):
+            row.cached_tokens, row.block_keys = start, keys
         self.batch.add(group)
         first = self.cache.admit(starts)
         if self.prefix is not None:
