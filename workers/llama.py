@@ -133,33 +133,12 @@ class LlamaRunner:
         (causal), and its output is dropped. When every row starts empty, the rows attend to their own new
         K/V only; otherwise over their slot's cache, earlier tokens included.
         """
-        device = cache.keys.device
         rows = len(chunks)
         assert rows and all(chunks), "extend needs a non-empty chunk for every row"
-        starts = cache.lengths[first : first + rows].clone()
-        from_zero = not bool(starts.any())
-        longest = max(len(c) for c in chunks)
-        tokens = self.aligned(max(longest, -(-self.min_rows // rows)))
-        ids = torch.zeros((rows, tokens), dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-        ids = ids.to(device)
-        counts = torch.tensor([len(c) for c in chunks], device=device)
-        offsets = torch.arange(tokens, device=device)
-        positions = starts[:, None] + offsets[None, :]
-        real = offsets[None, :] < counts[:, None]
-        if from_zero and tokens <= cache.capacity:
-            causal = torch.ones((tokens, tokens), dtype=torch.bool, device=device).tril()
-            visible = causal[None, None].expand(rows, 1, tokens, tokens)
-            hidden = self._layers(cache, ids, positions, visible, first, None, tokens, real)
-        else:
-            length = min(self.aligned(int((starts + counts).max())), cache.capacity)
-            keys = torch.arange(length, device=device)
-            visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (rows, 1, tokens, length)
-            hidden = self._layers(cache, ids, positions, visible, first, real, length, real)
-        hidden = hidden[torch.arange(rows, device=device), counts - 1]  # (rows, hidden)
-        cache.extend(first, [len(c) for c in chunks])
-        return self._logits(hidden)
+        tokens = self.aligned(max(max(len(c) for c in chunks), -(-self.min_rows // rows)))
+        hidden = self._feed(cache, first, chunks, tokens)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=hidden.device)
+        return self._logits(hidden[torch.arange(rows, device=hidden.device), last])  # (rows, vocab)
 
     def verify(self, cache: KVCache, chunks: list[list[int]]) -> Tensor:
         """Feed chunks[r] (the row's last token, then its draft tokens) to every running row r, after the tokens
@@ -169,22 +148,38 @@ class LlamaRunner:
         rows = len(chunks)
         assert rows == cache.rows, f"verify feeds {rows} chunks to a batch of {cache.rows} rows"
         assert all(chunks), "verify needs at least the last token of every row"
+        width = max(len(c) for c in chunks)
+        # Not aligned: only the products' rows (rows x tokens) must reach min_rows for batch invariance.
+        hidden = self._feed(cache, 0, chunks, max(width, -(-self.min_rows // rows)))
+        return self._logits(hidden[:, :width].reshape(rows * width, -1)).view(rows, width, -1)
+
+    def _feed(self, cache: KVCache, first: int, chunks: list[list[int]], tokens: int) -> Tensor:
+        """The decoder stack on chunks[i] (right-padded to `tokens`) after what slot first + i holds; the hidden
+        states at every position (rows, tokens, hidden). The chunks' K/V are written (pads' are not) and the
+        slots' lengths grow by their chunks' lengths. When every row starts empty, the rows attend to their own
+        new K/V only; otherwise over their slot's cache, earlier tokens included."""
         device = cache.keys.device
-        tokens = max(max(len(c) for c in chunks), -(-self.min_rows // rows))
+        rows = len(chunks)
+        starts = cache.lengths[first : first + rows].clone()
         ids = torch.zeros((rows, tokens), dtype=torch.long)
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
         ids = ids.to(device)
         counts = torch.tensor([len(c) for c in chunks], device=device)
         offsets = torch.arange(tokens, device=device)
-        positions = cache.lengths[:rows].clone()[:, None] + offsets[None, :]
+        positions = starts[:, None] + offsets[None, :]
         real = offsets[None, :] < counts[:, None]
-        length = min(self.aligned(int((positions[:, 0] + counts).max())), cache.capacity)
-        visible = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
-        hidden = self._layers(cache, ids, positions, visible, 0, real, length, real)
-        cache.extend(0, [len(c) for c in chunks])
-        width = int(counts.max())
-        return self._logits(hidden[:, :width].reshape(rows * width, -1)).view(rows, width, -1)
+        if not bool(starts.any()) and tokens <= cache.capacity:
+            causal = torch.ones((tokens, tokens), dtype=torch.bool, device=device).tril()
+            visible = causal[None, None].expand(rows, 1, tokens, tokens)
+            hidden = self._layers(cache, ids, positions, visible, first, None, tokens, real)
+        else:
+            length = min(self.aligned(int((starts + counts).max())), cache.capacity)
+            keys = torch.arange(length, device=device)
+            visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (rows, 1, tokens, length)
+            hidden = self._layers(cache, ids, positions, visible, first, real, length, real)
+        cache.extend(first, [len(c) for c in chunks])
+        return hidden
 
     def decode(self, cache: KVCache, tokens: Tensor, shared: int = 0) -> Tensor:
         """Feed one token to each of the rows 0..len(tokens)-1 (at their own positions); logits (rows, vocab).
