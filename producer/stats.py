@@ -28,14 +28,10 @@ def _counted_prompt_tokens() -> Any:
     return func.sum(case((Result.cached_prompt_tokens.is_not(None), Result.prompt_tokens), else_=0))
 
 
-def _hit_rate(cached: int | None, prompt: int | None) -> float | None:
-    """Share of prompt tokens read from the prefix cache instead of computed (None: nothing counted)."""
-    return round(int(cached) / int(prompt), 3) if cached is not None and prompt else None
-
-
-def _acceptance(accepted: int | None, draft: int | None) -> float | None:
-    """Share of the tokens speculative decoding proposed that were kept (None: no draft tokens counted)."""
-    return round(int(accepted or 0) / int(draft), 3) if draft else None
+def _share(part: int | None, whole: int | None) -> float | None:
+    """part / whole to 3 places: the prefix hit rate (cached of prompt tokens), the speculation acceptance (kept of
+    draft tokens); None when nothing was counted."""
+    return round(int(part) / int(whole), 3) if part is not None and whole else None
 
 
 def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
@@ -66,9 +62,9 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
                     name[:-1]: key, "results": count, "completion_tokens": int(tokens or 0),
                     "tokens_per_s": _rate(int(tokens or 0), first, last),
                     "mean_occupancy": None if occupancy is None else round(float(occupancy), 3),
-                    "prefix_hit_rate": _hit_rate(cached, prompt),
+                    "prefix_hit_rate": _share(cached, prompt),
                     "draft_tokens": int(draft or 0), "accepted_draft_tokens": int(accepted or 0),
-                    "speculation_acceptance": _acceptance(accepted, draft),
+                    "speculation_acceptance": _share(accepted, draft),
                 }
                 for key, count, tokens, first, last, occupancy, cached, prompt, draft, accepted in session.execute(
                     select(
@@ -99,11 +95,11 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
         "requests": int(total),
         "by_state": by_state,
         "prompt_tokens": int(prompt_tokens),
-        "prefix_hit_rate": _hit_rate(cached, counted),
+        "prefix_hit_rate": _share(cached, counted),
         "completion_tokens": int(completion_tokens),
         "draft_tokens": int(draft or 0),
         "accepted_draft_tokens": int(accepted or 0),
-        "speculation_acceptance": _acceptance(accepted, draft),
+        "speculation_acceptance": _share(accepted, draft),
         "elapsed_s": None if elapsed is None else round(elapsed, 1),
         "tokens_per_s": round(int(completion_tokens) / elapsed, 1) if elapsed else None,
         "eta_s": eta,
