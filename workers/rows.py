@@ -204,8 +204,6 @@ class RunningBatch:
                 kept = min(taken[slot] - 1, len(draft))
                 state.acceptance.record(len(draft), kept)
                 state.speculation.add(len(draft), kept)
-                if done[slot] is not None:
-                    done[slot] = _with_speculation(done[slot], state)
         return done, taken
 
     def _sample_at(self, logits: Tensor, slots: list[int]) -> list[Sample | None]:
@@ -236,8 +234,6 @@ class RunningBatch:
             sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
             if sample is not None and state.row.params.logprobs:
                 sample.logprobs = state.logprobs[: sample.completion_tokens]
-            if sample is not None and state.speculation.steps:
-                sample = _with_speculation(sample, state)
             finished.append(sample)
         return finished
 
@@ -268,11 +264,6 @@ class RunningBatch:
                 for value, candidate in zip(top.values[j, :keep].tolist(), top.indices[j, :keep].tolist()):
                     entry["top_logprobs"].append({"token": decode([candidate]), "logprob": value})
             state.logprobs.append(entry)
-
-
-def _with_speculation(sample: Sample, state: RowState) -> Sample:
-    sample.draft_tokens, sample.accepted_tokens = state.speculation.proposed, state.speculation.kept
-    return sample
 
 
 def _fields(params: RowParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -333,8 +333,12 @@ class Scheduler:
         if not leaving:
             return
         for slot in leaving:
-            row = self.batch.states[slot].row
-            finished.append(Finished(row, dataclasses.replace(ended[slot], cached_tokens=row.cached_tokens)))
+            state = self.batch.states[slot]
+            row, drafted = state.row, state.speculation
+            sample = dataclasses.replace(
+                ended[slot], cached_tokens=row.cached_tokens, draft_tokens=drafted.proposed, accepted_tokens=drafted.kept
+            )
+            finished.append(Finished(row, sample))
             self.budget -= row.need
         assert self.cache is not None
         self.batch.keep(self.cache.release(leaving))

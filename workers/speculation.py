@@ -210,14 +210,7 @@ class SpeculationStats:
 
     proposed: int = 0
     kept: int = 0
-    steps: int = 0
-    """Verify steps (for a row: those in which it had a draft)."""
 
     def add(self, proposed: int, kept: int) -> None:
         self.proposed += proposed
         self.kept += kept
-        self.steps += 1
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.kept / self.proposed if self.proposed else None
