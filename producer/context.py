@@ -9,7 +9,11 @@ from workers.settings import Settings, get_settings, redact
 
 
 def settings_with(database_url: str | None = None, broker_url: str | None = None) -> Settings:
+    """The settings a producer command runs with: a flag wins, then the submitter's own URLs
+    (BULKGEN_SUBMITTER_DATABASE_URL, BULKGEN_SUBMITTER_BROKER_URL), then the shared ones."""
     settings = get_settings()
+    database_url = database_url or settings.submitter_database_url
+    broker_url = broker_url or settings.submitter_broker_url
     updates = {k: v for k, v in {"database_url": database_url, "broker_url": broker_url}.items() if v}
     return settings.model_copy(update=updates) if updates else settings
 
@@ -26,6 +30,6 @@ def open_store(settings: Settings) -> Engine:
     return db
 
 
-database_option = click.option("--database-url", default=None, help="Results store URL [env BULKGEN_DATABASE_URL].")
+database_option = click.option("--database-url", default=None, help="Results store URL [env BULKGEN_SUBMITTER_DATABASE_URL, else BULKGEN_DATABASE_URL].")
 
-broker_option = click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_BROKER_URL].")
+broker_option = click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_SUBMITTER_BROKER_URL, else BULKGEN_BROKER_URL].")

@@ -27,8 +27,8 @@ def main() -> None:
 @click.option("--quantize", type=click.Choice(("none", "int8", "int4")), default=None, help="Weight quantization [env BULKGEN_QUANTIZE].")
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Worker processes (each loads the model). CPU only; a GPU gets one.")
 @click.option("--batch-size", type=int, default=None, help="Most rows (requests x samples) per engine batch [env BULKGEN_BATCH_SIZE].")
-@click.option("--database-url", default=None, help="Results store URL [env BULKGEN_DATABASE_URL].")
-@click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_BROKER_URL].")
+@click.option("--database-url", default=None, help="Results store URL [env BULKGEN_WORKER_DATABASE_URL, else BULKGEN_DATABASE_URL].")
+@click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_WORKER_BROKER_URL, else BULKGEN_BROKER_URL].")
 @click.option("--loglevel", default="INFO", show_default=True)
 def start(model, device, dtype, quantize, concurrency, batch_size, database_url, broker_url, loglevel) -> None:  # type: ignore[no-untyped-def]
     """Start a worker that loads MODEL once per process and generates what its queue holds.
@@ -44,6 +44,11 @@ def start(model, device, dtype, quantize, concurrency, batch_size, database_url,
         "DATABASE_URL": database_url, "BROKER_URL": broker_url,
     }
     given = {key: value for key, value in overrides.items() if value is not None}
+    # The worker's own credentials (BULKGEN_WORKER_*_URL) become the URLs its processes connect with.
+    own = Settings()
+    for key, value in (("DATABASE_URL", own.worker_database_url), ("BROKER_URL", own.worker_broker_url)):
+        if value and key not in given:
+            given[key] = value
     # Flags win over the environment; this process's own environment is left as it is (the worker gets `env`).
     settings = Settings(**{key.lower(): value for key, value in given.items()})
     env = dict(os.environ) | {ENV_PREFIX + key: str(value) for key, value in given.items()}

@@ -19,8 +19,17 @@ class Settings(BaseSettings):
     reader_database_url: str | None = None
     """URL `producer query` reads the store with (unset: database_url). On PostgreSQL, a role with SELECT on the
     store's tables and nothing else; `query` warns when its role is a superuser or can write."""
+    submitter_database_url: str | None = None
+    """URL the producer's commands other than `query` use (submit, cancel, retry, reconcile, status, results;
+    unset: database_url). On PostgreSQL, the submitter role of `producer db roles`."""
+    worker_database_url: str | None = None
+    """URL `workers start` hands its worker processes (unset: database_url). On PostgreSQL, the worker role."""
     broker_url: str = "redis://127.0.0.1:6379/0"
     """Celery broker URL (redis://, rediss:// or redis+socket://)."""
+    submitter_broker_url: str | None = None
+    """Broker URL of the producer's commands (unset: broker_url); the Redis ACL user `submitter`."""
+    worker_broker_url: str | None = None
+    """Broker URL `workers start` hands its worker processes (unset: broker_url); the Redis ACL user `worker`."""
     model: str = "smollm2-135m-instruct"
     """Default model for `producer submit` and `workers start`."""
     device: str = "cpu"

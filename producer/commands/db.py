@@ -1,34 +1,105 @@
-"""`producer db`: the store's schema (Alembic migrations)."""
+"""`producer db`: the store's schema (Alembic migrations) and the roles each part connects as."""
 from __future__ import annotations
 
 import click
 
-from models.db import make_engine, schema_revisions, upgrade_schema
-from producer.context import database_option, settings_with
-from workers.settings import redact
+from models.db import SchemaBehind, check_schema, make_engine, schema_revisions, upgrade_schema
+from workers.settings import get_settings, redact
+
+owner_database_option = click.option(
+    "--database-url", default=None, help="URL of the store's owner (it runs the migrations) [env BULKGEN_DATABASE_URL]."
+)
+
+
+def _owner_url(database_url: str | None) -> str:
+    """Migrations and grants run as the store's owner: BULKGEN_DATABASE_URL, never a part's own URL."""
+    return database_url or get_settings().database_url
 
 
 @click.group()
 def db() -> None:
-    """Manage the store's schema (Alembic migrations)."""
+    """Manage the store's schema (Alembic migrations) and its PostgreSQL roles."""
 
 
 @db.command()
-@database_option
+@owner_database_option
 def upgrade(database_url: str | None) -> None:
     """Create the store or migrate it to the schema this code needs."""
-    settings = settings_with(database_url)
+    url = _owner_url(database_url)
     try:
-        upgrade_schema(settings.database_url)
+        upgrade_schema(url)
     except Exception as exc:
-        raise click.ClickException(f"cannot migrate {redact(settings.database_url)}: {exc}") from None
-    click.echo(f"{redact(settings.database_url)} is at the current schema")
+        raise click.ClickException(f"cannot migrate {redact(url)}: {exc}") from None
+    click.echo(f"{redact(url)} is at the current schema")
 
 
 @db.command()
-@database_option
+@owner_database_option
 def current(database_url: str | None) -> None:
     """Show the store's schema revision and the one this code needs."""
-    settings = settings_with(database_url)
-    revision, head = schema_revisions(make_engine(settings.database_url))
+    revision, head = schema_revisions(make_engine(_owner_url(database_url)))
     click.echo(f"database: {revision or 'empty'}; code needs: {head}")
+
+
+@db.command()
+@owner_database_option
+@click.option("--submitter", default="bulkgen_submitter", show_default=True, envvar="BULKGEN_SUBMITTER_ROLE",
+              help="Role of the producer's commands [env BULKGEN_SUBMITTER_ROLE].")
+@click.option("--worker", default="bulkgen_worker", show_default=True, envvar="BULKGEN_WORKER_ROLE",
+              help="Role of the workers [env BULKGEN_WORKER_ROLE].")
+@click.option("--reader", default="bulkgen_reader", show_default=True, envvar="BULKGEN_READER_ROLE",
+              help="Role of `producer query` [env BULKGEN_READER_ROLE].")
+@click.option("--submitter-password", default=None, envvar="BULKGEN_SUBMITTER_PASSWORD", show_default=False,
+              help="Set the submitter's password [env BULKGEN_SUBMITTER_PASSWORD; unset: left as it is].")
+@click.option("--worker-password", default=None, envvar="BULKGEN_WORKER_PASSWORD", show_default=False,
+              help="Set the worker's password [env BULKGEN_WORKER_PASSWORD; unset: left as it is].")
+@click.option("--reader-password", default=None, envvar="BULKGEN_READER_PASSWORD", show_default=False,
+              help="Set the reader's password [env BULKGEN_READER_PASSWORD; unset: left as it is].")
+def roles(database_url, submitter, worker, reader, submitter_password, worker_password, reader_password) -> None:  # type: ignore[no-untyped-def]
+    """Create (or reset) the submitter, worker and reader roles on PostgreSQL, each with only its grants.
+
+    Run as the store's owner after `producer db upgrade` (and again after every upgrade). Idempotent: a role
+    that exists keeps its password unless one is given, and its grants on the store are reset to exactly its
+    part's. Prefer the environment to the password flags (a flag shows in the process list). What each role
+    may do: docs/security.md.
+
+    \b
+    BULKGEN_WORKER_PASSWORD=... BULKGEN_SUBMITTER_PASSWORD=... BULKGEN_READER_PASSWORD=... producer db roles
+    """
+    from producer.roles import apply_role, check_role_name
+
+    url = _owner_url(database_url)
+    names = {"submitter": submitter, "worker": worker, "reader": reader}
+    try:
+        for name in names.values():
+            check_role_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if len(set(names.values())) != 3:
+        raise click.BadParameter("the submitter, worker and reader need three different roles")
+    engine = make_engine(url)
+    if engine.dialect.name != "postgresql":
+        raise click.ClickException(
+            f"{redact(url)} is not PostgreSQL: SQLite has no roles (guard the file with its permissions; "
+            "`producer query` opens it read-only)"
+        )
+    try:
+        check_schema(engine)
+    except SchemaBehind as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        raise click.ClickException(f"cannot reach the database {redact(url)}: {exc}") from None
+    passwords = {"submitter": submitter_password, "worker": worker_password, "reader": reader_password}
+    try:
+        with engine.begin() as connection:
+            reports = [apply_role(connection, part, role, passwords[part]) for part, role in names.items()]
+    except Exception as exc:
+        message = str(exc).splitlines()[0]
+        for password in passwords.values():
+            if password:
+                message = message.replace(password, "***")
+        raise click.ClickException(f"cannot set up the roles on {redact(url)}: {message}") from None
+    finally:
+        engine.dispose()
+    for report in reports:
+        click.echo(report.line())

@@ -10,9 +10,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.db import SchemaBehind, check_schema
-from producer.context import settings_with
 from producer.readonly import authorizer_of, read_only_engine, statement_head, write_rights
-from workers.settings import redact
+from workers.settings import get_settings, redact
 
 __all__ = ["query", "read_only_engine"]
 
@@ -75,7 +74,7 @@ def query(sql: str, as_json: bool, as_csv: bool, max_rows: int, database_url: st
     producer query "SELECT id, status, completion_tokens FROM jobs"
     producer query "SELECT error, count(*) FROM requests WHERE status = 'failed' GROUP BY error" --json
     """
-    settings = settings_with()
+    settings = get_settings()  # not the submitter's URL: the reader falls back to the shared one only
     url = database_url or settings.reader_database_url or settings.database_url
     engine = read_only_engine(url)
     try:
