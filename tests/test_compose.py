@@ -32,3 +32,15 @@ def test_compose_services_and_settings() -> None:
         assert bulkgen_vars <= known, bulkgen_vars - known
     assert services["worker"]["environment"]["BULKGEN_DEVICE"].startswith("cuda")
     assert (ROOT / "Dockerfile").is_file()
+
+
+def test_compose_has_no_default_password() -> None:
+    """Every password is ${VAR:?...}: compose refuses to start without it; none has a fallback value."""
+    import re
+
+    raw = (ROOT / "compose.yaml").read_text()
+    assert not re.search(r"\$\{[A-Z_]*PASSWORD[A-Z_]*:-", raw)
+    assert "${POSTGRES_PASSWORD:?" in raw and "${REDIS_PASSWORD:?" in raw
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^POSTGRES_PASSWORD=$", example, re.M) and re.search(r"^REDIS_PASSWORD=$", example, re.M)
