@@ -73,10 +73,10 @@ class Recorder:
             self.prefills.append((first, len(chunks)))
             return extend(cache, first, chunks)
 
-        def recording_decode(cache, tokens, shared=0):  # type: ignore[no-untyped-def]
+        def recording_decode(cache, tokens):  # type: ignore[no-untyped-def]
             check(len(tokens))
             self.decodes.append(len(tokens))
-            return decode(cache, tokens, shared)
+            return decode(cache, tokens)
 
         runner.extend = recording_extend  # type: ignore[method-assign]
         runner.decode = recording_decode  # type: ignore[method-assign]

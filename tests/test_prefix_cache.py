@@ -210,3 +210,65 @@ def test_rows_sharing_a_system_prompt_read_it_once_per_decode_step_and_give_the_
     monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 4 * BLOCK)
     assert run() == alone
     assert calls and min(calls) >= 4 * BLOCK  # the system prompt's whole blocks, read once per step
+
+
+def test_the_base_holds_a_shared_prompt_once_and_rows_that_share_part_or_none_of_it_give_the_same_text(
+    engine: Engine, monkeypatch  # noqa: F811
+) -> None:
+    """Float64, not batch-invariant, speculation on: rows that share the whole system prompt, rows that share only
+    its first blocks, and a row without it run together; their slots hold only what follows the base positions
+    they read (the own keys attended are fewer than the base's), and every text equals the one without a base."""
+    import copy
+
+    import workers.llama
+    import workers.scheduler
+
+    model = copy.deepcopy(engine.model).double()
+    seen: list[tuple[int, int]] = []
+    real = workers.llama.cascade_attention
+
+    def counted(q, shared_k_t, shared_v, k_t, *args):  # type: ignore[no-untyped-def]
+        seen.append((shared_k_t.shape[-1], k_t.shape[-1]))
+        return real(q, shared_k_t, shared_v, k_t, *args)
+
+    shorter = SYSTEM[: len(SYSTEM) // 2] + " Be brief."
+    requests = (
+        [chat(q, max_new_tokens=12) for q in QUESTIONS]
+        + [chat(q, system=shorter, max_new_tokens=12) for q in QUESTIONS[:2]]
+        + [chat(QUESTIONS[0], system=None, max_new_tokens=12), chat(QUESTIONS[1], temperature=0.8, seed=5, max_new_tokens=12)]
+    )
+
+    def run() -> list[list[str]]:
+        fresh = Engine(model, engine.tokenizer, "cpu", engine.model_name, "float64", max_batch_rows=8, batch_invariant=False)
+        return texts(fresh, requests)
+
+    monkeypatch.setattr(workers.llama, "cascade_attention", counted)
+    monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 10**9)
+    alone = run()
+    assert not seen
+    monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 4 * BLOCK)
+    assert run() == alone
+    assert seen and min(base for base, _ in seen) >= 4 * BLOCK
+    assert any(own < base for base, own in seen)  # the slots hold the rows' own tokens, not the prefix again
+
+
+def test_a_rebased_slot_reads_its_first_positions_from_the_base() -> None:
+    cache = KVCache(2, 1, 4, 3, 40, torch.float64, torch.device("cpu"))
+    cache.admit([0, 0])
+    cache.keys[:, 0, :, :, :20] = torch.arange(20, dtype=torch.float64)
+    cache.values[:, 0, :, :20] = torch.arange(20, dtype=torch.float64)[:, None]
+    cache.extend(0, [20, 5])
+    cache.set_base(cache.keys[:, 0, :, :, :16].clone(), cache.values[:, 0, :, :16].clone())
+    cache.rebase(0, 16)
+    assert int(cache.lengths[0]) == 4 and int(cache.offsets[0]) == 16 and cache.uses_base
+    keys, values = cache.read(0, 16, 20)
+    assert keys[0, 0, 0].tolist() == [16, 17, 18, 19] and values[0, 0, :, 0].tolist() == [16, 17, 18, 19]
+    assert cache.read(0, 0, 16)[0][0, 0, 0].tolist() == list(range(16))
+    with pytest.raises(AssertionError):
+        cache.read(0, 8, 24)  # straddles the base and the slot
+    order = cache.release([1])  # nothing moves; the offsets stay with their rows
+    assert order == [0] and cache.offsets.tolist() == [16, 0, 0]
+    other = cache.reshaped(2, 16)
+    assert other.offsets[0] == 16 and other.base_length == 16 and torch.equal(other.read(0, 16, 20)[0], keys)
+    with pytest.raises(AssertionError):
+        cache.set_base(cache.base_keys, cache.base_values)  # a row still reads the base

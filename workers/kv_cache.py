@@ -58,6 +58,11 @@ class KVCache:
     values: (layers, slots, kv_heads, capacity, head_dim). The running batch occupies slots 0..rows-1, with
     no gaps: when rows leave, the last rows move into their slots (release), so that every step reads one
     contiguous view. lengths[r] is how many tokens slot r holds; row r's next token goes to position lengths[r].
+
+    The base: one shared prefix (a job's system prompt) held once for every row that starts with it, instead of
+    once per slot. offsets[r] is how many of the base's first positions row r uses (0: none); its slot then holds
+    its tokens from position offsets[r] on, at slot positions 0.., so its whole length is offsets[r] + lengths[r].
+    The forward pass reads the base once for all rows (workers.llama.cascade_attention).
     """
 
     def __init__(
@@ -66,6 +71,9 @@ class KVCache:
         self.keys = torch.zeros((layers, slots, kv_heads, head_dim, capacity), dtype=dtype, device=device)
         self.values = torch.zeros((layers, slots, kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(slots, dtype=torch.long, device=device)
+        self.base_keys = torch.zeros((layers, kv_heads, head_dim, 0), dtype=dtype, device=device)
+        self.base_values = torch.zeros((layers, kv_heads, 0, head_dim), dtype=dtype, device=device)
         self._rows = 0
 
     # --- what it holds ---------------------------------------------------------------------------
@@ -87,8 +95,17 @@ class KVCache:
     def free(self) -> int:
         return self.slots - self._rows
 
+    @property
+    def base_length(self) -> int:
+        return self.base_values.shape[2]
+
+    @property
+    def uses_base(self) -> bool:
+        """Some row in use reads the base."""
+        return bool(self.offsets[: self._rows].any())
+
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return 2 * (self.keys.numel() + self.base_keys.numel()) * self.keys.element_size()
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -97,15 +114,19 @@ class KVCache:
 
     # --- the verbs ---------------------------------------------------------------------------------
 
-    def admit(self, starts: list[int]) -> int:
-        """Take the next len(starts) free slots for new rows whose first starts[i] tokens are already in place
-        (0 for a row prefilled from its first token); returns the first slot. Their K/V are then written
-        with write() at positions starts[i].., and extend() records them."""
+    def admit(self, starts: list[int], offsets: list[int] | None = None) -> int:
+        """Take the next len(starts) free slots for new rows whose first starts[i] tokens are already in their slot
+        (0 for a row prefilled from its first token), after the first offsets[i] positions of the base (none when
+        None); returns the first slot. Their K/V are then written with write() at slot positions starts[i]..,
+        and extend() records them."""
         count = len(starts)
+        offsets = offsets or [0] * count
         assert count <= self.free, f"admitting {count} rows into a cache with {self.free} free slots"
         assert all(0 <= s <= self.capacity for s in starts), f"start positions {starts} beyond capacity {self.capacity}"
+        assert all(0 <= o <= self.base_length for o in offsets), f"base offsets {offsets} beyond its {self.base_length}"
         first = self._rows
         self.lengths[first : first + count] = torch.tensor(starts, dtype=torch.long, device=self.lengths.device)
+        self.offsets[first : first + count] = torch.tensor(offsets, dtype=torch.long, device=self.lengths.device)
         self._rows += count
         return first
 
@@ -136,14 +157,50 @@ class KVCache:
             self.keys[:, dst, :, :, :n] = self.keys[:, src, :, :, :n]
             self.values[:, dst, :, :n] = self.values[:, src, :, :n]
             self.lengths[dst] = n
+            self.offsets[dst] = self.offsets[src]
         self._rows = len(order)
         self.lengths[self._rows :] = 0
+        self.offsets[self._rows :] = 0
         return order
 
     def clear(self) -> None:
         """Every row leaves (the memory is kept)."""
         self._rows = 0
         self.lengths.zero_()
+        self.offsets.zero_()
+
+    def set_base(self, keys: Tensor, values: Tensor) -> None:
+        """Hold keys (layers, kv_heads, head_dim, P) and values (layers, kv_heads, P, head_dim) as the base; only
+        while no row uses the old one."""
+        assert not self.uses_base, "replacing the base while rows read it"
+        self.base_keys, self.base_values = keys, values
+
+    def rebase(self, slot: int, offset: int) -> None:
+        """Slot's first `offset` tokens equal the base's (the caller knows by their prefix-cache keys): drop them
+        from the slot, which then holds the rest from slot position 0, and read them from the base."""
+        n = int(self.lengths[slot])
+        assert int(self.offsets[slot]) == 0 and 0 < offset <= min(n, self.base_length), f"rebasing slot {slot} by {offset}"
+        self.keys[:, slot, :, :, : n - offset] = self.keys[:, slot, :, :, offset:n].clone()
+        self.values[:, slot, :, : n - offset] = self.values[:, slot, :, offset:n].clone()
+        self.lengths[slot] = n - offset
+        self.offsets[slot] = offset
+
+    def read(self, slot: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """K (layers, kv_heads, head_dim, end - start) and V of slot's row at its positions start..end-1, all in the
+        base or all in the slot (views, no copy)."""
+        offset = int(self.offsets[slot])
+        if end <= offset:
+            return self.base_keys[..., start:end], self.base_values[:, :, start:end]
+        assert start >= offset, f"positions {start}..{end} straddle slot {slot}'s base of {offset}"
+        return self.keys[:, slot, :, :, start - offset : end - offset], self.values[:, slot, :, start - offset : end - offset]
+
+    def place(self, slot: int, start: int, keys: Tensor, values: Tensor) -> None:
+        """Write K (layers, kv_heads, head_dim, n) and V at slot's row positions start.. (after its base)."""
+        offset = int(self.offsets[slot])
+        assert start >= offset, f"position {start} of slot {slot} is in its base of {offset}"
+        n = values.shape[2]
+        self.keys[:, slot, :, :, start - offset : start - offset + n] = keys
+        self.values[:, slot, :, start - offset : start - offset + n] = values
 
     def reshaped(self, slots: int, capacity: int) -> KVCache:
         """A cache of another shape holding the same rows (each must fit the new capacity), for when the
@@ -158,7 +215,9 @@ class KVCache:
             other.keys[:, : self._rows, :, :, :n] = self.keys[:, : self._rows, :, :, :n]
             other.values[:, : self._rows, :, :n] = self.values[:, : self._rows, :, :n]
             other.lengths[: self._rows] = self.lengths[: self._rows]
+            other.offsets[: self._rows] = self.offsets[: self._rows]
             other._rows = self._rows
+        other.base_keys, other.base_values = self.base_keys, self.base_values
         return other
 
     # --- what the forward pass reads and writes ------------------------------------------------------

@@ -56,14 +56,18 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float) 
     return torch.matmul(probs, v).view(rows, heads, tokens, d)
 
 
-def cascade_attention(q: Tensor, shared_k_t: Tensor, shared_v: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
+def cascade_attention(
+    q: Tensor, shared_k_t: Tensor, shared_v: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float,
+    shared_visible: Tensor | None = None,
+) -> Tensor:
     """attention() for rows whose first keys are the same for every row (a shared prefix), read once.
 
-    q (rows, heads, tokens, d); shared_k_t (kv_heads, d, P) and shared_v (kv_heads, P, d): the prefix every row
-    sees whole; k_t (rows, kv_heads, d, keys) and v (rows, kv_heads, keys, d): each row's own keys after it, with
-    visible (rows, 1, tokens, keys). One softmax over both parts (their scores are concatenated in float32): the
-    same function as attention() over the full keys, but the prefix's K/V are read once for all rows, not once
-    per row, and its products have rows x heads x tokens rows instead of heads x tokens.
+    q (rows, heads, tokens, d); shared_k_t (kv_heads, d, P) and shared_v (kv_heads, P, d): the prefix the rows
+    see (all of it, or the first positions shared_visible (rows, P) marks for each row); k_t (rows, kv_heads, d,
+    keys) and v (rows, kv_heads, keys, d): each row's own keys after it, with visible (rows, 1, tokens, keys). One
+    softmax over both parts (their scores are concatenated in float32): the same function as attention() over
+    the full keys, but the prefix's K/V are read once for all rows, not once per row, and its products have
+    rows x heads x tokens rows instead of heads x tokens.
     """
     rows, heads, tokens, d = q.shape
     kv_heads, _, shared = shared_k_t.shape
@@ -71,6 +75,8 @@ def cascade_attention(q: Tensor, shared_k_t: Tensor, shared_v: Tensor, k_t: Tens
     q = q.reshape(rows, kv_heads, width, d)
     stacked = q.transpose(0, 1).reshape(kv_heads, rows * width, d)
     prefix = torch.matmul(stacked, shared_k_t).float().view(kv_heads, rows, width, shared).transpose(0, 1) * scale
+    if shared_visible is not None:
+        prefix = prefix.masked_fill(~shared_visible[:, None, None, :], -math.inf)
     own = torch.matmul(q, k_t).float() * scale  # (rows, kv_heads, width, keys)
     own = own.view(rows, kv_heads, width // tokens, tokens, -1).masked_fill(~visible[:, :, None], -math.inf).view(rows, kv_heads, width, -1)
     probs = torch.softmax(torch.cat([prefix, own], dim=-1), dim=-1).to(v.dtype)
@@ -157,69 +163,78 @@ class LlamaRunner:
         """The decoder stack on chunks[i] (right-padded to `tokens`) after what slot first + i holds; the hidden
         states at every position (rows, tokens, hidden). The chunks' K/V are written (pads' are not) and the
         slots' lengths grow by their chunks' lengths. When every row starts empty, the rows attend to their own
-        new K/V only; otherwise over their slot's cache, earlier tokens included."""
+        new K/V only; otherwise over their slot's cache, earlier tokens (and the base positions they use) included."""
         device = cache.keys.device
         rows = len(chunks)
         starts = cache.lengths[first : first + rows].clone()
+        offsets = cache.offsets[first : first + rows]
         ids = torch.zeros((rows, tokens), dtype=torch.long)
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
         ids = ids.to(device)
         counts = torch.tensor([len(c) for c in chunks], device=device)
-        offsets = torch.arange(tokens, device=device)
-        positions = starts[:, None] + offsets[None, :]
-        real = offsets[None, :] < counts[:, None]
-        if not bool(starts.any()) and tokens <= cache.capacity:
+        steps = torch.arange(tokens, device=device)
+        positions = starts[:, None] + steps[None, :]  # in the slot
+        real = steps[None, :] < counts[:, None]
+        base = self._base_visible(cache, offsets)
+        if not bool(starts.any()) and base is None and tokens <= cache.capacity:
             causal = torch.ones((tokens, tokens), dtype=torch.bool, device=device).tril()
             visible = causal[None, None].expand(rows, 1, tokens, tokens)
-            hidden = self._layers(cache, ids, positions, visible, first, None, tokens, real)
+            hidden = self._layers(cache, ids, positions, positions, visible, first, None, tokens, real)
         else:
             length = min(self.aligned(int((starts + counts).max())), cache.capacity)
             keys = torch.arange(length, device=device)
             visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (rows, 1, tokens, length)
-            hidden = self._layers(cache, ids, positions, visible, first, real, length, real)
+            hidden = self._layers(cache, ids, positions + offsets[:, None], positions, visible, first, real, length, real, base)
         cache.extend(first, [len(c) for c in chunks])
         return hidden
 
-    def decode(self, cache: KVCache, tokens: Tensor, shared: int = 0) -> Tensor:
-        """Feed one token to each of the rows 0..len(tokens)-1 (at their own positions); logits (rows, vocab).
-
-        shared: the first positions that hold the same tokens in every row (a shared system prompt): their K/V are
-        read once, from slot 0, for all rows (cascade_attention). Not when batch-invariant: a float32 row's numbers
-        must not depend on which rows share its prefix."""
+    def decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
+        """Feed one token to each of the rows 0..len(tokens)-1 (at their own positions); logits (rows, vocab)."""
         rows = tokens.shape[0]
         assert rows == cache.rows, f"decode feeds {rows} tokens to a batch of {cache.rows} rows"
         device = tokens.device
         run = max(rows, min(self.min_rows, cache.slots))  # padding rows sit in free slots (length 0); output dropped
         if run > rows:
             tokens = torch.cat([tokens, tokens.new_zeros(run - rows)])
-        positions = cache.lengths[:run].clone()
+        positions = cache.lengths[:run].clone()  # in the slot
+        offsets = cache.offsets[:run]
         length = min(self.aligned(int(positions.max()) + 1), cache.capacity)
         visible = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        shared = shared if self.align == 1 and run == rows and shared < length else 0
-        hidden = self._layers(cache, tokens[:, None], positions[:, None], visible, 0, True, length, None, shared)
+        rotary = (positions + offsets)[:, None]
+        base = self._base_visible(cache, offsets)
+        hidden = self._layers(cache, tokens[:, None], rotary, positions[:, None], visible, 0, True, length, None, base)
         cache.advance()
         return self._logits(hidden[:rows, 0])
+
+    @staticmethod
+    def _base_visible(cache: KVCache, offsets: Tensor) -> Tensor | None:
+        """Which of the base's positions each row reads (rows, P), or None when no row reads any."""
+        if not cache.base_length or not bool(offsets.any()):
+            return None
+        return torch.arange(cache.base_length, device=offsets.device)[None, :] < offsets[:, None]
 
     def _layers(
         self,
         cache: KVCache,
         ids: Tensor,
+        rotary: Tensor,
         positions: Tensor,
         visible: Tensor,
         first: int,
         read_cache: Tensor | bool | None,
         length: int,
         real: Tensor | None,
-        shared: int = 0,
+        base: Tensor | None = None,
     ) -> Tensor:
-        """The decoder stack on ids (rows, tokens) at positions (rows, tokens); K/V of slots first.. are written
-        (only the real positions, when real is given), then attended: the new K/V alone when read_cache is None,
-        else the slots' cache over length positions (the first `shared` of them read once, from slot 0)."""
+        """The decoder stack on ids (rows, tokens) at positions rotary (rows, tokens) of their rows, written at
+        positions (rows, tokens) of slots first.. (only the real ones, when real is given), then attended: the new
+        K/V alone when read_cache is None, else the slots' cache over length positions, after the base positions
+        that base (rows, P) marks, read once for all rows (cascade_attention)."""
         model = self.model.model
         rows, tokens = ids.shape
         x = model.embed_tokens(ids)
-        cos, sin = model.rotary_emb(x, positions)
+        cos, sin = model.rotary_emb(x, rotary)
         written = real if read_cache is not None and real is not None else None
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -233,10 +248,10 @@ class LlamaRunner:
                 keys, values = k.transpose(-1, -2), v
             else:
                 keys, values = cache.view(index, first, rows, length)
-            if shared:
+            if base is not None:
                 o = cascade_attention(
-                    q, keys[0, :, :, :shared], values[0, :, :shared], keys[..., shared:], values[:, :, shared:],
-                    visible[..., shared:], self.scale,
+                    q, cache.base_keys[index], cache.base_values[index], keys, values, visible, self.scale,
+                    None if bool(base.all()) else base,
                 )
             else:
                 o = attention(q, keys, values, visible, self.scale)

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from workers.kv_cache import KVCache
@@ -99,11 +100,12 @@ class PrefixCache:
         """How many of a prompt's first blocks are held (at most its reusable_blocks); touches none."""
         return self.held(block_keys(ids, reusable_blocks(ids)))
 
-    def held(self, keys: Sequence[BlockKey]) -> int:
-        """How many of these keys (a prompt's, from its first block) are held, from the first on; touches none."""
-        held = 0
-        parent = 0
-        for key, tokens in keys:
+    def held(self, keys: Sequence[BlockKey], start: int = 0) -> int:
+        """How many of these keys (a prompt's, from its first block) are held, from block `start` on (the blocks
+        before it are known to the caller); touches none."""
+        held = start
+        parent = keys[start - 1][0] if start else 0
+        for key, tokens in keys[start:]:
             block = self._blocks.get(key)
             if block is None or block.tokens != tokens or block.parent != parent:
                 break
@@ -111,14 +113,20 @@ class PrefixCache:
             parent = key
         return held
 
-    def load(self, cache: KVCache, slot: int, keys: Sequence[BlockKey]) -> None:
-        """Copy the K/V of these held blocks (a prompt's first ones: see held) into slot's positions 0.. (the
-        slot was admitted at len(keys) * BLOCK)."""
-        for b, (key, _tokens) in enumerate(keys):
+    def load(self, cache: KVCache, slot: int, keys: Sequence[BlockKey], start: int = 0) -> None:
+        """Copy the K/V of these held blocks (a prompt's first ones: see held), from block `start` on (those before
+        it are in the cache's base), into slot's row at their positions."""
+        for b in range(start, len(keys)):
+            key = keys[b][0]
             block = self._blocks[key]
             self._blocks.move_to_end(key)
-            cache.keys[:, slot, :, :, b * BLOCK : (b + 1) * BLOCK] = block.keys
-            cache.values[:, slot, :, b * BLOCK : (b + 1) * BLOCK] = block.values
+            cache.place(slot, b * BLOCK, block.keys, block.values)
+
+    def gather(self, keys: Sequence[BlockKey]) -> tuple[Tensor, Tensor]:
+        """The K (layers, kv_heads, head_dim, len(keys) * BLOCK) and V of these held blocks, one after another:
+        a base for the KV cache (a copy; the blocks may be evicted afterwards)."""
+        blocks = [self._blocks[key] for key, _ in keys]
+        return torch.cat([b.keys for b in blocks], dim=-1), torch.cat([b.values for b in blocks], dim=-2)
 
     def count(self, prompt_tokens: int, cached_tokens: int) -> None:
         """A row was admitted with prompt_tokens, cached_tokens of them copied (the hit rate's counters)."""
@@ -137,12 +145,8 @@ class PrefixCache:
             if block is not None and block.tokens == tokens and block.parent == parent:
                 self._blocks.move_to_end(key)
             else:
-                self._blocks[key] = Block(
-                    parent,
-                    tokens,
-                    cache.keys[:, slot, :, :, b * BLOCK : (b + 1) * BLOCK].clone(),
-                    cache.values[:, slot, :, b * BLOCK : (b + 1) * BLOCK].clone(),
-                )
+                keys_of_block, values_of_block = cache.read(slot, b * BLOCK, (b + 1) * BLOCK)
+                self._blocks[key] = Block(parent, tokens, keys_of_block.clone(), values_of_block.clone())
                 self._blocks.move_to_end(key)
                 added += 1
             parent = key

@@ -41,9 +41,10 @@ class Row:
     """The seed reported in the Sample; for sampled rows (temperature > 0) also the seed of the row's generator."""
     cached_tokens: int = 0
     """Set at admission: its prompt's first tokens whose K/V were copied from the prefix cache."""
-    block_keys: list[BlockKey] = field(default_factory=list, repr=False)
-    """Set at admission (prefix cache on): the prefix cache's keys of its prompt's full blocks, by which the
-    scheduler sees which first positions every running row shares."""
+    block_keys: list[BlockKey] | None = field(default=None, repr=False)
+    """The prefix cache's keys of its prompt's full blocks (prefix cache on; computed once, when first needed)."""
+    offset: int = 0
+    """Set at admission: its first positions read from the KV cache's base (a shared prefix held once), not its slot."""
 
     @property
     def sampled(self) -> bool:
@@ -53,6 +54,11 @@ class Row:
     def need(self) -> int:
         """Cache positions the row may take: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def slot_need(self) -> int:
+        """Positions of its own slot the row may take: need, less the base positions it reads."""
+        return self.need - self.offset
 
 
 def decoded_rows(params: SamplingParams) -> int:

@@ -21,6 +21,13 @@ their K/V copied into its slot and is prefilled from there; after the prefill it
 would find more of its prompt cached once a row of the same group is prefilled waits for the next admission
 instead (the first request of a job with a shared system prompt computes it, the others copy it).
 
+The base (workers.kv_cache): while no running row reads it, the next waiting row's cached prefix (at least
+MIN_SHARED tokens) becomes the cache's base, held once; every row that starts with at least MIN_SHARED tokens of
+it (running rows too: their slots drop those positions) reads them from there, and its slot holds only the rest.
+So a job's shared system prompt takes memory once, not once per row, slots are cut to the rows' own tokens (more,
+shorter slots), and each step reads the prefix's K/V once for all rows (cascade attention). Not when the runner
+is batch-invariant (float32): a row's numbers must not depend on which rows share its prefix.
+
 Speculative decoding (workers.speculation): before each step every running row proposes a draft from its own text;
 when the policy expects more tokens per second from verifying them, the step feeds each row its last token and its
 draft in one pass (LlamaRunner.verify), keeps each row's tokens while they match what it draws, and truncates the
@@ -117,6 +124,9 @@ class Scheduler:
         """The prefix cache joining rows copy from and store into; None: off."""
         self.speculation = speculation if speculation is not None and speculation.enabled else None
         """Decides, per step, whether rows' drafts are verified (workers.speculation); None: off."""
+        self.base: list[BlockKey] = []
+        """The prefix-cache keys of the blocks whose K/V the cache's base holds (base_kv)."""
+        self.base_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.speculated = SpeculationStats()
         """Draft tokens proposed and kept over the scheduler's life."""
         self.on_step: Callable[[int, int], None] | None = None
@@ -186,7 +196,7 @@ class Scheduler:
         rows = len(self.batch)
         started = time.perf_counter()
         if plan is None:
-            logits = self.runner.decode(self.cache, self.batch.last_tokens(), self._shared_prefix())
+            logits = self.runner.decode(self.cache, self.batch.last_tokens())
             ended = self.batch.sample(logits)
         else:
             ended = self._verify(plan)
@@ -194,23 +204,47 @@ class Scheduler:
             self.speculation.record_step(rows, 1 if plan is None else plan.width, time.perf_counter() - started)
         return ended
 
-    def _shared_prefix(self) -> int:
-        """How many first positions hold the same tokens in every running row (whole prefix-cache blocks, 0 below
-        MIN_SHARED): a decode step reads their K/V once for all rows."""
-        states = self.batch.states
-        if self.prefix is None or len(states) < 2:
+    # --- the base: a shared prefix held once ---------------------------------------------------------
+
+    def _keys(self, row: Row) -> list[BlockKey]:
+        if row.block_keys is None:
+            row.block_keys = block_keys(row.prompt_ids)
+        return row.block_keys
+
+    def _base_offset(self, row: Row) -> int:
+        """How many first positions of the row's prompt the base holds (whole blocks that leave its last prompt
+        token to compute), or 0 below MIN_SHARED."""
+        if not self.base:
             return 0
-        first = states[0].row.block_keys
-        common = len(first)
-        for state in states[1:]:
-            keys = state.row.block_keys
-            n, limit = 0, min(common, len(keys))
-            while n < limit and keys[n][0] == first[n][0]:
-                n += 1
-            common = n
-            if common * BLOCK < MIN_SHARED:
-                return 0
-        return common * BLOCK
+        keys, base = self._keys(row), self.base
+        n, limit = 0, min(len(base), reusable_blocks(row.prompt_ids))
+        while n < limit and keys[n][0] == base[n][0]:
+            n += 1
+        return n * BLOCK if n * BLOCK >= MIN_SHARED else 0
+
+    def _choose_base(self) -> None:
+        """While no running row reads the base: the next waiting row's cached prefix becomes it, and running rows
+        that start with it read it from there (their slots drop those positions)."""
+        if self.prefix is None or self.runner.align != 1 or not self.waiting:
+            return
+        states = self.batch.states
+        if any(state.row.offset for state in states):
+            return
+        row = self.waiting[0]
+        keys = self._keys(row)
+        held = self.prefix.held(keys[: reusable_blocks(row.prompt_ids)])
+        if held * BLOCK < MIN_SHARED or [k for k, _ in keys[:held]] == [k for k, _ in self.base]:
+            return
+        self.base, self.base_kv = keys[:held], self.prefix.gather(keys[:held])
+        if self.cache is None:
+            return
+        self.cache.set_base(*self.base_kv)
+        for slot, state in enumerate(states):
+            offset = self._base_offset(state.row)
+            if offset:
+                self.cache.rebase(slot, offset)
+                state.row.offset = offset
+                self.budget -= offset
 
     def _plan(self) -> Plan | None:
         policy = self.speculation
@@ -244,7 +278,7 @@ class Scheduler:
 
     def _fit(self, need: int) -> bool:
         """Shape the cache so that a row of `need` positions can join the running rows; False when it cannot yet."""
-        running_need = max((s.row.need for s in self.batch.states), default=0)
+        running_need = max((s.row.slot_need for s in self.batch.states), default=0)
         capacity = self.runner.aligned(slot_length(max(need, running_need, MIN_CAPACITY)))
         cache = self.cache
         if cache is not None and cache.capacity >= capacity:
@@ -260,6 +294,8 @@ class Scheduler:
             del cache
             gc.collect()
             self.cache = self.runner.new_cache(slots, capacity, self.device)
+            if self.base_kv is not None:
+                self.cache.set_base(*self.base_kv)
         else:
             log.debug("reshaping the KV cache to %d slots of %d positions (%d rows running)", slots, capacity, self.running)
             self.cache = cache.reshaped(max(slots, self.runner.min_rows), self.runner.aligned(capacity))
@@ -268,8 +304,10 @@ class Scheduler:
     def _admit(self, finished: list[Finished]) -> None:
         if not self.waiting:
             return
+        self._choose_base()
         room = (self.slots if self.cache is not None else self.rows_limit) - self.running
-        if not self._fit(max(row.need for row in itertools.islice(self.waiting, max(1, room)))):
+        coming_rows = itertools.islice(self.waiting, max(1, room))
+        if not self._fit(max(row.need - self._base_offset(row) for row in coming_rows)):
             return
         assert self.cache is not None
         limit = min(self._slots_for(self.cache.capacity), self.cache.slots)
@@ -279,6 +317,9 @@ class Scheduler:
             return
         group: list[Row] = []
         starts: list[int] = []
+        """Each joining row's positions preloaded into its slot (from the prefix cache)."""
+        offsets: list[int] = []
+        """Each joining row's positions read from the base."""
         keys_of: list[list[BlockKey]] = []
         """Each joining row's block keys (prefix cache on)."""
         later: list[Row] = []
@@ -287,44 +328,49 @@ class Scheduler:
         budget, longest = self.budget, 0
         while self.waiting and len(group) < free:
             row = self.waiting[0]
-            if row.need > self.cache.capacity:
+            offset = self._base_offset(row)
+            slot_need = row.need - offset
+            if slot_need > self.cache.capacity:
                 break  # the next step reshapes the cache for it
-            if (self.running or group) and budget + row.need > self.max_tokens:
+            if (self.running or group) and budget + slot_need > self.max_tokens:
                 break
-            start, keys = 0, []
+            cached, keys = 0, []
             if self.prefix is not None:
-                keys = block_keys(row.prompt_ids)
+                keys = self._keys(row)
                 reusable = reusable_blocks(row.prompt_ids)
-                held = self.prefix.held(keys[:reusable])
+                held = self.prefix.held(keys[:reusable], offset // BLOCK)
                 if held < reusable and keys[held][0] in coming and len(later) < 4 * free:
                     later.append(self.waiting.popleft())  # its next block is being computed by this group
                     continue
                 coming.update(key for key, _ in keys[held : self.prefix.max_blocks])
-                start = held * BLOCK
-            rest = self.runner.aligned(len(row.prompt_ids) - start)
+                cached = held * BLOCK
+            rest = self.runner.aligned(len(row.prompt_ids) - cached)
             if group and (len(group) + 1) * max(longest, rest) > PREFILL_TOKENS:
                 break
             group.append(self.waiting.popleft())
-            starts.append(start)
+            row.offset = offset
+            starts.append(cached - offset)
+            offsets.append(offset)
             keys_of.append(keys)
-            budget += row.need
+            budget += slot_need
             longest = max(longest, rest)
         self.waiting.extendleft(reversed(later))
         if not group:
             return
         self.budget = budget
-        for row, start, keys in zip(group, starts, keys_of):
-            row.cached_tokens, row.block_keys = start, keys
+        cached_of = [start + offset for start, offset in zip(starts, offsets)]
+        for row, cached in zip(group, cached_of):
+            row.cached_tokens = cached
         self.batch.add(group)
-        first = self.cache.admit(starts)
+        first = self.cache.admit(starts, offsets)
         if self.prefix is not None:
-            for slot, (keys, start) in enumerate(zip(keys_of, starts), start=first):
-                self.prefix.load(self.cache, slot, keys[: start // BLOCK])
-        logits = self.runner.extend(self.cache, first, [row.prompt_ids[start:] for row, start in zip(group, starts)])
+            for slot, (keys, cached, offset) in enumerate(zip(keys_of, cached_of, offsets), start=first):
+                self.prefix.load(self.cache, slot, keys[: cached // BLOCK], offset // BLOCK)
+        logits = self.runner.extend(self.cache, first, [row.prompt_ids[cached:] for row, cached in zip(group, cached_of)])
         if self.prefix is not None:
-            for slot, (row, keys, start) in enumerate(zip(group, keys_of, starts), start=first):
+            for slot, (row, keys, cached) in enumerate(zip(group, keys_of, cached_of), start=first):
                 self.prefix.store(self.cache, slot, keys)
-                self.prefix.count(len(row.prompt_ids), start)
+                self.prefix.count(len(row.prompt_ids), cached)
         self._retire(finished, [None] * first + self.batch.sample(logits, first))
 
     def _retire(self, finished: list[Finished], ended: list[Sample | None]) -> None:
@@ -339,7 +385,7 @@ class Scheduler:
                 ended[slot], cached_tokens=row.cached_tokens, draft_tokens=drafted.proposed, accepted_tokens=drafted.kept
             )
             finished.append(Finished(row, sample))
-            self.budget -= row.need
+            self.budget -= row.slot_need
         assert self.cache is not None
         self.batch.keep(self.cache.release(leaving))
 
@@ -349,6 +395,9 @@ class Scheduler:
         self.batch.clear()
         self.budget = 0
         self.cache = None
+        self.base, self.base_kv = [], None
+        for row in rows:
+            row.offset = 0
         if self.prefix is not None:
             self.prefix.clear()  # its memory first: a worker never runs out of memory because of the cache
         gc.collect()
