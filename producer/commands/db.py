@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from models.db import SchemaBehind, check_schema, make_engine, schema_revisions, upgrade_schema
-from contract.settings import get_settings, redact
+from workers.settings import get_settings, redact
 
 owner_database_option = click.option(
     "--database-url", default=None, help="URL of the store's owner (it runs the migrations) [env BULKGEN_DATABASE_URL]."
