@@ -21,13 +21,18 @@ def settings_with(database_url: str | None = None, broker_url: str | None = None
 def open_store(settings: Settings) -> Engine:
     """The store's engine, refusing a schema that is behind the code."""
     db = make_engine(settings.database_url)
+    check_store(db, settings.database_url)
+    return db
+
+
+def check_store(db: Engine, url: str) -> None:
+    """A clean CLI error when the store at url is unreachable or its schema is behind the code."""
     try:
         check_schema(db)
     except SchemaBehind as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
-        raise click.ClickException(f"cannot reach the database {redact(settings.database_url)}: {exc}") from None
-    return db
+        raise click.ClickException(f"cannot reach the database {redact(url)}: {exc}") from None
 
 
 database_option = click.option("--database-url", default=None, help="Results store URL [env BULKGEN_SUBMITTER_DATABASE_URL, else BULKGEN_DATABASE_URL].")

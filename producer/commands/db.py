@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from models.db import SchemaBehind, check_schema, make_engine, schema_revisions, upgrade_schema
+from models.db import make_engine, schema_revisions, upgrade_schema
+from producer.context import check_store
 from workers.settings import get_settings, redact
 
 owner_database_option = click.option(
@@ -83,12 +84,7 @@ def roles(database_url, submitter, worker, reader, submitter_password, worker_pa
             f"{redact(url)} is not PostgreSQL: SQLite has no roles (guard the file with its permissions; "
             "`producer query` opens it read-only)"
         )
-    try:
-        check_schema(engine)
-    except SchemaBehind as exc:
-        raise click.ClickException(str(exc)) from None
-    except Exception as exc:
-        raise click.ClickException(f"cannot reach the database {redact(url)}: {exc}") from None
+    check_store(engine, url)
     passwords = {"submitter": submitter_password, "worker": worker_password, "reader": reader_password}
     try:
         with engine.begin() as connection:
