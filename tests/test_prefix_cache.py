@@ -8,6 +8,7 @@ from tests.test_engine import cache_dir, engine  # noqa: F401
 from workers.engine import Engine
 from workers.kv_cache import KVCache
 from workers.prefix_cache import BLOCK, PrefixCache, block_keys
+from workers.speculation import SPECULATIVE_TOKENS
 from workers.types import GenerationRequest, SamplingParams
 
 SYSTEM = (
@@ -182,40 +183,11 @@ def test_cascade_attention_is_attention_over_the_prefix_and_each_rows_own_keys()
     assert torch.allclose(cascade_attention(q, prefix_k, prefix_v, k_t, v, visible, 0.3), expected, atol=1e-12)
 
 
-def test_rows_sharing_a_system_prompt_read_it_once_per_decode_step_and_give_the_same_text(engine: Engine, monkeypatch) -> None:  # noqa: F811
-    """Not batch-invariant (cascade attention is off in float32's batch-invariant mode), in float64 so that no
-    rounding can flip a greedy token: the texts with the shared prefix read once equal those without."""
-    import copy
-
-    import workers.llama
-    import workers.scheduler
-
-    model = copy.deepcopy(engine.model).double()
-    calls: list[int] = []
-    real = workers.llama.cascade_attention
-
-    def counted(q, shared_k_t, *args):  # type: ignore[no-untyped-def]
-        calls.append(shared_k_t.shape[-1])
-        return real(q, shared_k_t, *args)
-
-    def run() -> list[list[str]]:
-        fresh = Engine(model, engine.tokenizer, "cpu", engine.model_name, "float64", max_batch_rows=8, batch_invariant=False,
-                       speculative_tokens=0)
-        return texts(fresh, [chat(q, max_new_tokens=12) for q in QUESTIONS])
-
-    monkeypatch.setattr(workers.llama, "cascade_attention", counted)
-    monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 10**9)
-    alone = run()
-    assert not calls
-    monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 4 * BLOCK)
-    assert run() == alone
-    assert calls and min(calls) >= 4 * BLOCK  # the system prompt's whole blocks, read once per step
-
-
+@pytest.mark.parametrize("speculative_tokens", [0, SPECULATIVE_TOKENS], ids=["decode", "speculation"])
 def test_the_base_holds_a_shared_prompt_once_and_rows_that_share_part_or_none_of_it_give_the_same_text(
-    engine: Engine, monkeypatch  # noqa: F811
+    engine: Engine, monkeypatch, speculative_tokens: int  # noqa: F811
 ) -> None:
-    """Float64, not batch-invariant, speculation on: rows that share the whole system prompt, rows that share only
+    """Float64 (no rounding can flip a greedy token), not batch-invariant, with decode steps or verify steps: rows that share the whole system prompt, rows that share only
     its first blocks, and a row without it run together; their slots hold only what follows the base positions
     they read (the own keys attended are fewer than the base's), and every text equals the one without a base."""
     import copy
@@ -239,7 +211,8 @@ def test_the_base_holds_a_shared_prompt_once_and_rows_that_share_part_or_none_of
     )
 
     def run() -> list[list[str]]:
-        fresh = Engine(model, engine.tokenizer, "cpu", engine.model_name, "float64", max_batch_rows=8, batch_invariant=False)
+        fresh = Engine(model, engine.tokenizer, "cpu", engine.model_name, "float64", max_batch_rows=8, batch_invariant=False,
+                       speculative_tokens=speculative_tokens)
         return texts(fresh, requests)
 
     monkeypatch.setattr(workers.llama, "cascade_attention", counted)

@@ -235,6 +235,7 @@ class LlamaRunner:
         rows, tokens = ids.shape
         x = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(x, rotary)
+        base_mask = None if base is None or bool(base.all()) else base  # every row reads all of it: no mask
         written = real if read_cache is not None and real is not None else None
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -250,8 +251,7 @@ class LlamaRunner:
                 keys, values = cache.view(index, first, rows, length)
             if base is not None:
                 o = cascade_attention(
-                    q, cache.base_keys[index], cache.base_values[index], keys, values, visible, self.scale,
-                    None if bool(base.all()) else base,
+                    q, cache.base_keys[index], cache.base_values[index], keys, values, visible, self.scale, base_mask
                 )
             else:
                 o = attention(q, keys, values, visible, self.scale)

@@ -233,7 +233,7 @@ class Scheduler:
         row = self.waiting[0]
         keys = self._keys(row)
         held = self.prefix.held(keys[: reusable_blocks(row.prompt_ids)])
-        if held * BLOCK < MIN_SHARED or [k for k, _ in keys[:held]] == [k for k, _ in self.base]:
+        if held * BLOCK < MIN_SHARED or keys[:held] == self.base:
             return
         self.base, self.base_kv = keys[:held], self.prefix.gather(keys[:held])
         if self.cache is None:
