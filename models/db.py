@@ -6,9 +6,7 @@ from datetime import datetime, timezone
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-
-class SchemaBehind(Exception):
-    """The database has not been migrated to the revision this code needs."""
+from contract.errors import SchemaBehind, StoreUnreachable
 
 
 def utcnow() -> datetime:
@@ -58,6 +56,30 @@ def check_schema(engine: Engine) -> None:
         raise SchemaBehind(
             f"the database {where} {state}; this code needs revision {head}. Run: producer db upgrade"
         )
+
+
+def open_store(url: str) -> Engine:
+    """The store's engine, checked: raises StoreUnreachable (its URL redacted) or SchemaBehind."""
+    engine = make_engine(url)
+    check_store(engine)
+    return engine
+
+
+def check_store(engine: Engine) -> None:
+    """Raises StoreUnreachable (its URL redacted, the engine disposed) or SchemaBehind."""
+    try:
+        check_schema(engine)
+    except SchemaBehind:
+        raise
+    except Exception as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        engine.dispose()
+        raise StoreUnreachable(f"cannot reach the database {where}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def upgrade_schema(url: str) -> None:

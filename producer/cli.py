@@ -1,14 +1,30 @@
 """The producer CLI: submit a JSONL file, watch jobs, read results, manage the store's schema."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from contract.errors import BulkgenError
 from producer.commands import db, jobs, lifecycle, query, results, stats, submit
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(context_settings=CONTEXT)
+class Commands(click.Group):
+    """The producer's commands: an error the library raises (contract.errors) is printed as a message,
+    after its details (each bad row of an input), and exits 1; never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BulkgenError as exc:
+            for line in exc.details():
+                click.echo(line, err=True)
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Commands, context_settings=CONTEXT)
 def main() -> None:
     """Submit bulk LLM generation jobs and read their results.
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from contract.errors import EmptyInput, InputFileError
 from producer.openai_batch import is_openai_line, translate
 from producer.schema import PromptLine, json_type, show, validate_line
 
@@ -26,14 +27,7 @@ _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 """\\u0000 and surrogate escapes: json accepts them, but the store cannot hold NUL or lone surrogates."""
 
 
-class EmptyInput(Exception):
-    """The file holds no request at all (it is empty or only blank lines)."""
-
-
-class InputFileError(Exception):
-    """The file cannot be read: it does not exist, is a directory, or is not readable."""
-
-
+__all__ = ["EmptyInput", "InputFileError", "LineOutcome", "ValidRequest", "decode_line", "format_error", "read_requests"]
 @dataclass(slots=True)
 class ValidRequest:
     line_no: int

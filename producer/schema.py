@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from workers.types import RANGES
+from contract.sampling import RANGES
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 16

@@ -5,9 +5,11 @@ ready to insert, in a spool: an anonymous temporary file of compressed chunks, d
 closed or the process ends. Memory stays bounded whatever the file's size, and what is stored is
 exactly what was validated. Nothing is written to the store if a line is bad (unless skip-invalid).
 
+The input is any producer.inputs.Input (JSONL, Parquet, CSV, a saved dataset): its rows come as outcomes.
+
 `store_job` then writes the job, every request and every reject in ONE transaction: on PostgreSQL with
 COPY, on SQLite with one executemany per chunk. `enqueue_job` sends one message per group of request
-ids, through a `BatchSender` that pipelines the Redis commands (one round trip per ~1,000 messages).
+ids, through the contract's Sender, which pipelines the Redis commands (one round trip per ~1,000 messages).
 
 If submit is interrupted while validating, nothing was written; while inserting, the transaction
 rolls back and nothing is left (tests/test_scale.py kills a real submit there). If it is interrupted
@@ -23,8 +25,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Self
+from typing import IO, Any
 
 from sqlalchemy import Connection, Engine
 
@@ -36,16 +37,12 @@ from models.store import (
     set_job_totals,
 )
 from models.tables import RequestStatus
-from producer.reader import ValidRequest, read_requests
-from workers.registry import queue_name
-
-if TYPE_CHECKING:
-    from celery import Celery
+from contract.messages import queue_name
+from producer.inputs import Input
+from producer.reader import ValidRequest
 
 INSERT_CHUNK = 5_000
 """Rows per spool chunk and per executemany (SQLite)."""
-SEND_BATCH = 1_000
-"""Messages buffered in one Redis pipeline before it is sent."""
 REQUEST_COLUMNS = ("job_id", "line_no", "custom_id", "prompt", "messages", "params", "metadata", "status", "attempts")
 """The columns `store_job` fills; the others take their defaults (id from its sequence)."""
 
@@ -138,13 +135,13 @@ class Spool:
 
 
 def validate_file(
-    path: Path, defaults: dict[str, Any], context_length: int, keep_errors: int = 1000, spool: bool = True
+    data: Input, defaults: dict[str, Any], context_length: int, keep_errors: int = 1000, spool: bool = True
 ) -> Validation:
-    """First pass: count the good lines, collect (line_no, reason) for the bad ones, spool the good rows."""
+    """First pass: count the good rows, collect (position, reason) for the bad ones, spool the good rows."""
     summary = Validation()
     rows = Spool() if spool else None
     try:
-        for outcome in read_requests(path, defaults, context_length):
+        for outcome in data.outcomes(defaults, context_length):
             request = outcome.request
             if request is not None:
                 summary.valid += 1
@@ -181,7 +178,7 @@ def _samples(defaults: dict[str, Any], params: dict[str, Any]) -> int:
 
 def store_job(
     db: Engine,
-    path: Path,
+    data: Input,
     *,
     model: str,
     name: str | None,
@@ -191,16 +188,16 @@ def store_job(
 ) -> int:
     """The job, its requests and its rejects, in one transaction; returns the job id.
 
-    Stores validation.spool (closing it) when there is one, else reads and validates the file again.
+    Stores validation.spool (closing it) when there is one, else reads and validates the input again.
     """
     spool = validation.spool
     try:
         with db.begin() as connection:
-            job_id = create_job(connection, name=name, model=model, source=str(path), defaults=defaults)
+            job_id = create_job(connection, name=name, model=model, source=data.path, defaults=defaults)
             if spool is not None:
                 chunks: Callable[[], Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]] = spool.chunks
             else:
-                chunks = lambda: _chunks_from_file(path, defaults, context_length)
+                chunks = lambda: _chunks_from_input(data, defaults, context_length)
             _insert_requests(connection, job_id, (rows for rows, _ in chunks()))
             if validation.rejected_lines:
                 for _, rejects in chunks():
@@ -236,9 +233,9 @@ def refresh_statistics(db: Engine) -> None:
         connection.commit()
 
 
-def _chunks_from_file(path: Path, defaults: dict[str, Any], context_length: int) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]:
-    """The spool's chunks, read from the file again (when validate_file kept no spool)."""
-    for chunk in _chunks(iter(read_requests(path, defaults, context_length)), INSERT_CHUNK):
+def _chunks_from_input(data: Input, defaults: dict[str, Any], context_length: int) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]:
+    """The spool's chunks, read from the input again (when validate_file kept no spool)."""
+    for chunk in _chunks(iter(data.outcomes(defaults, context_length)), INSERT_CHUNK):
         yield [_row(o.request) for o in chunk if o.request is not None], [
             (o.line_no, "; ".join(o.errors)) for o in chunk if o.request is None
         ]
@@ -285,61 +282,10 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 # --- third step: enqueue ----------------------------------------------------------------------
 
-class BatchSender:
-    """Sends task messages through one producer, its Redis commands pipelined SEND_BATCH messages at a time.
-
-    Use as a context manager; `flush()` sends what is buffered (enqueue_job calls it before it marks
-    the job enqueued). Leaving the block with an exception discards what was not yet flushed.
-    """
-
-    def __init__(self, app: Celery, task_name: str, batch: int = SEND_BATCH) -> None:
-        self.app = app
-        self.task_name = task_name
-        self.batch = batch
-        self.sent = 0
-        self._declared: set[str] = set()
-
-    def __enter__(self) -> Self:
-        self._producer_context = self.app.producer_or_acquire()
-        self.producer = self._producer_context.__enter__()
-        self._batch = self.producer.batch(max_size=self.batch)
-        self._batch.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._batch.__exit__(*exc)
-        finally:
-            self._producer_context.__exit__(*exc)
-
-    def __call__(self, queue: str, job_id: int, ids: list[int]) -> None:
-        options: dict[str, Any] = {}
-        if queue in self._declared:
-            options["declare"] = []  # declared with this producer's first message to the queue
-        self.app.send_task(
-            self.task_name,
-            args=[job_id, ids],
-            queue=queue,
-            producer=self.producer,
-            # Celery's own argsrepr is a saferepr of every id: a fifth of the time of a send.
-            argsrepr=f"[{job_id}, <{len(ids)} ids {ids[0]}..{ids[-1]}>]" if ids else f"[{job_id}, []]",
-            kwargsrepr="{}",
-            **options,
-        )
-        self._declared.add(queue)
-        self.sent += 1
-
-    def flush(self) -> None:
-        """Send what is buffered now: close the current batch (which flushes it) and open the next."""
-        self._batch.__exit__(None, None, None)
-        self._batch = self.producer.batch(max_size=self.batch)
-        self._batch.__enter__()
-
-
 def enqueue_job(db: Engine, job_id: int, model: str, ids_per_message: int, send: Callable[[str, int, list[int]], None]) -> int:
     """Send the job's queued request ids in groups, then mark the job enqueued; returns the number of messages sent.
 
-    A `send` with a flush() (BatchSender) is flushed before the job is marked enqueued.
+    A `send` with a flush() (contract.broker.Sender) is flushed before the job is marked enqueued.
     """
     queue = queue_name(model)
     messages = 0

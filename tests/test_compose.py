@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from workers.settings import ENV_PREFIX, Settings
+from contract.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

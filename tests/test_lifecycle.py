@@ -32,10 +32,12 @@ from models.tables import Job, Request
 from producer.cli import main
 from tests.helpers import WorkerProcess, env_for, producer, wait_for_job, write_jsonl
 from workers import runner
-from workers.app import GENERATE_TASK, SecretFilter, delivery_problems, make_app, url_secrets
-from workers.reconcile import carried_ids, broker, enqueue_missing, sweep
-from workers.registry import queue_name
-from workers.settings import Settings
+from contract.broker import make_app
+from contract.messages import GENERATE_TASK, queue_name
+from contract.reconcile import broker, carried_ids, enqueue_missing, sweep
+from contract.settings import url_secrets
+from workers.app import SecretFilter, delivery_problems
+from contract.settings import Settings
 from workers.standin import StandInEngine
 from workers.types import GenerationResult
 from workers.worker import Worker

@@ -9,7 +9,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from tests.helpers import TINY, WorkerProcess, env_for, producer, wait_for_job, write_jsonl
-from workers.registry import queue_name
+from contract.messages import queue_name
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from producer.cli import main
 from tests.helpers import env_for, producer
 from tests.test_export import _job_with_results
-from workers.settings import get_settings
+from contract.settings import get_settings
 
 READER = "bulkgen_test_reader"
 WRITER = "bulkgen_test_writer"

@@ -26,8 +26,8 @@ from bench.scale.services import run_measured
 from models.db import make_engine
 from models.store import Outcome, claim_requests, record_outcomes
 from tests.helpers import ROOT, env_for, producer
-from workers.registry import queue_name
-from workers.settings import Settings
+from contract.messages import queue_name
+from contract.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -99,15 +99,17 @@ def test_a_100k_submit_stores_and_enqueues_every_request_once(store_url: str, br
 
 def test_memory_of_validate_and_store_stays_bounded(sqlite_url: str, big_file: Path) -> None:
     """Holding the file's rows would take far more than this; what grows is the duplicate-id table (~100 B a line)."""
+    from producer.inputs import open_input
     from producer.submit import store_job, validate_file
 
     db = make_engine(sqlite_url)
+    data = open_input(big_file)
     tracemalloc.start()
     try:
-        validation = validate_file(big_file, {}, 2048)
+        validation = validate_file(data, {}, 2048)
         _, validate_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
-        store_job(db, big_file, model=MODEL, name=None, defaults={}, context_length=2048, validation=validation)
+        store_job(db, data, model=MODEL, name=None, defaults={}, context_length=2048, validation=validation)
         _, store_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

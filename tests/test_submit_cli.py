@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 
 from producer.cli import main
 from tests.helpers import TINY, write_jsonl
-from workers.registry import queue_name
+from contract.messages import queue_name
 
 GOOD = {"prompt": "hello", "max_new_tokens": 4}
 

@@ -15,7 +15,7 @@ from producer.stats import collect
 from tests.test_engine import cache_dir, engine  # noqa: F401
 from tests.test_lifecycle import job_row, make_job, requests_of
 from workers.engine import Engine
-from workers.settings import Settings
+from contract.settings import Settings
 from workers.standin import StandInEngine
 from workers.types import GenerationRequest
 from workers.worker import Worker

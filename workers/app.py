@@ -1,53 +1,19 @@
-"""The Celery app and its settings. Torch-free: the producer imports it to send tasks.
+"""The worker's Celery app (`celery -A workers.app worker`, and Flower) and its worker-only hooks: a worker
+whose delivery settings would lose or duplicate work refuses to start, and no log line carries a password.
 
-Delivery is at-least-once by construction (docs/reliability.md): messages are acknowledged late,
-requeued when a worker process dies, prefetched one at a time, JSON only; every task time limit stays
-below the broker's visibility timeout, and a worker whose settings break one of these refuses to start.
+The app is made by contract.broker.make_app, the factory the producer uses too (docs/reliability.md:
+at-least-once by construction); only the worker imports this module. The producer never does.
 """
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_init
 
-from workers.settings import Settings, get_settings
-
-GENERATE_TASK = "bulkgen.generate"
-
-
-def make_app(broker_url: str | None = None, settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    url = broker_url or settings.broker_url
-    app = Celery("bulkgen", broker=url, include=["workers.tasks"])
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],  # a pickled message is refused, never unpickled
-        result_serializer="json",
-        task_ignore_result=True,  # results live in the SQL store, not in a result backend
-        task_acks_late=True,  # ack once the requests are claimed under a lease (workers.worker): a worker dying before is redelivered
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,  # the next message only when there is room for it: never hoard
-        task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_time_limit=settings.task_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        broker_connection_retry_on_startup=True,
-        broker_connection_retry=True,
-        broker_connection_max_retries=None,  # a worker waits out a Redis restart however long it takes
-        worker_cancel_long_running_tasks_on_connection_loss=False,  # a batch being generated finishes
-        worker_proc_alive_timeout=600,  # the child loads the model before it reports alive (celery#1715)
-        worker_send_task_events=True,  # Flower works out of the box
-        task_send_sent_event=True,
-        worker_hijack_root_logger=False,
-    )
-    if url.startswith("rediss://") and "ssl_" not in urlsplit(url).query:
-        # kombu alone would accept any certificate on a bare rediss:// URL; verify it instead
-        # (the URL may say otherwise: ?ssl_cert_reqs=none, ?ssl_ca_certs=/path/ca.pem, ...).
-        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return app
+from contract.broker import make_app
+from contract.messages import GENERATE_TASK  # noqa: F401 (the task's name, for workers.tasks and old imports)
+from contract.settings import Settings, configured_secrets, get_settings, url_secrets  # noqa: F401 (url_secrets: old imports)
 
 
 def delivery_problems(conf: Any, settings: Settings) -> list[str]:
@@ -97,19 +63,6 @@ def _refuse_unsafe_settings(conf: Any = None, **_: Any) -> None:
 
 # --- credentials never reach a log line ----------------------------------------------------------
 
-def url_secrets(*urls: str) -> list[str]:
-    """The passwords in these URLs, raw and URL-quoted."""
-    found: list[str] = []
-    for url in urls:
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            found += [password, unquote(password)]
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
-
-
 class SecretFilter(logging.Filter):
     """Replaces the configured passwords with *** in every record that passes the handler."""
 
@@ -134,7 +87,7 @@ class SecretFilter(logging.Filter):
 
 def guard_handlers(logger: logging.Logger) -> None:
     settings = get_settings()
-    secret_filter = SecretFilter(url_secrets(settings.database_url, settings.broker_url))
+    secret_filter = SecretFilter(configured_secrets(settings))
     for handler in logger.handlers:
         if not any(isinstance(f, SecretFilter) for f in handler.filters):
             handler.addFilter(secret_filter)
@@ -147,4 +100,5 @@ def _guard_log_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
         guard_handlers(target)  # type: ignore[arg-type]
 
 
-app = make_app()
+app = make_app(include=["workers.tasks"])
+app.set_current()

@@ -8,9 +8,9 @@ import sys
 import click
 
 from models.db import SchemaBehind, check_schema, make_engine
-from workers import registry
+from contract import registry
 from workers.quantize import check_combination
-from workers.settings import ENV_PREFIX, Settings, redact
+from contract.settings import ENV_PREFIX, Settings, redact
 
 DTYPES = ("float32", "bfloat16", "float16")
 

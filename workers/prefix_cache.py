@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from workers.kv_cache import KVCache
-from workers.settings import Settings
+from contract.settings import Settings
 
 BLOCK = 16
 """Tokens per cached block (vLLM's default block size): a shared prefix is reused up to its last full block."""

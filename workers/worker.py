@@ -40,7 +40,7 @@ from models.db import utcnow
 from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
 from models.tables import Request
 from workers import metrics
-from workers.settings import Settings
+from contract.settings import Settings
 from workers.types import GenerationRequest, GenerationResult, resolve_params
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.scale.generate import write_chat_file
-from workers.settings import Settings
+from contract.settings import Settings
 from bench.scale.services import (
     ROOT,
     OwnRedis,

@@ -43,8 +43,8 @@ from bench.scale.services import (
     run_measured,
 )
 from models.db import make_engine, upgrade_schema
-from workers.registry import queue_name
-from workers.settings import Settings
+from contract.messages import queue_name
+from contract.settings import Settings
 
 MODEL = "stand-in"
 
@@ -81,19 +81,21 @@ def submit_once(url: str, broker: str, file: Path, lines: int) -> dict[str, Any]
 
 def phases(url: str, broker: str, file: Path) -> dict[str, float]:
     """The three steps of `producer submit`, timed in this process."""
-    from producer.submit import BatchSender, enqueue_job, store_job, validate_file
-    from workers.app import GENERATE_TASK, make_app
+    from contract.broker import Sender, make_app
+    from producer.inputs import open_input
+    from producer.submit import enqueue_job, store_job, validate_file
 
     redis.Redis.from_url(broker).flushdb()
     db = make_engine(url)
     t0 = time.perf_counter()
-    validation = validate_file(file, {}, 2048)
+    data = open_input(file)
+    validation = validate_file(data, {}, 2048)
     t1 = time.perf_counter()
     spool_mib = validation.spool.bytes_written / 2**20 if validation.spool else 0.0
-    job_id = store_job(db, file, model=MODEL, name="phases", defaults={}, context_length=2048, validation=validation)
+    job_id = store_job(db, data, model=MODEL, name="phases", defaults={}, context_length=2048, validation=validation)
     t2 = time.perf_counter()
     app = make_app(broker)
-    with BatchSender(app, GENERATE_TASK) as send:
+    with Sender(app) as send:
         enqueue_job(db, job_id, MODEL, Settings().ids_per_message, send)
     t3 = time.perf_counter()
     db.dispose()

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import click
 
-from models.db import make_engine, schema_revisions, upgrade_schema
-from producer.context import check_store
-from workers.settings import get_settings, redact
+from models.db import check_store, make_engine, schema_revisions, upgrade_schema
+from contract.settings import get_settings, redact
 
 owner_database_option = click.option(
     "--database-url", default=None, help="URL of the store's owner (it runs the migrations) [env BULKGEN_DATABASE_URL]."
@@ -84,7 +83,7 @@ def roles(database_url, submitter, worker, reader, submitter_password, worker_pa
             f"{redact(url)} is not PostgreSQL: SQLite has no roles (guard the file with its permissions; "
             "`producer query` opens it read-only)"
         )
-    check_store(engine, url)
+    check_store(engine)
     passwords = {"submitter": submitter_password, "worker": worker_password, "reader": reader_password}
     try:
         with engine.begin() as connection:

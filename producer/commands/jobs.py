@@ -5,6 +5,7 @@ import json
 
 import click
 
+from contract.errors import JobNotFound
 from producer.context import database_option, open_store, settings_with
 
 
@@ -34,7 +35,7 @@ def status(job_id: int, as_json: bool, database_url: str | None) -> None:
 
     info = job_status(open_store(settings_with(database_url)), job_id)
     if info is None:
-        raise click.ClickException(f"no job {job_id}")
+        raise JobNotFound(job_id)
     if as_json:
         click.echo(json.dumps(info, default=str, indent=2))
     else:

@@ -1,40 +1,14 @@
-"""A job's life after its submit: `producer cancel`, `producer retry`, `producer reconcile`,
-and `submit --resume` (its command lives in producer.commands.submit)."""
+"""A job's life after its submit: `producer cancel`, `producer retry`, `producer reconcile` (thin: the work is
+producer.api's; `submit --resume` is producer.commands.submit's)."""
 from __future__ import annotations
 
-import sys
 import time
 import uuid
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
+from contract.settings import scrub
 from producer.context import broker_option, database_option, open_store, settings_with
-from workers.settings import Settings, redact
-
-if TYPE_CHECKING:
-    from celery import Celery
-
-
-def scrub(text: str, settings: Settings) -> str:
-    """The text with the passwords of the configured URLs replaced by ***."""
-    from workers.app import url_secrets
-
-    for secret in url_secrets(settings.database_url, settings.broker_url):
-        text = text.replace(secret, "***")
-    return text
-
-
-def connect_broker(settings: Settings) -> Celery:
-    from workers.app import make_app
-
-    app = make_app(settings.broker_url, settings)
-    try:
-        app.connection_for_write().ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
-    except Exception as exc:
-        raise click.ClickException(f"cannot reach the broker {redact(settings.broker_url)}: {scrub(str(exc), settings)}") from None
-    return app
 
 
 @click.command()
@@ -46,14 +20,9 @@ def cancel(job_id: int, database_url: str | None) -> None:
     Requests being generated right now finish; results already written stay.
     `producer retry JOB` queues the cancelled requests again.
     """
-    from models.db import session_factory
-    from models.store import cancel_job
+    from producer import api
 
-    db = open_store(settings_with(database_url))
-    with session_factory(db)() as session:
-        info = cancel_job(session, job_id)
-    if info is None:
-        raise click.ClickException(f"no job {job_id}")
+    info = api.cancel(job_id, settings=settings_with(database_url))
     if not info["changed"]:
         click.echo(f"job {job_id} is already {info['status']}; nothing to cancel")
         return
@@ -74,18 +43,10 @@ def retry(job_id: int, database_url: str | None, broker_url: str | None) -> None
     message in Redis carries, and running ones whose worker is gone (lapsed lease) are sent again.
     Requests done, or queued and still on the queue, are left alone. A finished job is open again.
     """
-    from models.db import session_factory
-    from models.store import reopen_job
-    from workers.reconcile import enqueue_missing
+    from producer import api
 
-    settings = settings_with(database_url, broker_url)
-    db = open_store(settings)
-    app = connect_broker(settings)
-    with session_factory(db)() as session:
-        info = reopen_job(session, job_id)
-    if info is None:
-        raise click.ClickException(f"no job {job_id}")
-    sent = enqueue_missing(db, app, job_id, settings)
+    info: dict[str, int] = {}
+    sent = api.retry(job_id, settings=settings_with(database_url, broker_url), report=info)
     click.echo(
         f"job {job_id}: {info['failed']} failed and {info['cancelled']} cancelled requests reopened; "
         f"{sent} requests enqueued"
@@ -106,11 +67,12 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     carries are sent again. Workers run this sweep themselves every reconcile_interval_s; run it by
     hand after losing Redis, or with --loop where workers run with BULKGEN_RECONCILE_INTERVAL_S=0.
     """
-    from workers.reconcile import sweep, take_lock
+    from contract.broker import connect
+    from contract.reconcile import sweep, take_lock
 
     settings = settings_with(database_url, broker_url)
     db = open_store(settings)
-    app = connect_broker(settings)
+    app = connect(settings)
     only = job_ids or None
     if loop_s is None:
         click.echo(str(sweep(db, app, settings, only)))
@@ -128,70 +90,3 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
             time.sleep(loop_s)
     except KeyboardInterrupt:
         pass
-
-
-def resume_submit(file: Path, job_id: int, settings: Settings, wait: bool) -> None:
-    """`producer submit FILE --resume JOB`: check FILE is the one JOB was submitted from, then enqueue
-    the requests of JOB that have no result yet and that no message carries (also what finishes a
-    submit that was interrupted while it enqueued)."""
-    from sqlalchemy import func, select
-    from sqlalchemy.orm import Session
-
-    from models.tables import Job, JobStatus, Request
-    from producer.reader import EmptyInput, InputFileError, read_requests
-    from workers.reconcile import enqueue_missing
-    from workers.registry import ModelNotFound, context_length
-
-    if not file.is_file():
-        raise click.ClickException(f"{file}: no such file")
-    db = open_store(settings)
-    with Session(db) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise click.ClickException(f"no job {job_id}")
-        if job.status == JobStatus.CANCELLED:
-            raise click.ClickException(f"job {job_id} is cancelled; `producer retry {job_id}` queues its requests again")
-        model, defaults, total, rejected = job.model, dict(job.defaults or {}), job.total_requests, job.rejected_count
-    try:
-        context = context_length(model)
-    except ModelNotFound as exc:
-        raise click.ClickException(str(exc)) from None
-
-    valid = invalid = 0
-    custom_ids: list[str] = []
-    with Session(db) as session:
-
-        def check(ids: list[str]) -> None:
-            known = session.scalar(select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(ids)))
-            if known != len(ids):
-                raise click.ClickException(f"{file.name} is not the file job {job_id} was submitted from: "
-                                           f"{len(ids) - known} of its requests are not in the job")
-
-        try:
-            for outcome in read_requests(file, defaults, context):
-                if outcome.request is None:
-                    invalid += 1
-                    continue
-                valid += 1
-                custom_ids.append(outcome.request.custom_id)
-                if len(custom_ids) == 5000:
-                    check(custom_ids)
-                    custom_ids = []
-        except (EmptyInput, InputFileError) as exc:
-            raise click.ClickException(str(exc)) from None
-        if custom_ids:
-            check(custom_ids)
-    if (valid, invalid) != (total, rejected):
-        raise click.ClickException(
-            f"{file.name} is not the file job {job_id} was submitted from: it has {valid} valid and {invalid} "
-            f"invalid lines, the job {total} requests and {rejected} rejected lines"
-        )
-    app = connect_broker(settings)
-    sent = enqueue_missing(db, app, job_id, settings)
-    click.echo(f"job {job_id}: {sent} requests without results enqueued again", err=True)
-    click.echo(job_id)
-    if wait:
-        from producer.progress import watch
-
-        if watch(db, job_id) != "completed":
-            sys.exit(1)

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models.db import SchemaBehind, check_schema
 from producer.readonly import authorizer_of, read_only_engine, statement_head, write_rights
-from workers.settings import get_settings, redact
+from contract.settings import get_settings, redact
 
 __all__ = ["query", "read_only_engine"]
 

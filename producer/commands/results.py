@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from sqlalchemy.orm import Session
 
+from contract.errors import JobNotFound
 from producer.context import database_option, open_store, settings_with
 from producer.export import FORMATS, flat_records, write_csv, write_jsonl, write_openai, write_parquet
 
@@ -34,7 +35,7 @@ def results(job_id: int, fmt: str, output: Path | None, table: bool, database_ur
     with Session(db) as session:
         job = session.get(Job, job_id)
         if job is None:
-            raise click.ClickException(f"no job {job_id}")
+            raise JobNotFound(job_id)
         model = job.model
     if table:
         from producer.views import print_results_table

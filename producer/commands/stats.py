@@ -5,6 +5,7 @@ import json
 
 import click
 
+from contract.errors import JobNotFound
 from producer.context import database_option, open_store, settings_with
 
 TOTALS_ONLY = ("draft_tokens", "accepted_draft_tokens")
@@ -24,7 +25,7 @@ def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
 
     info = collect(open_store(settings_with(database_url)), job_id)
     if job_id is not None and info["jobs"] == 0:
-        raise click.ClickException(f"no job {job_id}")
+        raise JobNotFound(job_id)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from contract.settings import Settings
 from producer.context import broker_option, database_option, open_store, settings_with
-from workers.settings import redact
 
 
 @click.command()
@@ -41,73 +41,38 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     /v1/chat/completions or /v1/completions, and body); `producer results JOB --format openai` writes
     the matching output file.
     """
-    from producer.reader import EmptyInput, InputFileError, format_error
-    from producer.schema import validate_defaults
-    from producer.submit import BatchSender, enqueue_job, store_job, validate_file
-    from workers.registry import ModelNotFound, context_length
+    from producer import api
 
     settings = settings_with(database_url, broker_url)
     if resume_job is not None:
-        from producer.commands.lifecycle import resume_submit
-
-        resume_submit(file, resume_job, settings, wait)
+        sent = api.resume(file, resume_job, settings=settings)
+        click.echo(f"job {resume_job}: {sent} requests without results enqueued again", err=True)
+        click.echo(resume_job)
+        _wait(resume_job, settings, wait)
         return
-    model = model or settings.model
-    if not file.exists():
-        raise click.ClickException(f"{file}: no such file")
-    if not file.is_file():
-        raise click.ClickException(f"{file}: not a regular file")
-    try:
-        context = context_length(model)
-    except ModelNotFound as exc:
-        raise click.ClickException(str(exc)) from None
     flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "n": n}
-    defaults = {k: v for k, v in flags.items() if v is not None}
-    flag_errors = validate_defaults(defaults, context)
-    if flag_errors:
-        raise click.ClickException("; ".join(flag_errors))
+    job = api.submit(file, model=model, name=name, skip_invalid=skip_invalid, settings=settings, **flags)
+    report = job.report
+    assert report is not None
+    if report.rejected:
+        for bad in report.errors:
+            click.echo(f"{report.source}:{bad.position}: {bad.reason}", err=True)
+        if report.error_count > len(report.errors):
+            click.echo(f"... and {report.error_count - len(report.errors)} more errors", err=True)
+        click.echo(f"skipped {report.rejected} invalid line(s); see: producer status {job.id}", err=True)
+    click.echo(job.id)
+    _wait(job.id, settings, wait)
 
-    try:
-        validation = validate_file(file, defaults, context)
-    except (EmptyInput, InputFileError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"{file}: {exc.strerror or exc}") from None
-    for line_no, reason in validation.errors:
-        click.echo(format_error(file.name, line_no, reason), err=True)
-    if validation.error_count > len(validation.errors):
-        click.echo(f"... and {validation.error_count - len(validation.errors)} more errors", err=True)
-    if validation.rejected_lines and not skip_invalid:
-        raise click.ClickException(
-            f"{validation.rejected_lines} invalid line(s) in {file.name}; nothing was submitted (fix them, or use --skip-invalid)"
-        )
-    if validation.valid == 0:
-        raise click.ClickException(f"{file.name}: no valid request to submit")
+
+def _wait(job_id: int, settings: Settings, wait: bool) -> None:
+    if not wait:
+        return
+    from producer.progress import watch
 
     db = open_store(settings)
-    from workers.app import GENERATE_TASK, make_app
-
-    app = make_app(settings.broker_url)
     try:
-        app.connection_for_write().ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
-    except Exception as exc:
-        raise click.ClickException(f"cannot reach the broker {redact(settings.broker_url)}: {exc}") from None
-
-    job_id = store_job(db, file, model=model, name=name, defaults=defaults, context_length=context, validation=validation)
-    try:
-        with BatchSender(app, GENERATE_TASK) as send:
-            enqueue_job(db, job_id, model, settings.ids_per_message, send)
-    except (Exception, KeyboardInterrupt) as exc:
-        raise click.ClickException(
-            f"job {job_id} is stored, but enqueueing it stopped ({type(exc).__name__}); "
-            f"finish it with: producer submit {file} --resume {job_id}"
-        ) from None
-    if validation.rejected_lines:
-        click.echo(f"skipped {validation.rejected_lines} invalid line(s); see: producer status {job_id}", err=True)
-    click.echo(job_id)
-    if wait:
-        from producer.progress import watch
-
         status = watch(db, job_id)
-        if status != "completed":
-            sys.exit(1)
+    finally:
+        db.dispose()
+    if status != "completed":
+        sys.exit(1)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from producer.cli import main
-from workers.registry import queue_name
+from contract.messages import queue_name
 
 STANDIN = "stand-in"
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=20)

@@ -9,7 +9,7 @@ import redis
 
 from tests.faults.harness import Fleet, Store, fault_env, submit, wait_until
 from tests.helpers import producer, write_jsonl
-from workers.registry import queue_name
+from contract.messages import queue_name
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,116 @@
+"""Settings shared by the producer and the workers, read from BULKGEN_* environment variables, and the
+redaction of the credentials they hold.
+
+Torch-free on purpose: the producer imports this module and must start fast.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from urllib.parse import unquote, urlsplit
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "BULKGEN_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    database_url: str = "sqlite:///bulkgen.db"
+    """SQLAlchemy URL of the results store (SQLite file by default, postgresql+psycopg://... for PostgreSQL)."""
+    reader_database_url: str | None = None
+    """URL `producer query` reads the store with (unset: database_url). On PostgreSQL, a role with SELECT on the
+    store's tables and nothing else; `query` warns when its role is a superuser or can write."""
+    submitter_database_url: str | None = None
+    """URL the producer's commands other than `query` use (submit, cancel, retry, reconcile, status, results;
+    unset: database_url). On PostgreSQL, the submitter role of `producer db roles`."""
+    worker_database_url: str | None = None
+    """URL `workers start` hands its worker processes (unset: database_url). On PostgreSQL, the worker role."""
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    """Celery broker URL (redis://, rediss:// or redis+socket://)."""
+    submitter_broker_url: str | None = None
+    """Broker URL of the producer's commands (unset: broker_url); the Redis ACL user `submitter`."""
+    worker_broker_url: str | None = None
+    """Broker URL `workers start` hands its worker processes (unset: broker_url); the Redis ACL user `worker`."""
+    model: str = "smollm2-135m-instruct"
+    """Default model for `producer submit` and `workers start`."""
+    device: str = "cpu"
+    """Device a worker generates on: cpu or cuda:N."""
+    dtype: str = "float32"
+    quantize: str = "none"
+    batch_size: int = 64
+    """Most rows (requests x samples) one engine batch holds."""
+    kv_cache_tokens: int | None = None
+    """Tokens of K/V the running rows may hold (prompt + max_new_tokens each). Unset: 65,536 on a CPU; on a GPU,
+    what 90% of its memory left free by the model holds."""
+    prefix_cache_tokens: int = 8192
+    """Prompt tokens whose K/V a worker keeps for later prompts that start the same way (a shared system prompt
+    is computed once); least recently used first out; 0 turns prefix caching off. Llama-family models only."""
+    speculative_tokens: int = 8
+    """Most draft tokens a row proposes per step for speculative decoding (prompt lookup: a row that copies its
+    prompt takes several tokens per step; exact, and used only when the worker measures that it pays); 0 = off."""
+    ids_per_message: int = 128
+    """Request ids carried by one queue message."""
+    metrics_port: int = 9400
+    """Prometheus endpoint of a worker (0 = off); pool child i of a worker on cuda:N serves on port + N + i."""
+
+    # Delivery and recovery (docs/reliability.md says why each is what it is).
+    visibility_timeout_s: int = 3 * 3600
+    """Redis hands an unacknowledged message to another worker after this long; every time limit stays below it."""
+    task_soft_time_limit_s: int = 2 * 3600
+    """A task (claiming a message, then waiting for room in the batch) still running after this long stops."""
+    task_time_limit_s: int = 2 * 3600 + 600
+    """A pool process still busy after this long is killed (its requests come back through their lease)."""
+    lease_s: int = 120
+    """A running request's lease; its worker renews it every lease_s / 4. Expired = its holder is gone."""
+    max_attempts: int = 3
+    """Times a request may be started; one that loses its worker every time then ends failed."""
+    reconcile_interval_s: int = 30
+    """How often one worker of the fleet re-enqueues lost requests (0 = never; `producer reconcile` can)."""
+    reconcile_grace_s: int = 120
+    """A queued request missing from Redis is re-enqueued only this long after it was last enqueued."""
+    db_retry_s: int = 600
+    """How long a worker waits out an unreachable store (with backoff) before handing its batch back."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def redact(url: str) -> str:
+    """Hide the password in a URL, for logs and output."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def url_secrets(*urls: str | None) -> list[str]:
+    """The passwords in these URLs, raw and URL-quoted, longest first."""
+    found: list[str] = []
+    for url in urls:
+        if not url:
+            continue
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """The passwords of every URL in these settings."""
+    urls = [value for name, value in settings.model_dump().items() if name.endswith("_url") and isinstance(value, str)]
+    return url_secrets(*urls)
+
+
+def scrub(text: str, settings: Settings) -> str:
+    """The text with the passwords of the configured URLs replaced by ***."""
+    for secret in configured_secrets(settings):
+        text = text.replace(secret, "***")
+    return text

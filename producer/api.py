@@ -1,0 +1,283 @@
+"""The producer as a library: submit, resume, retry, cancel and reconcile from Python, with the guarantees
+and the validation of the CLI (whose commands are thin calls into this module).
+
+    from producer.api import submit
+    job = submit("prompts.jsonl", model="smollm2-135m-instruct", max_new_tokens=64)
+    job.wait()
+
+Every failure is a contract.errors.BulkgenError: InvalidInput (every bad row with its position and reason;
+nothing was written), ModelNotFound, BrokerUnreachable, StoreUnreachable, SchemaBehind, JobNotFound, ...
+Settings come from BULKGEN_* (contract.settings); `database_url` and `broker_url` override them.
+
+Importing this module is cheap (no SQLAlchemy, Celery or pydantic until a call needs them), and a call
+leaves no thread behind and no database connection open: usable from a notebook and from a script that then exits.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from contract.errors import (
+    BadRow,
+    EmptyInput,
+    EnqueueInterrupted,
+    InvalidDefaults,
+    InvalidInput,
+    JobNotFound,
+    ResumeRefused,
+)
+from contract.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from contract.reconcile import SweepReport
+
+KEEP_ERRORS = 1000
+"""Bad rows an InvalidInput carries (it counts them all)."""
+
+
+def settings_for(database_url: str | None = None, broker_url: str | None = None, settings: Settings | None = None) -> Settings:
+    """The settings a producer runs with: an argument wins, then the submitter's own URLs
+    (BULKGEN_SUBMITTER_DATABASE_URL, BULKGEN_SUBMITTER_BROKER_URL), then the shared ones."""
+    settings = settings or get_settings()
+    database_url = database_url or settings.submitter_database_url
+    broker_url = broker_url or settings.submitter_broker_url
+    updates = {k: v for k, v in {"database_url": database_url, "broker_url": broker_url}.items() if v}
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def open_store(settings: Settings) -> Engine:
+    """The store's engine, its schema checked (StoreUnreachable, SchemaBehind)."""
+    from models.db import open_store as open_checked
+
+    return open_checked(settings.database_url)
+
+
+@dataclass
+class SubmitReport:
+    """What a submit stored: good requests, their samples, and the rows rejected (with --skip-invalid)."""
+
+    valid: int = 0
+    samples: int = 0
+    rejected: int = 0
+    errors: list[BadRow] = field(default_factory=list)
+    """The first KEEP_ERRORS reasons of the rejected rows."""
+    error_count: int = 0
+    source: str = ""
+
+
+class Job:
+    """A handle on a stored job: its id and the settings it is reached with. Holds no connection."""
+
+    def __init__(self, job_id: int, settings: Settings | None = None, report: SubmitReport | None = None) -> None:
+        self.id = job_id
+        self.settings = settings or settings_for()
+        self.report = report
+        """What the submit that made this handle stored (None for a handle on an existing job)."""
+
+    def __repr__(self) -> str:
+        return f"Job({self.id})"
+
+    def cancel(self) -> dict[str, Any]:
+        """Drop the job's queued requests (workers skip their messages); those running finish."""
+        return cancel(self.id, settings=self.settings)
+
+    def retry(self) -> int:
+        """Send again the failed, cancelled and missing requests; returns how many were sent."""
+        return retry(self.id, settings=self.settings)
+
+    def resume(self, source: Any, **options: Any) -> int:
+        """Finish this job from the input it was submitted from; returns how many requests were sent."""
+        return resume(source, self.id, settings=self.settings, **options)
+
+
+def submit(
+    source: Any,
+    *,
+    model: str | None = None,
+    name: str | None = None,
+    skip_invalid: bool = False,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    settings: Settings | None = None,
+    columns: Mapping[str, str] | None = None,
+    **defaults: Any,
+) -> Job:
+    """Validate every row of `source`, store the job and its requests in one transaction, then enqueue them.
+
+    `source`: a path to a JSONL file (native or OpenAI Batch lines), a Parquet or CSV file, or a directory
+    saved by `datasets`' save_to_disk. `columns` maps fields to column names for tables (`prompt`,
+    `messages`, `custom_id`, and any sampling field); other columns become metadata. Keyword arguments are
+    the job's defaults (max_new_tokens, temperature, top_p, top_k, seed, n, ...); a row's own value wins.
+
+    Raises InvalidInput with every bad row before anything is written (unless skip_invalid, which stores
+    the good rows and records the bad ones as rejects), ModelNotFound, StoreUnreachable, SchemaBehind,
+    BrokerUnreachable, and EnqueueInterrupted when the job is stored but its enqueue stopped.
+    """
+    from contract.broker import Sender, connect
+    from contract.registry import context_length
+    from producer.inputs import open_input
+    from producer.schema import validate_defaults
+    from producer.submit import enqueue_job, store_job, validate_file
+
+    settings = settings_for(database_url, broker_url, settings)
+    model = model or settings.model
+    context = context_length(model)
+    defaults = {k: v for k, v in defaults.items() if v is not None}
+    problems = validate_defaults(defaults, context)
+    if problems:
+        raise InvalidDefaults("; ".join(problems))
+    data = open_input(source, columns)
+    validation = validate_file(data, defaults, context, keep_errors=KEEP_ERRORS)
+    report = SubmitReport(
+        valid=validation.valid, samples=validation.samples, rejected=validation.rejected_lines,
+        errors=[BadRow(p, r) for p, r in validation.errors], error_count=validation.error_count, source=data.name,
+    )
+    try:
+        if validation.rejected_lines and not skip_invalid:
+            raise InvalidInput(data.name, report.errors, error_count=validation.error_count,
+                               rejected=validation.rejected_lines, unit=data.unit)
+        if validation.valid == 0:
+            raise EmptyInput(f"{data.name}: no valid request to submit")
+        db = open_store(settings)
+        app = connect(settings)
+    except BaseException:
+        if validation.spool is not None:
+            validation.spool.close()
+        raise
+    try:
+        job_id = store_job(db, data, model=model, name=name, defaults=defaults, context_length=context, validation=validation)
+        try:
+            with Sender(app) as send:
+                enqueue_job(db, job_id, model, settings.ids_per_message, send)
+        except (Exception, KeyboardInterrupt) as exc:
+            raise EnqueueInterrupted(
+                job_id, f"job {job_id} is stored, but enqueueing it stopped ({type(exc).__name__}); "
+                f"finish it with: producer submit {data.path} --resume {job_id}"
+            ) from None
+    finally:
+        db.dispose()
+    return Job(job_id, settings, report)
+
+
+def resume(
+    source: Any,
+    job_id: int,
+    *,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    settings: Settings | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> int:
+    """Finish job_id from the input it was submitted from: check it is that input, then send every request
+    of the job that has no result yet and that no message carries (what also finishes a submit that was
+    interrupted while it enqueued). Returns how many requests were sent."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from contract.broker import connect
+    from contract.reconcile import enqueue_missing
+    from contract.registry import context_length
+    from models.tables import Job as JobRow
+    from models.tables import JobStatus, Request
+    from producer.inputs import open_input
+
+    settings = settings_for(database_url, broker_url, settings)
+    data = open_input(source, columns)
+    db = open_store(settings)
+    try:
+        with Session(db) as session:
+            job = session.get(JobRow, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.status == JobStatus.CANCELLED:
+                raise ResumeRefused(f"job {job_id} is cancelled; `producer retry {job_id}` queues its requests again")
+            model, defaults, total, rejected = job.model, dict(job.defaults or {}), job.total_requests, job.rejected_count
+        context = context_length(model)
+        valid = invalid = 0
+        custom_ids: list[str] = []
+        with Session(db) as session:
+
+            def check(ids: list[str]) -> None:
+                known = session.scalar(select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(ids)))
+                if known != len(ids):
+                    raise ResumeRefused(f"{data.name} is not the input job {job_id} was submitted from: "
+                                        f"{len(ids) - (known or 0)} of its requests are not in the job")
+
+            for outcome in data.outcomes(defaults, context):
+                if outcome.request is None:
+                    invalid += 1
+                    continue
+                valid += 1
+                custom_ids.append(outcome.request.custom_id)
+                if len(custom_ids) == 5000:
+                    check(custom_ids)
+                    custom_ids = []
+            if custom_ids:
+                check(custom_ids)
+        if (valid, invalid) != (total, rejected):
+            raise ResumeRefused(
+                f"{data.name} is not the input job {job_id} was submitted from: it has {valid} valid and {invalid} "
+                f"invalid {data.unit}s, the job {total} requests and {rejected} rejected {data.unit}s"
+            )
+        return enqueue_missing(db, connect(settings), job_id, settings)
+    finally:
+        db.dispose()
+
+
+def cancel(job_id: int, *, database_url: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """Cancel a job: its queued requests are dropped and it ends 'cancelled'; requests being generated
+    finish. Returns {'changed', 'status', 'cancelled', 'running'}; raises JobNotFound."""
+    from models.db import session_factory
+    from models.store import cancel_job
+
+    db = open_store(settings_for(database_url, None, settings))
+    try:
+        with session_factory(db)() as session:
+            info = cancel_job(session, job_id)
+    finally:
+        db.dispose()
+    if info is None:
+        raise JobNotFound(job_id)
+    return info
+
+
+def retry(job_id: int, *, database_url: str | None = None, broker_url: str | None = None,
+          settings: Settings | None = None, report: dict[str, Any] | None = None) -> int:
+    """Send again the failed and the missing requests of a job, and only those; returns how many were sent.
+    `report`, when given, receives the counts of failed and cancelled requests reopened."""
+    from contract.broker import connect
+    from contract.reconcile import enqueue_missing
+    from models.db import session_factory
+    from models.store import reopen_job
+
+    settings = settings_for(database_url, broker_url, settings)
+    db = open_store(settings)
+    try:
+        app = connect(settings)
+        with session_factory(db)() as session:
+            info = reopen_job(session, job_id)
+        if info is None:
+            raise JobNotFound(job_id)
+        if report is not None:
+            report.update(info)
+        return enqueue_missing(db, app, job_id, settings)
+    finally:
+        db.dispose()
+
+
+def reconcile(job_ids: list[int] | None = None, *, database_url: str | None = None, broker_url: str | None = None,
+              settings: Settings | None = None) -> SweepReport:
+    """One pass of the reconciler (contract.reconcile.sweep) over every open job, or only job_ids."""
+    from contract.broker import connect
+    from contract.reconcile import sweep
+
+    settings = settings_for(database_url, broker_url, settings)
+    db = open_store(settings)
+    try:
+        return sweep(db, connect(settings), settings, job_ids or None)
+    finally:
+        db.dispose()
+
