@@ -27,7 +27,7 @@ _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 """\\u0000 and surrogate escapes: json accepts them, but the store cannot hold NUL or lone surrogates."""
 
 
-__all__ = ["EmptyInput", "InputFileError", "LineOutcome", "ValidRequest", "decode_line", "format_error", "read_requests"]
+__all__ = ["EmptyInput", "InputFileError", "LineOutcome", "RowChecker", "ValidRequest", "decode_line", "format_error", "read_requests"]
 @dataclass(slots=True)
 class ValidRequest:
     line_no: int
@@ -68,8 +68,7 @@ def read_requests(
     Raises InputFileError (on the first next()) when the file cannot be opened.
     """
     name = os.fspath(path)
-    seen = _SeenIds()
-    fmt = _Format()
+    checker = RowChecker(defaults, context_length)
     any_line = False
     with _open(name) as file:
         for line_no, content in _physical_lines(file, max_line_bytes):
@@ -82,7 +81,7 @@ def read_requests(
             if not content.strip():
                 continue
             any_line = True
-            yield _outcome(line_no, content, defaults, context_length, seen, fmt)
+            yield checker.check_bytes(line_no, content)
     if not any_line:
         raise EmptyInput(f"{name}: the file is empty" + ("" if _is_zero_bytes(name) else " (it holds only blank lines)"))
 
@@ -151,34 +150,73 @@ class _Format:
         return f"this is {this} but line {self.first_line} is {first}: a file must hold one format"
 
 
-def _outcome(
-    line_no: int, content: bytes, defaults: Mapping[str, Any], context_length: int, seen: _SeenIds, fmt: _Format
-) -> LineOutcome:
-    obj, error = decode_line(content)
-    if error is not None:
-        return LineOutcome(line_no, None, [error])
-    openai = is_openai_line(obj)
-    mismatch = fmt.mismatch(line_no, openai)
-    if mismatch is not None:
-        return LineOutcome(line_no, None, [mismatch])
-    if openai:
-        translation = translate(obj)
-        line, errors = validate_line(translation.line, defaults, context_length)
-        errors = translation.errors + translation.rename(errors)
-        line = None if errors else line
-    else:
-        line, errors = validate_line(obj, defaults, context_length)
-    custom_id = _custom_id(obj, line_no, required=openai)
-    if custom_id is not None:
-        first = seen.first_line(custom_id)
-        if first is not None:
-            hint = "" if "custom_id" in obj and obj["custom_id"] is not None else " (this line has no custom_id, so its line number is used)"
-            errors.append(f"duplicate custom_id {show(custom_id)} (first on line {first}){hint}")
-        elif line is not None and not errors:
-            seen.add(custom_id, line_no)
-    if line is None or errors:
-        return LineOutcome(line_no, None, errors)
-    return LineOutcome(line_no, _request(line_no, custom_id or str(line_no), line), [])
+class RowChecker:
+    """Validates an input's rows in order, whatever holds them (a JSONL line, a table row, a Python dict):
+    each row alone, and across rows (one format per input, no custom_id twice)."""
+
+    def __init__(self, defaults: Mapping[str, Any], context_length: int, unit: str = "line") -> None:
+        self.unit = unit
+        """What a position counts, as messages say it: 'line' or 'row'."""
+        self.defaults = defaults
+        self.context_length = context_length
+        self._seen = _SeenIds()
+        self._format = _Format()
+
+    def check_bytes(self, position: int, content: bytes) -> LineOutcome:
+        """A row as the bytes of one JSON object."""
+        obj, error = decode_line(content)
+        if error is not None:
+            return LineOutcome(position, None, [error])
+        return self.check_object(position, obj)
+
+    def check_value(self, position: int, value: Any) -> LineOutcome:
+        """A row given as a Python value: held to exactly what a JSONL line may hold (it goes through JSON),
+        so a NaN, a NUL, a lone surrogate or a value JSON cannot carry is refused the same way."""
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_not_json)
+        except _NotJson as exc:
+            return LineOutcome(position, None, [str(exc)])
+        except ValueError:
+            return LineOutcome(position, None, ["NaN and infinite numbers are not allowed"])
+        except RecursionError:
+            return LineOutcome(position, None, ["nested too deeply"])
+        return self.check_bytes(position, text.encode("utf-8", "surrogatepass"))
+
+    def check_object(self, position: int, obj: dict[str, Any]) -> LineOutcome:
+        """A row already decoded from JSON."""
+        openai = is_openai_line(obj)
+        mismatch = self._format.mismatch(position, openai)
+        if mismatch is not None:
+            return LineOutcome(position, None, [mismatch])
+        if openai:
+            translation = translate(obj)
+            line, errors = validate_line(translation.line, self.defaults, self.context_length)
+            errors = translation.errors + translation.rename(errors)
+            line = None if errors else line
+        else:
+            line, errors = validate_line(obj, self.defaults, self.context_length)
+        custom_id = _custom_id(obj, position, required=openai)
+        if custom_id is not None:
+            first = self._seen.first_line(custom_id)
+            if first is not None:
+                hint = "" if "custom_id" in obj and obj["custom_id"] is not None else f" (this {self.unit} has no custom_id, so its {self.unit} number is used)"
+                errors.append(f"duplicate custom_id {show(custom_id)} (first on {self.unit} {first}){hint}")
+            elif line is not None and not errors:
+                self._seen.add(custom_id, position)
+        if line is None or errors:
+            return LineOutcome(position, None, errors)
+        return LineOutcome(position, _request(position, custom_id or str(position), line), [])
+
+
+def _not_json(value: Any) -> Any:
+    """json.dumps' fallback: numpy scalars and arrays become plain values; anything else is refused."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return item()
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise _NotJson(f"a {type(value).__name__} is not a JSON value (give strings, numbers, booleans, null, lists and dicts)")
 
 
 def decode_line(content: bytes) -> tuple[Any, str | None]:
