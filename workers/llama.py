@@ -24,6 +24,18 @@ from workers.kv_cache import KVCache
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 ALIGN = 16
 """Rows and attention lengths are padded to this when batch-invariant (see LlamaRunner)."""
+QUERY_ROWS = 8
+"""An attention product's query rows (per key head) are padded to this when batch-invariant (see LlamaRunner)."""
+
+
+def padded_matmul(a: Tensor, b: Tensor, rows: int) -> Tensor:
+    """a @ b with a's second-to-last dimension padded with zeros to at least `rows` (the padding's output is
+    dropped): a batched product with fewer query rows takes another kernel path, which rounds differently."""
+    m = a.shape[-2]
+    if m >= rows:
+        return torch.matmul(a, b)
+    pad = a.new_zeros(*a.shape[:-2], rows - m, a.shape[-1])
+    return torch.matmul(torch.cat([a, pad], dim=-2), b)[..., :m, :].contiguous()
 
 
 def supports(model: PreTrainedModel) -> str | None:
@@ -39,26 +51,27 @@ def supports(model: PreTrainedModel) -> str | None:
     return None
 
 
-def attention(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
+def attention(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float, min_queries: int = 1) -> Tensor:
     """q (rows, heads, tokens, d) against k_t (rows, kv_heads, d, keys) and v (rows, kv_heads, keys, d);
     visible: bool (rows, 1, tokens, keys).
 
     Grouped-query heads are matched by a reshape (query head h uses key head h // group, as transformers'
-    repeat_kv does), not by copying K and V. Scores and softmax are in float32.
+    repeat_kv does), not by copying K and V. Scores and softmax are in float32. min_queries: pad each product's
+    query rows to at least this many (batch invariance: a decode step's few rows round as a verify pass's do).
     """
     rows, heads, tokens, d = q.shape
     kv_heads = k_t.shape[1]
     group = heads // kv_heads
     q = q.reshape(rows, kv_heads, group * tokens, d)
-    scores = torch.matmul(q, k_t).float() * scale  # (rows, kv_heads, group * tokens, keys)
+    scores = padded_matmul(q, k_t, min_queries).float() * scale  # (rows, kv_heads, group * tokens, keys)
     scores = scores.view(rows, kv_heads, group, tokens, -1).masked_fill(~visible[:, :, None], -math.inf)
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(rows, kv_heads, group * tokens, -1)
-    return torch.matmul(probs, v).view(rows, heads, tokens, d)
+    return padded_matmul(probs, v, min_queries).view(rows, heads, tokens, d)
 
 
 def cascade_attention(
     q: Tensor, shared_k_t: Tensor, shared_v: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float,
-    shared_visible: Tensor | None = None,
+    shared_visible: Tensor | None = None, min_queries: int = 1,
 ) -> Tensor:
     """attention() for rows whose first keys are the same for every row (a shared prefix), read once.
 
@@ -77,11 +90,11 @@ def cascade_attention(
     prefix = torch.matmul(stacked, shared_k_t).float().view(kv_heads, rows, width, shared).transpose(0, 1) * scale
     if shared_visible is not None:
         prefix = prefix.masked_fill(~shared_visible[:, None, None, :], -math.inf)
-    own = torch.matmul(q, k_t).float() * scale  # (rows, kv_heads, width, keys)
+    own = padded_matmul(q, k_t, min_queries).float() * scale  # (rows, kv_heads, width, keys)
     own = own.view(rows, kv_heads, width // tokens, tokens, -1).masked_fill(~visible[:, :, None], -math.inf).view(rows, kv_heads, width, -1)
     probs = torch.softmax(torch.cat([prefix, own], dim=-1), dim=-1).to(v.dtype)
     from_prefix = torch.matmul(probs[..., :shared].transpose(0, 1).reshape(kv_heads, rows * width, shared), shared_v)
-    out = from_prefix.view(kv_heads, rows, width, d).transpose(0, 1) + torch.matmul(probs[..., shared:], v)
+    out = from_prefix.view(kv_heads, rows, width, d).transpose(0, 1) + padded_matmul(probs[..., shared:], v, min_queries)
     return out.reshape(rows, heads, tokens, d)
 
 
@@ -93,8 +106,10 @@ class LlamaRunner:
 
         CPU matrix kernels pick their code path by shape: on our CPUs a float32 product with fewer than 12 rows,
         or an attention product whose key count is not a multiple of 8, rounds a row differently than the same row
-        inside a bigger batch. So, when batch_invariant, every product sees at least ALIGN rows (padding rows
-        are dropped) and every attention spans a multiple of ALIGN keys (the padding keys are masked out).
+        inside a bigger batch; on AVX2-only CPUs a batched attention product with fewer than 4 query rows does
+        too. So, when batch_invariant, every product sees at least ALIGN rows (padding rows are dropped), every
+        attention spans a multiple of ALIGN keys (the padding keys are masked out) and has at least QUERY_ROWS
+        query rows per key head.
         """
         reason = supports(model)
         assert reason is None, reason
@@ -107,6 +122,7 @@ class LlamaRunner:
         self.scale = self.head_dim**-0.5
         self.align = ALIGN if batch_invariant else 1
         self.min_rows = ALIGN if batch_invariant else 1
+        self.min_queries = QUERY_ROWS if batch_invariant else 1
         self.dtype = model.model.embed_tokens.weight.dtype
 
     def aligned(self, n: int) -> int:
@@ -251,10 +267,11 @@ class LlamaRunner:
                 keys, values = cache.view(index, first, rows, length)
             if base is not None:
                 o = cascade_attention(
-                    q, cache.base_keys[index], cache.base_values[index], keys, values, visible, self.scale, base_mask
+                    q, cache.base_keys[index], cache.base_values[index], keys, values, visible, self.scale, base_mask,
+                    self.min_queries,
                 )
             else:
-                o = attention(q, keys, values, visible, self.scale)
+                o = attention(q, keys, values, visible, self.scale, self.min_queries)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(rows, tokens, self.heads * self.head_dim))
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
