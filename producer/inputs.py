@@ -3,17 +3,19 @@ a request ready to store, or the reasons the row is invalid, with its position.
 
 - JSONL (any file that is not one of the others): one JSON object per line, native or OpenAI Batch
   (producer.reader); the position is the line number.
+- Rows in Python (a list, a generator, any iterable of dicts, native or OpenAI Batch): each held to what
+  a JSONL line may hold; the position is the row number, from 1. Read once, as it is validated.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from contract.errors import InputFileError
-from producer.reader import LineOutcome, read_requests
+from contract.errors import EmptyInput, InputFileError
+from producer.reader import LineOutcome, RowChecker, read_requests
 
 
 class Input(Protocol):
@@ -40,14 +42,37 @@ class JsonlInput:
         return read_requests(self.path, defaults, context_length)
 
 
+@dataclass(frozen=True)
+class RowsInput:
+    rows: Iterable[Any]
+    name: str = "rows"
+    path: str = "<rows from Python>"
+    unit: str = "row"
+
+    def outcomes(self, defaults: Mapping[str, Any], context_length: int) -> Iterator[LineOutcome]:
+        checker = RowChecker(defaults, context_length, unit=self.unit)
+        position = 0
+        for position, row in enumerate(self.rows, 1):
+            yield checker.check_value(position, row)
+        if position == 0:
+            raise EmptyInput("no rows: the iterable is empty")
+
+
 def open_input(source: Any, columns: Mapping[str, str] | None = None) -> Input:
     """The input `source` names; raises InputFileError when it cannot be read."""
-    if isinstance(source, (JsonlInput,)):
+    if isinstance(source, (JsonlInput, RowsInput)):
         return source
-    try:
-        path = os.fspath(source)
-    except TypeError:
-        raise InputFileError(f"cannot read {type(source).__name__} as an input: give a path") from None
+    if not isinstance(source, (str, bytes, os.PathLike)):
+        if isinstance(source, Mapping):
+            raise InputFileError("a single dict is not an input: give a list (or any iterable) of dicts")
+        if isinstance(source, Iterable):
+            if columns:
+                raise InputFileError("column options are for Parquet, CSV and dataset inputs, not rows of dicts")
+            return RowsInput(source)
+        raise InputFileError(f"cannot read a {type(source).__name__} as an input: give a path or an iterable of dicts")
+    path = os.fspath(source)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
     if not os.path.exists(path):
         raise InputFileError(f"{path}: no such file")
     if os.path.isdir(path):

@@ -172,6 +172,8 @@ class RowChecker:
     def check_value(self, position: int, value: Any) -> LineOutcome:
         """A row given as a Python value: held to exactly what a JSONL line may hold (it goes through JSON),
         so a NaN, a NUL, a lone surrogate or a value JSON cannot carry is refused the same way."""
+        if not isinstance(value, Mapping):
+            return LineOutcome(position, None, [f"expected an object (a dict of fields), got {type(value).__name__}"])
         try:
             text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_not_json)
         except _NotJson as exc:
