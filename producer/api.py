@@ -27,10 +27,11 @@ from contract.errors import (
     JobNotFound,
     ResumeRefused,
 )
-from contract.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from contract.settings import Settings
 
     from contract.reconcile import SweepReport
 
@@ -41,6 +42,8 @@ KEEP_ERRORS = 1000
 def settings_for(database_url: str | None = None, broker_url: str | None = None, settings: Settings | None = None) -> Settings:
     """The settings a producer runs with: an argument wins, then the submitter's own URLs
     (BULKGEN_SUBMITTER_DATABASE_URL, BULKGEN_SUBMITTER_BROKER_URL), then the shared ones."""
+    from contract.settings import get_settings
+
     settings = settings or get_settings()
     database_url = database_url or settings.submitter_database_url
     broker_url = broker_url or settings.submitter_broker_url

@@ -3,11 +3,16 @@
 Errors are raised as contract.errors (the CLI's group turns them into clean messages: producer.cli)."""
 from __future__ import annotations
 
-import click
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING
 
-from contract.settings import Settings
+import click
+
 from producer import api
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from contract.settings import Settings
 
 
 def settings_with(database_url: str | None = None, broker_url: str | None = None) -> Settings:

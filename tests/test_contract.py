@@ -62,6 +62,32 @@ def test_importing_loads_no_torch_no_workers_and_no_celery_app(module: str) -> N
     assert found["apps"] == 0, f"importing {module} builds a Celery app"
 
 
+LIGHT_PROBE = """
+import sys
+sys.argv = {argv!r}
+try:
+    {run}
+except SystemExit:
+    pass
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"sqlalchemy", "pydantic", "pydantic_settings", "celery",
+      "kombu", "redis", "rich", "pyarrow", "torch", "transformers"}}))
+"""
+
+
+@pytest.mark.parametrize("what", ["import producer.api", "producer submit --help"])
+def test_starting_the_api_or_a_command_loads_nothing_heavy(what: str) -> None:
+    """What makes `import producer.api` and `producer submit --help` start in a fraction of a second (figures
+    in docs/benchmarks.md): neither SQLAlchemy nor pydantic nor Celery is imported until a call needs it."""
+    if what.startswith("import"):
+        probe = LIGHT_PROBE.format(argv=["-c"], run=what)
+    else:
+        probe = LIGHT_PROBE.format(argv=what.split(), run="from producer.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout or what.startswith("import")
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_the_worker_app_is_where_celery_looks_for_it() -> None:
     """`celery -A workers.app worker|flower` (workers start, compose.yaml) finds the app with the task registered."""
     done = subprocess.run(

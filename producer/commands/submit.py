@@ -4,10 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import click
 
-from contract.settings import Settings
 from producer.context import broker_option, database_option, open_store, settings_with
+
+if TYPE_CHECKING:
+    from contract.settings import Settings
 
 
 @click.command()
