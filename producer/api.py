@@ -1,9 +1,13 @@
 """The producer as a library: submit, resume, retry, cancel and reconcile from Python, with the guarantees
 and the validation of the CLI (whose commands are thin calls into this module).
 
-    from producer.api import submit
-    job = submit("prompts.jsonl", model="smollm2-135m-instruct", max_new_tokens=64)
-    job.wait()
+    from producer import api
+    job = api.submit([{"prompt": "Once upon a time"}, {"messages": [...]}], max_new_tokens=64)
+    job = api.submit("prompts.jsonl", model="smollm2-135m-instruct")
+    info = job.wait(progress=True)              # JobInfo: status, counts, tokens
+    for record in job.results(): ...            # streamed, bounded memory
+    frame = job.to_pandas()                     # or to_arrow(), to_dataset()
+    api.job(7).retry()                          # a handle on an existing job
 
 Every failure is a contract.errors.BulkgenError: InvalidInput (every bad row with its position and reason;
 nothing was written), ModelNotFound, BrokerUnreachable, StoreUnreachable, SchemaBehind, JobNotFound, ...
@@ -14,7 +18,7 @@ leaves no thread behind and no database connection open: usable from a notebook 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +75,43 @@ class SubmitReport:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """A job as the store had it when it was read (Job.status(), Job.wait())."""
+
+    id: int
+    name: str | None
+    model: str
+    status: str
+    """submitting, queued, running, then one of completed, failed (some requests failed), cancelled."""
+    requests: int
+    done: int
+    failed: int
+    rejected: int
+    """Input rows refused at submit (with skip_invalid)."""
+    results: int
+    """Results stored (a request with n samples has n)."""
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_s: float | None
+    elapsed_s: float | None
+    by_state: dict[str, int]
+    """Requests by state: queued, running, done, failed, cancelled."""
+    failures: list[dict[str, Any]]
+    """The commonest reasons requests failed: [{'reason', 'count'}], at most 20."""
+    source: str | None
+    defaults: dict[str, Any]
+    """The job's sampling defaults (a row's own values win)."""
+
+    @property
+    def finished(self) -> bool:
+        from models.tables import JobStatus
+
+        return self.status in JobStatus.FINAL
+
+
 class Job:
-    """A handle on a stored job: its id and the settings it is reached with. Holds no connection."""
+    """A handle on a stored job: its id and the settings it is reached with. Holds no connection between calls."""
 
     def __init__(self, job_id: int, settings: Settings | None = None, report: SubmitReport | None = None) -> None:
         self.id = job_id
@@ -82,6 +121,74 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.id})"
+
+    def status(self) -> JobInfo:
+        """The job's state now (JobNotFound when the store has no such job)."""
+        from producer.views import job_status
+
+        db = open_store(self.settings)
+        try:
+            info = job_status(db, self.id)
+        finally:
+            db.dispose()
+        if info is None:
+            raise JobNotFound(self.id)
+        return JobInfo(
+            id=info["id"], name=info["name"], model=info["model"], status=info["status"], requests=info["requests"],
+            done=info["done"], failed=info["failed"], rejected=info["rejected"], results=info["results"],
+            prompt_tokens=info["prompt_tokens"], completion_tokens=info["completion_tokens"],
+            tokens_per_s=info["tokens_per_s"], elapsed_s=info["elapsed_s"], by_state=dict(info["by_state"]),
+            failures=list(info["failures"]), source=info["source"],
+            defaults=dict(info["defaults"] or {}),
+        )
+
+    def wait(self, progress: bool = False, timeout: float | None = None, poll_s: float = 0.5) -> JobInfo:
+        """Block until the job ends (completed, failed or cancelled) and return its final state; `progress`
+        draws a live bar on stderr. Raises TimeoutError after `timeout` seconds (the job goes on)."""
+        from producer.progress import follow
+
+        db = open_store(self.settings)
+        try:
+            follow(db, self.id, poll_s=poll_s, timeout=timeout, show=progress)
+        finally:
+            db.dispose()
+        return self.status()
+
+    def results(self, logprobs: bool = False) -> Iterator[dict[str, Any]]:
+        """Every result of the job as a dict (custom_id, sample_index, status, text, finish_reason, token
+        counts, seed, error, metadata), in input order; a request without results (failed, cancelled or not
+        done yet) gives one record with text None. Streamed from the store in pages: bounded memory for any
+        job size. The store is released when the iteration ends (or the iterator is closed)."""
+        from producer.export import flat_records
+
+        db = open_store(self.settings)
+        try:
+            yield from flat_records(db, self.id, logprobs=logprobs)
+        finally:
+            db.dispose()
+
+    def to_arrow(self):  # type: ignore[no-untyped-def]
+        """The results as a pyarrow.Table with the Parquet export's columns (metadata as JSON text). Held in
+        memory: for a job too big for that, iterate results() or export to Parquet (`producer results`)."""
+        import pyarrow as pa
+
+        from producer.export import arrow_batches, arrow_schema
+
+        db = open_store(self.settings)
+        try:
+            return pa.Table.from_batches(list(arrow_batches(db, self.id)), schema=arrow_schema())
+        finally:
+            db.dispose()
+
+    def to_pandas(self):  # type: ignore[no-untyped-def]
+        """The results as a pandas DataFrame (to_arrow()'s columns; needs pandas)."""
+        return self.to_arrow().to_pandas()
+
+    def to_dataset(self):  # type: ignore[no-untyped-def]
+        """The results as a Hugging Face datasets.Dataset (to_arrow()'s columns; needs datasets)."""
+        import datasets
+
+        return datasets.Dataset(datasets.table.InMemoryTable(self.to_arrow()))
 
     def cancel(self) -> dict[str, Any]:
         """Drop the job's queued requests (workers skip their messages); those running finish."""
@@ -94,6 +201,13 @@ class Job:
     def resume(self, source: Any, **options: Any) -> int:
         """Finish this job from the input it was submitted from; returns how many requests were sent."""
         return resume(source, self.id, settings=self.settings, **options)
+
+
+def job(job_id: int, *, database_url: str | None = None, settings: Settings | None = None) -> Job:
+    """A handle on an existing job; raises JobNotFound when the store has none with this id."""
+    handle = Job(job_id, settings_for(database_url, None, settings))
+    handle.status()
+    return handle
 
 
 def submit(
@@ -110,7 +224,8 @@ def submit(
 ) -> Job:
     """Validate every row of `source`, store the job and its requests in one transaction, then enqueue them.
 
-    `source`: a path to a JSONL file (native or OpenAI Batch lines), a Parquet or CSV file, or a directory
+    `source`: rows from Python (a list or any iterable of dicts, native or OpenAI Batch lines; read once),
+    a path to a JSONL file (native or OpenAI Batch lines), a Parquet or CSV file, or a directory
     saved by `datasets`' save_to_disk. `columns` maps fields to column names for tables (`prompt`,
     `messages`, `custom_id`, and any sampling field); other columns become metadata. Keyword arguments are
     the job's defaults (max_new_tokens, temperature, top_p, top_k, seed, n, ...); a row's own value wins.

@@ -90,29 +90,43 @@ def write_csv(db: Engine, job_id: int, out: IO[str]) -> int:
     return count
 
 
-def write_parquet(db: Engine, job_id: int, path: str, row_group: int = 10_000) -> int:
+def arrow_schema():  # type: ignore[no-untyped-def]
+    """The columns of the Parquet export and of Job.to_arrow() (metadata as JSON text)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = pa.schema([
+    return pa.schema([
         ("custom_id", pa.string()), ("sample_index", pa.int32()), ("status", pa.string()), ("text", pa.string()),
         ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("cached_prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()), ("draft_tokens", pa.int32()), ("accepted_draft_tokens", pa.int32()),
         ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()),
     ])
+
+
+def arrow_batches(db: Engine, job_id: int, rows: int = 10_000) -> Iterator[Any]:
+    """flat_records as pyarrow RecordBatches of up to `rows` rows (at least one batch, maybe empty)."""
+    import pyarrow as pa
+
+    schema = arrow_schema()
+    batch: list[dict[str, Any]] = []
+    sent = False
+    for record in flat_records(db, job_id):
+        record["metadata"] = None if record["metadata"] is None else json.dumps(record["metadata"], ensure_ascii=False)
+        batch.append(record)
+        if len(batch) == rows:
+            yield pa.RecordBatch.from_pylist(batch, schema=schema)
+            sent, batch = True, []
+    if batch or not sent:
+        yield pa.RecordBatch.from_pylist(batch, schema=schema)
+
+
+def write_parquet(db: Engine, job_id: int, path: str, row_group: int = 10_000) -> int:
+    import pyarrow.parquet as pq
+
     count = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        batch: list[dict[str, Any]] = []
-        for record in flat_records(db, job_id):
-            record["metadata"] = None if record["metadata"] is None else json.dumps(record["metadata"], ensure_ascii=False)
-            batch.append(record)
-            if len(batch) == row_group:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                count += len(batch)
-                batch = []
-        if batch or count == 0:
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-            count += len(batch)
+    with pq.ParquetWriter(path, arrow_schema()) as writer:
+        for batch in arrow_batches(db, job_id, row_group):
+            writer.write_batch(batch)
+            count += batch.num_rows
     return count
 
 
