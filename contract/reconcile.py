@@ -45,7 +45,7 @@ from models.store import (
     mark_requests_enqueued,
     open_jobs,
 )
-from models.tables import Job
+from models.tables import Job, JobStatus
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -244,7 +244,7 @@ def sweep(db: Engine, app: Celery, settings: Settings | None = None, job_ids: It
         with sessions() as session:
             complete_job_if_finished(session, job.id)
             session.commit()
-            if session.scalar(select(Job.status).where(Job.id == job.id)) == "completed":
+            if session.scalar(select(Job.status).where(Job.id == job.id)) == JobStatus.COMPLETED:
                 report.completed.append(job.id)
     report.seconds = time.monotonic() - started
     return report

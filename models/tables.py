@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum, nonmember
 from typing import Any, Optional
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
@@ -10,23 +11,27 @@ from sqlalchemy.orm import Mapped, mapped_column
 from models.base import Base, BigId
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """A job's states, stored as their values (a member equals its string: `job.status == "queued"`)."""
+
     SUBMITTING = "submitting"  # rows being written / messages being sent by `producer submit`
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    FINAL = (COMPLETED, FAILED, CANCELLED)
+    FINAL = nonmember(("completed", "failed", "cancelled"))
 
 
-class RequestStatus:
+class RequestStatus(StrEnum):
+    """A request's states, stored as their values."""
+
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"  # its job was cancelled before it ran; `producer retry` queues it again
-    FINAL = (DONE, FAILED)
+    FINAL = nonmember(("done", "failed"))
 
 
 class Job(Base):

@@ -16,7 +16,7 @@ from typing import IO, Any
 from sqlalchemy import Engine
 
 from models.store import iter_results
-from models.tables import Request, Result
+from models.tables import Request, RequestStatus, Result
 
 FORMATS = ("jsonl", "csv", "parquet", "openai")
 FLAT_COLUMNS = (
@@ -145,10 +145,10 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
     request = item.request
     line: dict[str, Any] = {"id": f"batch_req_{request.id}", "custom_id": request.custom_id, "response": None, "error": None}
     if not item.results:
-        if request.status == "failed":
+        if request.status == RequestStatus.FAILED:
             line["response"] = _error_response(request)
         else:
-            code = "batch_cancelled" if request.status == "cancelled" else request.status
+            code = "batch_cancelled" if request.status == RequestStatus.CANCELLED else str(request.status)
             line["error"] = {"code": code, "message": request.error or f"request is {request.status}"}
         return line
     chat = request.messages is not None

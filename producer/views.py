@@ -10,9 +10,9 @@ from rich.table import Table
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from models.store import request_counts, retried_count
+from models.store import lease_lapsed, request_counts, retried_count
 from models.db import utcnow
-from models.tables import Job, Reject, Request, RequestStatus
+from models.tables import Job, JobStatus, Reject, Request, RequestStatus
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -74,11 +74,7 @@ def job_status(db: Engine, job_id: int) -> dict[str, Any] | None:
         info["failures"] = [{"reason": reason, "count": count} for reason, count in failures]
         info["results"] = job.result_count
         info["retried"] = retried_count(session, job_id)
-        info["lease_lapsed"] = session.scalar(
-            select(func.count()).where(
-                Request.job_id == job_id, Request.status == RequestStatus.RUNNING, Request.lease_until < utcnow()
-            )
-        )
+        info["lease_lapsed"] = session.scalar(select(func.count()).where(Request.job_id == job_id, lease_lapsed(utcnow())))
         rejects = session.execute(select(Reject.line_no, Reject.reason).where(Reject.job_id == job_id).order_by(Reject.line_no).limit(20)).all()
         info["rejects"] = [{"line": line, "reason": reason} for line, reason in rejects]
         return info
@@ -114,7 +110,7 @@ def print_status(info: dict[str, Any]) -> None:
         print_table("failures by reason", info["failures"])
     if info["rejects"]:
         print_table("rejected lines", info["rejects"])
-    if not info["submit_finished"] and info["status"] not in ("completed", "cancelled", "failed"):
+    if not info["submit_finished"] and info["status"] not in JobStatus.FINAL:
         console.print(f"its submit has not finished enqueueing; if it was interrupted: producer submit {info['source']} --resume {info['id']}")
 
 

@@ -71,6 +71,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
 def _wait(job_id: int, settings: Settings, wait: bool) -> None:
     if not wait:
         return
+    from models.tables import JobStatus
     from producer.progress import watch
 
     db = open_store(settings)
@@ -78,5 +79,5 @@ def _wait(job_id: int, settings: Settings, wait: bool) -> None:
         status = watch(db, job_id)
     finally:
         db.dispose()
-    if status != "completed":
+    if status != JobStatus.COMPLETED:
         sys.exit(1)
