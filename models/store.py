@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from contract.policy import gave_up_reason
 from models.db import utcnow
 from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatus, Result
 
@@ -122,20 +123,19 @@ class Claim:
     """When the job was stored: the enqueue time of requests never re-enqueued (for queue-wait metrics)."""
 
 
+def lease_lapsed(now: datetime) -> ColumnElement[bool]:
+    """A running request whose worker is presumed lost: its lease has passed, or it never had one. The one
+    definition that the workers' claims, the reconciler and `producer status` all use."""
+    return and_(Request.status == RequestStatus.RUNNING, or_(Request.lease_until.is_(None), Request.lease_until < now))
+
+
 def takeable(worker: str, now: datetime) -> ColumnElement[bool]:
-    """A request a worker may start: queued, or running under a lease that has passed (or is its own)."""
+    """A request a worker may start: queued, or running under a lease that has lapsed (or is its own)."""
     return or_(
         Request.status == RequestStatus.QUEUED,
-        and_(
-            Request.status == RequestStatus.RUNNING,
-            or_(Request.lease_until.is_(None), Request.lease_until < now, Request.worker == worker),
-        ),
+        lease_lapsed(now),
+        and_(Request.status == RequestStatus.RUNNING, Request.worker == worker),
     )
-
-
-def gave_up_reason(attempts: int, last_error: str | None, worker: str | None) -> str:
-    why = last_error or f"its worker ({worker or 'unknown'}) was lost while generating it"
-    return f"gave up after {attempts} attempts; last: {why}"
 
 
 def claim_requests(
@@ -146,7 +146,7 @@ def claim_requests(
     Requests done, failed, or running under another worker's live lease are left out, so a redelivered
     or duplicated message does no work twice. Requests never started are claimed together; once none
     is left, one request that was started before (and did not finish) is claimed alone (one_by_one).
-    A request already started max_attempts times is marked failed instead. Each claim is one
+    A request already started max_attempts times is marked failed instead (contract.policy, 4). Each claim is one
     conditional UPDATE, so two workers never both start the same request.
     None when the job is gone or cancelled.
     """
@@ -371,11 +371,7 @@ def expire_leases(session: Session, job_id: int, max_attempts: int, now: datetim
     others go back to queued. Returns (requeued ids, failed ids). Commits.
     """
     now = now or utcnow()
-    lapsed = and_(
-        Request.job_id == job_id,
-        Request.status == RequestStatus.RUNNING,
-        or_(Request.lease_until.is_(None), Request.lease_until < now),
-    )
+    lapsed = and_(Request.job_id == job_id, lease_lapsed(now))
     spent = session.execute(
         select(Request.id, Request.attempts, Request.error, Request.worker).where(lapsed, Request.attempts >= max_attempts)
     ).all()
@@ -393,11 +389,7 @@ def close_cancelled_leases(session: Session, now: datetime | None = None) -> int
     cancelled_jobs = select(Job.id).where(Job.status == JobStatus.CANCELLED).scalar_subquery()
     moved = session.execute(
         update(Request)
-        .where(
-            Request.job_id.in_(cancelled_jobs),
-            Request.status == RequestStatus.RUNNING,
-            or_(Request.lease_until.is_(None), Request.lease_until < (now or utcnow())),
-        )
+        .where(Request.job_id.in_(cancelled_jobs), lease_lapsed(now or utcnow()))
         .values(status=RequestStatus.CANCELLED, lease_until=None)
         .execution_options(synchronize_session=False)
     ).rowcount

@@ -31,7 +31,7 @@ from models.store import (
 from models.tables import Job, Request
 from producer.cli import main
 from tests.helpers import WorkerProcess, env_for, producer, wait_for_job, write_jsonl
-from workers import runner
+from contract import policy
 from contract.broker import make_app
 from contract.messages import GENERATE_TASK, queue_name
 from contract.reconcile import broker, carried_ids, enqueue_missing, sweep
@@ -249,19 +249,19 @@ def test_store_errors_are_waited_out_and_others_are_not() -> None:
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
         return "ok"
 
-    assert runner.with_db_retry(flaky, within_s=10, first_wait_s=0.01) == "ok" and len(calls) == 3
+    assert policy.with_store_retry(flaky, within_s=10, first_wait_s=0.01) == "ok" and len(calls) == 3
 
     def down() -> None:
         raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
-    with pytest.raises(runner.TransientError):
-        runner.with_db_retry(down, within_s=0.1, first_wait_s=0.02)
+    with pytest.raises(policy.TransientError):
+        policy.with_store_retry(down, within_s=0.1, first_wait_s=0.02)
 
     def wrong() -> None:
         raise IntegrityError("INSERT", {}, ValueError("duplicate key"))
 
     with pytest.raises(IntegrityError):  # a bug is not retried
-        runner.with_db_retry(wrong, within_s=10, first_wait_s=0.01)
+        policy.with_store_retry(wrong, within_s=10, first_wait_s=0.01)
 
 
 # --- the reconciler and the lifecycle commands ----------------------------------------------------

@@ -1,20 +1,18 @@
-"""A worker process's start: load the model once, connect to the store, make its one Worker (workers.worker);
-and the store's retry rule for transient errors, which the Worker's threads share.
-"""
+"""A worker process's start: load the model once, connect to the store, make its one Worker (workers.worker).
+What is retried and for how long is contract.policy's."""
 from __future__ import annotations
 
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-
+from contract.policy import TransientError, with_store_retry
 from models.db import check_schema, make_engine, session_factory
 from contract import registry
-from workers import metrics
+from models.store import record_outcomes
+from workers import faults, metrics
 from contract.settings import Settings, get_settings
 from workers.worker import Worker
 
@@ -23,12 +21,7 @@ if TYPE_CHECKING:
     from workers.standin import StandInEngine
 
 log = logging.getLogger("bulkgen.worker")
-T = TypeVar("T")
-
-
-class TransientError(Exception):
-    """The store stayed unreachable for the whole retry window; the batch is handed back, never failed."""
-
+__all__ = ["TransientError", "init_process", "run_batch", "shutdown_process"]
 
 _worker: Worker | None = None
 
@@ -43,9 +36,12 @@ def init_process() -> Worker:
         return _worker
     settings = get_settings()
     db = make_engine(settings.database_url)
-    with_db_retry(lambda: check_schema(db), within_s=min(settings.db_retry_s, 120))
+    with_store_retry(lambda: check_schema(db), within_s=min(settings.db_retry_s, 120))
     spec = registry.resolve(settings.model)
     started = time.perf_counter()
+    hooks = {}
+    if faults.wanted():  # tests/faults/ only: the production path holds no test code
+        hooks = {"wrap_engine": faults.FaultyEngine, "record": faults.crashing_after_commit(record_outcomes)}
     worker = Worker(
         engine=None,
         sessions=session_factory(db),
@@ -54,6 +50,7 @@ def init_process() -> Worker:
         worker=f"{socket.gethostname()}:{os.getpid()}",
         settings=settings,
         load=lambda: _load_engine(spec, settings),
+        **hooks,
     )
     worker.wait_loaded()  # the model is loaded before the process takes a task
     load_s = time.perf_counter() - started
@@ -90,34 +87,6 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
         prefix_cache_tokens=settings.prefix_cache_tokens,
         speculative_tokens=settings.speculative_tokens,
     )
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The store is unreachable or busy (down, restarting, a deadlock, a lock timeout), not wrong."""
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        return True
-    return isinstance(exc, DBAPIError) and bool(getattr(exc, "connection_invalidated", False))
-
-
-def with_db_retry(action: Callable[[], T], *, within_s: float | None = None, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> T:
-    """Run a store operation, waiting out a store that is unreachable, with exponential backoff.
-
-    Gives up with TransientError once within_s (the db_retry_s setting) has passed.
-    """
-    deadline = time.monotonic() + (get_settings().db_retry_s if within_s is None else within_s)
-    attempt = 0
-    while True:
-        try:
-            return action()
-        except (OperationalError, DBAPIError) as exc:
-            if not is_transient(exc):
-                raise
-            wait = min(max_wait_s, first_wait_s * 2**attempt)
-            if time.monotonic() + wait > deadline:
-                raise TransientError(f"store unreachable: {type(exc.orig).__name__ if exc.orig else exc}") from exc
-            log.warning("store error (%s); retrying in %.1fs", type(exc.orig or exc).__name__, wait)
-            time.sleep(wait)
-            attempt += 1
 
 
 def run_batch(job_id: int, request_ids: list[int]) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from contract.messages import GENERATE_TASK, decode
+from contract.policy import TransientError, message_retry_countdown
 from workers.app import app
 
 
@@ -21,10 +22,10 @@ def generate(self, *envelope: Any) -> int:  # type: ignore[no-untyped-def]
     message = decode(envelope)
     try:
         return runner.run_batch(message.job_id, message.request_ids)
-    except runner.TransientError as exc:
-        # The store stayed unreachable for db_retry_s: try the message again later, never fail it.
+    except TransientError as exc:
+        # contract.policy, 1a: the store stayed unreachable; the message comes again later, never failed.
         # (Should this send fail too, the requests' leases lapse and the reconciler sends them again.)
-        raise self.retry(exc=exc, countdown=min(300, 10 * 2 ** min(self.request.retries, 5))) from exc
+        raise self.retry(exc=exc, countdown=message_retry_countdown(self.request.retries)) from exc
 
 
 @worker_process_init.connect
