@@ -22,10 +22,7 @@ alone; the one that keeps failing ends failed after max_attempts.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
 import threading
 import time
 from collections import deque
@@ -36,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
 from models.db import utcnow
 from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
 from models.tables import Request
@@ -144,12 +142,17 @@ class Worker:
         worker: str,
         settings: Settings,
         load: Callable[[], Any] | None = None,
+        wrap_engine: Callable[[SteppedEngine], SteppedEngine] | None = None,
+        record: Callable[[Session, int, list[Outcome]], Any] = record_outcomes,
     ) -> None:
         """engine: a loaded engine; or None and load, which the engine thread calls first. On a CPU, every torch
         operation must run in the thread that loaded the model: a second OpenMP thread pool in the same process
-        (the engine thread's, beside the loading thread's) measured 1.6x slower, using 1.25 of 2 cores."""
+        (the engine thread's, beside the loading thread's) measured 1.6x slower, using 1.25 of 2 cores.
+        wrap_engine and record: what a test puts around the engine and the store write (workers.faults)."""
         assert (engine is None) != (load is None), "give a loaded engine or a way to load one"
         self._load = load
+        self._wrap_engine = wrap_engine
+        self._record = record
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self.engine: SteppedEngine = WholeBatches(None) if engine is None else self._wrap(engine)
@@ -175,9 +178,9 @@ class Worker:
         else:
             self._start()
 
-    @staticmethod
-    def _wrap(engine: Any) -> SteppedEngine:
-        return engine if hasattr(engine, "submit") else WholeBatches(engine)
+    def _wrap(self, engine: Any) -> SteppedEngine:
+        stepped = engine if hasattr(engine, "submit") else WholeBatches(engine)
+        return self._wrap_engine(stepped) if self._wrap_engine is not None else stepped
 
     def wait_loaded(self) -> None:
         """Until the engine thread has loaded the model; raises what the load raised."""
@@ -217,15 +220,13 @@ class Worker:
 
     def _claim(self, job_id: int, ids: list[int]) -> Claim | None:
         """claim_requests under this worker's lease, waiting out a store that is down."""
-        from workers.runner import with_db_retry
-
         def claim() -> Claim | None:
             with self.sessions() as session:
                 return claim_requests(
                     session, job_id, ids, self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts
                 )
 
-        return with_db_retry(claim)
+        return with_store_retry(claim)
 
     def _accept(self, claimed: Claim) -> None:
         if claimed.one_by_one:
@@ -333,7 +334,6 @@ class Worker:
             if item.reclaim:
                 self._reclaim(item)
                 continue
-            _test_faults_before_generation(item.held)
             mark, now = self._occupancy, utcnow()
             for h in item.held:
                 h.occupancy_mark, h.started_at = mark, now
@@ -418,14 +418,12 @@ class Worker:
             self._release(ids, reason)
 
     def _release(self, ids: list[int], reason: str) -> None:
-        from workers.runner import TransientError, with_db_retry
-
         def release() -> None:
             with self.sessions() as session:
                 release_requests(session, ids, self.worker, reason)
 
         try:
-            with_db_retry(release, within_s=60)
+            with_store_retry(release, within_s=RELEASE_WITHIN_S)
         except TransientError:  # their leases lapse and the reconciler takes them back instead
             log.warning("could not hand back requests %s; their leases will lapse", ids)
 
@@ -452,8 +450,6 @@ class Worker:
     # --- the recorder thread ---------------------------------------------------------------------
 
     def _record_loop(self) -> None:
-        from workers.runner import TransientError, with_db_retry
-
         while True:
             with self._lock:
                 while not self._stopping and not self._outbox:
@@ -469,16 +465,15 @@ class Worker:
 
                 def record(job_id: int = job_id, outcomes: list[Outcome] = outcomes) -> None:
                     with self.sessions() as session:
-                        record_outcomes(session, job_id, outcomes)
+                        self._record(session, job_id, outcomes)
 
                 while True:
                     try:
-                        with_db_retry(record)
+                        with_store_retry(record)
                         break
                     except TransientError:  # keep the results and keep trying: the first write still wins
                         log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id, len(outcomes))
                 _count_outcomes(self.model, outcomes)
-                _test_crash_after_commit(outcomes)
             with self._lock:
                 for h, *_ in batch:
                     self._held.pop(h.request.id, None)
@@ -566,41 +561,3 @@ def _count_outcomes(model: str, outcomes: list[Outcome]) -> None:
         metrics.DRAFT_TOKENS.labels(model).inc(sum(row["draft_tokens"] or 0 for row in outcome.results))
         metrics.ACCEPTED_DRAFT_TOKENS.labels(model).inc(sum(row["accepted_draft_tokens"] or 0 for row in outcome.results))
         metrics.TOKENS.labels(model).inc(sum(row["completion_tokens"] for row in outcome.results))
-
-
-# --- test-only fault hooks (tests/faults/, docs/reliability.md) ----------------------------------
-# Each is inert unless its BULKGEN_TEST_* environment variable is set; none is set in production.
-
-def _test_faults_before_generation(held: list[Held]) -> None:
-    """BULKGEN_TEST_POISON=TEXT: a request whose prompt holds TEXT kills its worker process (SIGKILL) when it
-    enters the engine, as a request that crashes the runtime or runs it out of memory would.
-    BULKGEN_TEST_DELAY_PER_REQUEST_S=S: each request takes S seconds longer (the stand-in engine is instant).
-    """
-    poison = os.environ.get("BULKGEN_TEST_POISON")
-    if poison and any(poison in (h.request.prompt or "") for h in held):
-        log.error("BULKGEN_TEST_POISON: request in %s kills this worker process", [h.request.id for h in held])
-        os.kill(os.getpid(), signal.SIGKILL)
-    delay = float(os.environ.get("BULKGEN_TEST_DELAY_PER_REQUEST_S") or 0)
-    if delay:
-        time.sleep(delay * len(held))
-
-
-def _test_crash_after_commit(outcomes: list[Outcome]) -> None:
-    """BULKGEN_TEST_CRASH_AFTER_COMMIT=PATH: the first worker (fleet-wide) to commit results writes the rows
-    it committed to PATH and kills its own process (with its messages, acknowledged or not, in flight)."""
-    path = os.environ.get("BULKGEN_TEST_CRASH_AFTER_COMMIT")
-    if not path:
-        return
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    rows = [
-        {"request_id": row["request_id"], "sample_index": row["sample_index"], "text": row["text"], "seed": row["seed"]}
-        for outcome in outcomes
-        for row in outcome.results
-    ]
-    with os.fdopen(fd, "w") as out:
-        json.dump({"pid": os.getpid(), "rows": rows}, out)
-    log.error("BULKGEN_TEST_CRASH_AFTER_COMMIT: killing this worker process after its commit")
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -147,7 +147,8 @@ def test_sigterm_finishes_what_it_holds(sqlite_url: str, broker_url: str, tmp_pa
         child, held_ids = freeze_holding(store, job_id, 60)
         target = fleet.owner_of(child)
         target.process.send_signal(signal.SIGTERM)  # to the main process, as a supervisor does
-        time.sleep(1)  # the main process is in its warm shutdown, waiting for the child's batch
+        # The main process has begun its warm shutdown (Celery says so) and waits for the frozen child's batch.
+        wait_until(lambda: "Warm shutdown" in target.output(), 30, lambda: "the warm shutdown: " + target.output()[-2000:])
         os.kill(child, signal.SIGCONT)
         assert target.process.wait(60) == 0, target.output()[-3000:]
         assert "Warm shutdown" in target.output()
