@@ -84,4 +84,4 @@ def test_resume_twice_generates_nothing_twice(sqlite_url: str, broker_url: str, 
 
     other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "something else"}])
     refused = producer(["submit", str(other), "--resume", str(job_id)], env)
-    assert refused.returncode != 0 and "not the file" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode != 0 and "is not the input job" in refused.stderr and "Traceback" not in refused.stderr
