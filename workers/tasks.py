@@ -24,6 +24,7 @@ def generate(self, *envelope: Any) -> int:  # type: ignore[no-untyped-def]
     except runner.TransientError as exc:
         # The store stayed unreachable for db_retry_s: try the message again later, never fail it.
         # (Should this send fail too, the requests' leases lapse and the reconciler sends them again.)
+        _count_retry(len(message.request_ids))
         raise self.retry(exc=exc, countdown=min(300, 10 * 2 ** min(self.request.retries, 5))) from exc
 
 
@@ -56,3 +57,11 @@ def _stop_reconciler(**_: Any) -> None:
     from workers import reconcile
 
     reconcile.stop_fleet_reconciler()
+
+
+def _count_retry(requests: int) -> None:
+    """A message is retried by Celery: its requests count as retries (reason store_unreachable)."""
+    from workers import metrics, runner
+
+    model = runner._worker.model if runner._worker is not None else "unknown"  # None: the start itself found the store down
+    metrics.RETRIES.labels(model, "store_unreachable").inc(requests)
