@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     """Request ids carried by one queue message."""
     metrics_port: int = 9400
     """Prometheus endpoint of a worker (0 = off); pool child i of a worker on cuda:N serves on port + N + i."""
+    reconciler_metrics_port: int = 9500
+    """Prometheus endpoint of the reconciler (0 = off): queue depth per model, lapsed leases, re-sends. A worker's main
+    process (which runs the fleet's reconciler) on cuda:N serves it on port + N; `producer reconcile --loop` on port."""
 
     # Delivery and recovery (docs/reliability.md says why each is what it is).
     visibility_timeout_s: int = 3 * 3600

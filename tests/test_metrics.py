@@ -1,14 +1,25 @@
 """A real worker serves Prometheus metrics that count what it did."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
-from tests.helpers import WorkerProcess, env_for, free_port, producer, wait_for_job, write_jsonl
+from models.db import make_engine, session_factory
+from models.store import claim_requests
+from models.tables import Request
+from tests.helpers import ROOT, WorkerProcess, env_for, free_port, producer, wait_for_job, wait_until, write_jsonl
+from workers import metrics
 from workers.standin import STANDIN_COMPLETION_TOKENS
 
 pytestmark = pytest.mark.slow
@@ -52,3 +63,102 @@ def test_worker_metrics_count_requests_and_tokens(sqlite_url: str, broker_url: s
     assert samples[("bulkgen_queue_wait_seconds_count", model)] == len(lines)
     assert samples[("bulkgen_generation_seconds_count", model)] == len(lines)  # one per request
     assert ("bulkgen_model_load_seconds", (("device", "cpu"), ("model", "stand-in"))) in samples
+    assert samples[("bulkgen_store_write_seconds_count", model)] >= 1  # one write per job and recorder turn
+    assert not any(name == "bulkgen_gpu_memory_bytes" for name, _ in samples)  # a CPU worker has no GPU memory
+    assert not any(name.startswith(("bulkgen_queue_depth", "bulkgen_reconciler_")) for name, _ in samples)
+
+
+class Reconciler:
+    """`producer reconcile --loop` as a real process."""
+
+    def __init__(self, env: dict[str, str], every_s: float = 0.5) -> None:
+        self.log = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from producer.cli import main; sys.exit(main())", "reconcile", "--loop", str(every_s)],
+            env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.log.seek(0)
+        return self.log.read()
+
+
+def test_reconciler_metrics_follow_lapsed_leases_lost_messages_and_the_queue(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
+    """Queue depth, lapsed leases and re-sends on the reconciler's endpoint; the restarted requests on the worker's."""
+    reconciler_port, worker_port = free_port(), free_port()
+    env = env_for(
+        sqlite_url, broker_url, BULKGEN_IDS_PER_MESSAGE="8", BULKGEN_RECONCILE_GRACE_S="0",
+        BULKGEN_RECONCILER_METRICS_PORT=str(reconciler_port), BULKGEN_METRICS_PORT=str(worker_port),
+        BULKGEN_RECONCILE_INTERVAL_S="0",  # the worker's own reconciler stays off: the producer's is the one measured
+    )
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"hello {i}"} for i in range(40)])
+    job_id = int(producer(["submit", str(prompts), "--model", "stand-in"], env, check=True).stdout.split()[-1])
+
+    # A worker that claimed three requests and vanished: their lease lapses.
+    db = make_engine(sqlite_url)
+    with session_factory(db)() as session:
+        ids = list(session.scalars(select(Request.id).where(Request.job_id == job_id).order_by(Request.id).limit(3)))
+        claimed = claim_requests(session, job_id, ids, "gone:1", lease_s=0.2)
+    assert claimed is not None and len(claimed.requests) == 3
+    db.dispose()
+    time.sleep(0.5)
+
+    depth = ("bulkgen_queue_depth", (("model", "stand-in"),))
+    reconciler = Reconciler(env)
+    worker = None
+    try:
+        samples = wait_until(lambda: _swept(reconciler_port, 1), 60, "a first sweep")
+        assert samples[("bulkgen_reconciler_lapsed_leases_total", ())] == 3
+        assert samples[("bulkgen_reconciler_resent_requests_total", ())] == 0  # the messages are all in Redis
+        assert samples[depth] == 5  # 40 requests, 8 per message
+
+        # Redis loses the queue: the next sweep sends every request again.
+        client = redis.Redis.from_url(broker_url)
+        assert client.delete(*client.scan_iter("gen.stand-in*")) >= 1
+        samples = wait_until(lambda: _resent(reconciler_port, 40), 60, "the lost requests sent again")
+        assert samples[depth] == 5
+
+        worker = WorkerProcess(env, model="stand-in")
+        assert wait_for_job(sqlite_url, job_id, timeout=120) == "completed"
+        worker_samples = _scrape(worker_port)
+        wait_until(lambda: _scrape(reconciler_port)[depth] == 0, 30, "the queue drained")
+    finally:
+        if worker is not None:
+            worker.stop()
+        log = reconciler.stop()
+    assert "reconciler metrics on" in log, log
+    model = (("model", "stand-in"),)
+    assert worker_samples[("bulkgen_retries_total", model + (("reason", "restarted"),))] == 3
+    assert worker_samples[("bulkgen_requests_total", model + (("outcome", "done"),))] == 40
+
+
+def _swept(port: int, at_least: int) -> dict[tuple[str, tuple], float] | None:
+    samples = _scrape(port)
+    return samples if samples.get(("bulkgen_reconciler_sweeps_total", (("outcome", "done"),)), 0) >= at_least else None
+
+
+def _resent(port: int, count: int) -> dict[tuple[str, tuple], float] | None:
+    samples = _scrape(port)
+    return samples if samples.get(("bulkgen_reconciler_resent_requests_total", ()), 0) >= count else None
+
+
+def test_gpu_memory_gauge_follows_an_allocation() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    before = torch.empty(0, device="cuda:0")  # torch's CUDA context first
+    metrics.observe_gpu_memory("m", "cuda:0")
+    allocated = ("m", "cuda:0", "allocated")
+    base = metrics.GPU_MEMORY.labels(*allocated)._value.get()
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda:0")
+    metrics.observe_gpu_memory("m", "cuda:0")
+    assert metrics.GPU_MEMORY.labels(*allocated)._value.get() >= base + block.numel()
+    assert metrics.GPU_MEMORY.labels("m", "cuda:0", "total")._value.get() >= metrics.GPU_MEMORY.labels("m", "cuda:0", "reserved")._value.get() > 0
+    del block, before

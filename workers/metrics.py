@@ -2,10 +2,16 @@
 
 Each pool child serves its own registry on its own port (port + index), so no multiprocess mode is needed
 with one child per GPU; scrape every port.
+
+The reconciler's metrics (queue depth per model, lapsed leases, re-sends) are another registry, served by the
+process that runs the reconciler: a worker's main process (workers.reconcile, on BULKGEN_RECONCILER_METRICS_PORT
++ the GPU index) or `producer reconcile --loop` (on BULKGEN_RECONCILER_METRICS_PORT). Pool children inherit that
+registry at fork and never serve it, so no series is exported twice with stale values.
 """
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -44,15 +50,76 @@ OCCUPANCY = Histogram(
     buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
 )
 MODEL_LOAD = Gauge("bulkgen_model_load_seconds", "How long this process took to load its model.", ["model", "device"], registry=REGISTRY)
+RETRIES = Counter(
+    "bulkgen_retries",
+    "Requests tried again, by reason: store_unreachable (their message is retried by Celery: the store stayed down), "
+    "restarted (started before without finishing: its worker was lost, its lease lapsed; re-run alone), "
+    "engine_error (handed back after the engine raised; re-run alone).",
+    ["model", "reason"], registry=REGISTRY,
+)
+STORE_WRITE = Histogram(
+    "bulkgen_store_write_seconds", "One transaction writing a job's finished results to the store (each attempt).",
+    ["model"], registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+GPU_MEMORY = Gauge(
+    "bulkgen_gpu_memory_bytes",
+    "GPU memory after the last engine step that finished requests: allocated (this process's tensors), "
+    "reserved (held by torch's caching allocator), total (the device's).",
+    ["model", "device", "kind"], registry=REGISTRY,
+)
+
+RECONCILER_REGISTRY = CollectorRegistry()
+QUEUE_DEPTH = Gauge(
+    "bulkgen_queue_depth",
+    "Messages waiting in a model's queue (every priority list; each carries up to ids_per_message requests), "
+    "at the reconciler's last look.",
+    ["model"], registry=RECONCILER_REGISTRY,
+)
+RECONCILER_SWEEPS = Counter(
+    "bulkgen_reconciler_sweeps", "Reconciler sweeps this process ran, by outcome (done, or skipped: Redis or the store down).",
+    ["outcome"], registry=RECONCILER_REGISTRY,
+)
+RECONCILER_LAPSED = Counter(
+    "bulkgen_reconciler_lapsed_leases", "Running requests whose lease had passed (their worker is gone), put back to queued.",
+    registry=RECONCILER_REGISTRY,
+)
+RECONCILER_GAVE_UP = Counter(
+    "bulkgen_reconciler_gave_up", "Requests the reconciler ended failed: started max_attempts times, their worker lost each time.",
+    registry=RECONCILER_REGISTRY,
+)
+RECONCILER_RESENT = Counter(
+    "bulkgen_reconciler_resent_requests", "Queued requests that no message in Redis carried, sent again.",
+    registry=RECONCILER_REGISTRY,
+)
 
 
-def serve(port: int, offset: int = 0) -> int | None:
-    """Start this process's metrics endpoint on port + offset; None when metrics are off (port 0) or the port is taken."""
+def observe_gpu_memory(model: str, device: str) -> None:
+    """Set GPU_MEMORY from torch's allocator (on a cuda device only; torch is loaded there already)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    GPU_MEMORY.labels(model, device, "allocated").set(torch.cuda.memory_allocated(device))
+    GPU_MEMORY.labels(model, device, "reserved").set(torch.cuda.memory_reserved(device))
+    GPU_MEMORY.labels(model, device, "total").set(torch.cuda.get_device_properties(device).total_memory)
+
+
+def observe_sweep(report: Any) -> None:
+    """Count what one contract.reconcile.sweep did (its SweepReport)."""
+    RECONCILER_SWEEPS.labels("done").inc()
+    RECONCILER_LAPSED.inc(report.expired)
+    RECONCILER_GAVE_UP.inc(report.gave_up)
+    RECONCILER_RESENT.inc(report.resent)
+
+
+def serve(port: int, offset: int = 0, registry: CollectorRegistry = REGISTRY) -> int | None:
+    """Start this process's metrics endpoint (of registry) on port + offset; None when metrics are off (port 0) or
+    the port is taken."""
     if port <= 0:
         return None
     actual = port + offset
     try:
-        start_http_server(actual, addr="0.0.0.0", registry=REGISTRY)
+        start_http_server(actual, addr="0.0.0.0", registry=registry)
     except OSError as exc:  # a busy port must not stop a worker from generating
         log.warning("metrics endpoint not started on port %d: %s", actual, exc)
         return None

@@ -25,6 +25,7 @@ def generate(self, *envelope: Any) -> int:  # type: ignore[no-untyped-def]
     except TransientError as exc:
         # contract.policy, 1a: the store stayed unreachable; the message comes again later, never failed.
         # (Should this send fail too, the requests' leases lapse and the reconciler sends them again.)
+        _count_retry(len(message.request_ids))
         raise self.retry(exc=exc, countdown=message_retry_countdown(self.request.retries)) from exc
 
 
@@ -57,3 +58,11 @@ def _stop_reconciler(**_: Any) -> None:
     from workers import reconcile
 
     reconcile.stop_fleet_reconciler()
+
+
+def _count_retry(requests: int) -> None:
+    """A message is retried by Celery: its requests count as retries (reason store_unreachable)."""
+    from workers import metrics, runner
+
+    model = runner._worker.model if runner._worker is not None else "unknown"  # None: the start itself found the store down
+    metrics.RETRIES.labels(model, "store_unreachable").inc(requests)

@@ -231,6 +231,7 @@ class Worker:
     def _accept(self, claimed: Claim) -> None:
         if claimed.one_by_one:
             log.info("job %d: request %d was started before without finishing; generating it alone", claimed.job_id, claimed.requests[0].id)
+            metrics.RETRIES.labels(self.model, "restarted").inc(len(claimed.requests))
         now = utcnow()
         held = self._held_of(claimed, now)
         _observe_queue_wait(self.model, claimed, now)
@@ -345,6 +346,8 @@ class Worker:
     def _step(self) -> None:
         results = self.engine.step()
         finished_at = utcnow()
+        if results:
+            metrics.observe_gpu_memory(self.model, self.device)
         with self._lock:
             for key, result in results:
                 h = self._held.get(int(key))  # type: ignore[call-overload]
@@ -393,6 +396,7 @@ class Worker:
             if rest:
                 self._inbox.appendleft(Work(item.job_id, reclaim=rest))
             if claimed is not None and claimed.requests:
+                metrics.RETRIES.labels(self.model, "engine_error").inc(len(claimed.requests))
                 held = self._held_of(claimed, utcnow())
                 for h in held:
                     self._held[h.request.id] = h
@@ -464,7 +468,7 @@ class Worker:
             for job_id, outcomes in by_job.items():
 
                 def record(job_id: int = job_id, outcomes: list[Outcome] = outcomes) -> None:
-                    with self.sessions() as session:
+                    with metrics.STORE_WRITE.labels(self.model).time(), self.sessions() as session:
                         self._record(session, job_id, outcomes)
 
                 while True:

@@ -66,6 +66,8 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     max_attempts setting); queued requests enqueued more than reconcile_grace_s ago that no message
     carries are sent again. Workers run this sweep themselves every reconcile_interval_s; run it by
     hand after losing Redis, or with --loop where workers run with BULKGEN_RECONCILE_INTERVAL_S=0.
+    With --loop it serves the reconciler's Prometheus metrics (queue depth per model, lapsed leases,
+    re-sends) on BULKGEN_RECONCILER_METRICS_PORT (9500; 0 = off).
     """
     from contract.broker import connect
     from contract.reconcile import sweep, take_lock
@@ -79,14 +81,28 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
         return
     if loop_s <= 0:
         raise click.BadParameter("must be > 0", param_hint="--loop")
+    from workers import metrics
+    from workers.reconcile import QueueDepth, serve_metrics
+
+    port = serve_metrics(settings)  # BULKGEN_RECONCILER_METRICS_PORT: queue depth, lapsed leases, re-sends
+    if port is not None:
+        click.echo(f"reconciler metrics on :{port}/metrics", err=True)
+    queues = QueueDepth()
     token = f"producer-{uuid.uuid4().hex[:8]}"
     try:
         while True:
             try:
                 if take_lock(app, token, loop_s * 0.9):
-                    click.echo(f"{time.strftime('%H:%M:%S')} {sweep(db, app, settings, only)}")
+                    report = sweep(db, app, settings, only)
+                    metrics.observe_sweep(report)
+                    click.echo(f"{time.strftime('%H:%M:%S')} {report}")
             except Exception as exc:  # Redis or the store is down: try again next time
+                metrics.RECONCILER_SWEEPS.labels("skipped").inc()
                 click.echo(f"{time.strftime('%H:%M:%S')} sweep skipped: {type(exc).__name__}: {scrub(str(exc), settings)}", err=True)
+            try:
+                queues.measure(db, app)
+            except Exception as exc:  # the gauge keeps its last value
+                click.echo(f"{time.strftime('%H:%M:%S')} queue depth not measured: {type(exc).__name__}: {scrub(str(exc), settings)}", err=True)
             time.sleep(loop_s)
     except KeyboardInterrupt:
         pass
