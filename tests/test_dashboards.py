@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from contract import reconcile_metrics
 from contract.settings import Settings
 from workers import metrics
 
@@ -35,7 +36,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 def exported_names() -> set[str]:
     """Every series name a worker process and a reconciler export (workers.metrics' two registries)."""
     names = set()
-    for registry in (metrics.REGISTRY, metrics.RECONCILER_REGISTRY):
+    for registry in (metrics.REGISTRY, reconcile_metrics.RECONCILER_REGISTRY):
         for family in registry.collect():
             names |= {family.name + suffix for suffix in SUFFIXES[family.type]}
     return names

@@ -3,15 +3,12 @@
 Each pool child serves its own registry on its own port (port + index), so no multiprocess mode is needed
 with one child per GPU; scrape every port.
 
-The reconciler's metrics (queue depth per model, lapsed leases, re-sends) are another registry, served by the
-process that runs the reconciler: a worker's main process (workers.reconcile, on BULKGEN_RECONCILER_METRICS_PORT
-+ the GPU index) or `producer reconcile --loop` (on BULKGEN_RECONCILER_METRICS_PORT). Pool children inherit that
-registry at fork and never serve it, so no series is exported twice with stale values.
+The reconciler's metrics (queue depth per model, lapsed leases, re-sends) are another registry,
+contract.reconcile_metrics, served by the process that runs the reconciler.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -68,31 +65,6 @@ GPU_MEMORY = Gauge(
     ["model", "device", "kind"], registry=REGISTRY,
 )
 
-RECONCILER_REGISTRY = CollectorRegistry()
-QUEUE_DEPTH = Gauge(
-    "bulkgen_queue_depth",
-    "Messages waiting in a model's queue (every priority list; each carries up to ids_per_message requests), "
-    "at the reconciler's last look.",
-    ["model"], registry=RECONCILER_REGISTRY,
-)
-RECONCILER_SWEEPS = Counter(
-    "bulkgen_reconciler_sweeps", "Reconciler sweeps this process ran, by outcome (done, or skipped: Redis or the store down).",
-    ["outcome"], registry=RECONCILER_REGISTRY,
-)
-RECONCILER_LAPSED = Counter(
-    "bulkgen_reconciler_lapsed_leases", "Running requests whose lease had passed (their worker is gone), put back to queued.",
-    registry=RECONCILER_REGISTRY,
-)
-RECONCILER_GAVE_UP = Counter(
-    "bulkgen_reconciler_gave_up", "Requests the reconciler ended failed: started max_attempts times, their worker lost each time.",
-    registry=RECONCILER_REGISTRY,
-)
-RECONCILER_RESENT = Counter(
-    "bulkgen_reconciler_resent_requests", "Queued requests that no message in Redis carried, sent again.",
-    registry=RECONCILER_REGISTRY,
-)
-
-
 def observe_gpu_memory(model: str, device: str) -> None:
     """Set GPU_MEMORY from torch's allocator (on a cuda device only; torch is loaded there already)."""
     if not device.startswith("cuda"):
@@ -102,14 +74,6 @@ def observe_gpu_memory(model: str, device: str) -> None:
     GPU_MEMORY.labels(model, device, "allocated").set(torch.cuda.memory_allocated(device))
     GPU_MEMORY.labels(model, device, "reserved").set(torch.cuda.memory_reserved(device))
     GPU_MEMORY.labels(model, device, "total").set(torch.cuda.get_device_properties(device).total_memory)
-
-
-def observe_sweep(report: Any) -> None:
-    """Count what one contract.reconcile.sweep did (its SweepReport)."""
-    RECONCILER_SWEEPS.labels("done").inc()
-    RECONCILER_LAPSED.inc(report.expired)
-    RECONCILER_GAVE_UP.inc(report.gave_up)
-    RECONCILER_RESENT.inc(report.resent)
 
 
 def serve(port: int, offset: int = 0, registry: CollectorRegistry = REGISTRY) -> int | None:

@@ -4,7 +4,7 @@ Each worker's main process runs a FleetReconciler thread; per interval, the work
 lock sweeps. The sweep itself, and what `producer reconcile` runs, is contract.reconcile.
 
 Every reconciler (each worker's, and `producer reconcile --loop`) serves its metrics (workers.metrics'
-RECONCILER_REGISTRY) on BULKGEN_RECONCILER_METRICS_PORT (+ N for a worker on cuda:N): what its sweeps did,
+contract.reconcile_metrics) on BULKGEN_RECONCILER_METRICS_PORT (+ N for a worker on cuda:N): what its sweeps did,
 and, every interval whether it swept or not, the depth of each open job's model queue (Redis LLEN).
 """
 from __future__ import annotations
@@ -15,14 +15,10 @@ import threading
 import uuid
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
-
-from contract.messages import queue_name
-from contract.reconcile import broker, sweep, take_lock
+from contract import reconcile_metrics
+from contract.reconcile import sweep, take_lock
 from contract.settings import Settings, get_settings
-from models.db import make_engine, session_factory
-from models.store import open_jobs
-from workers import metrics
+from models.db import make_engine
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -39,22 +35,22 @@ class FleetReconciler(threading.Thread):
         self.settings = settings
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stopping = threading.Event()
-        self.queues = QueueDepth()
+        self.queues = reconcile_metrics.QueueDepth()
 
     def run(self) -> None:
         interval = self.settings.reconcile_interval_s
         db = make_engine(self.settings.database_url)
         os.register_at_fork(after_in_child=lambda: db.dispose(close=False))
-        serve_metrics(self.settings, gpu_offset(self.settings.device))
+        reconcile_metrics.serve_metrics(self.settings, gpu_offset(self.settings.device))
         while not self.stopping.wait(interval):
             try:
                 if self._take_lock(interval):
                     report = sweep(db, self.app, self.settings)
-                    metrics.observe_sweep(report)
+                    reconcile_metrics.observe_sweep(report)
                     if report.expired or report.gave_up or report.resent or report.completed:
                         log.warning("reconciler: %s", report)
             except Exception as exc:  # Redis or the store is down: try again next interval
-                metrics.RECONCILER_SWEEPS.labels("skipped").inc()
+                reconcile_metrics.RECONCILER_SWEEPS.labels("skipped").inc()
                 log.warning("reconciler: sweep skipped (%s: %s)", type(exc).__name__, str(exc)[:300])
             try:
                 self.queues.measure(db, self.app)
@@ -67,34 +63,9 @@ class FleetReconciler(threading.Thread):
         return take_lock(self.app, self.token, interval * 0.9)
 
 
-class QueueDepth:
-    """Sets metrics.QUEUE_DEPTH: the messages waiting in the queue of each open job's model (and of every model
-    seen before, so that a drained queue reads 0)."""
-
-    def __init__(self) -> None:
-        self.models: set[str] = set()
-
-    def measure(self, db: Engine, app: Celery) -> dict[str, int]:
-        with session_factory(db)() as session:
-            self.models |= {job.model for job in open_jobs(session)}
-        if not self.models:
-            return {}
-        depths = {}
-        with broker(app) as link:
-            for model in sorted(self.models):
-                depths[model] = sum(int(link.client.llen(key)) for key in link.priority_keys(queue_name(model)))
-                metrics.QUEUE_DEPTH.labels(model).set(depths[model])
-        return depths
-
-
 def gpu_offset(device: str) -> int:
     """N for cuda:N, else 0: the offset of a worker's reconciler metrics port, as of its pool's."""
     return int(device.split(":")[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0
-
-
-def serve_metrics(settings: Settings, offset: int = 0) -> int | None:
-    """The reconciler's metrics endpoint (workers.metrics.RECONCILER_REGISTRY); None when off or the port is taken."""
-    return metrics.serve(settings.reconciler_metrics_port, offset, registry=metrics.RECONCILER_REGISTRY)
 
 
 _fleet: FleetReconciler | None = None

@@ -81,8 +81,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
         return
     if loop_s <= 0:
         raise click.BadParameter("must be > 0", param_hint="--loop")
-    from workers import metrics
-    from workers.reconcile import QueueDepth, serve_metrics
+    from contract.reconcile_metrics import RECONCILER_SWEEPS, QueueDepth, observe_sweep, serve_metrics
 
     port = serve_metrics(settings)  # BULKGEN_RECONCILER_METRICS_PORT: queue depth, lapsed leases, re-sends
     if port is not None:
@@ -94,10 +93,10 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
             try:
                 if take_lock(app, token, loop_s * 0.9):
                     report = sweep(db, app, settings, only)
-                    metrics.observe_sweep(report)
+                    observe_sweep(report)
                     click.echo(f"{time.strftime('%H:%M:%S')} {report}")
             except Exception as exc:  # Redis or the store is down: try again next time
-                metrics.RECONCILER_SWEEPS.labels("skipped").inc()
+                RECONCILER_SWEEPS.labels("skipped").inc()
                 click.echo(f"{time.strftime('%H:%M:%S')} sweep skipped: {type(exc).__name__}: {scrub(str(exc), settings)}", err=True)
             try:
                 queues.measure(db, app)
