@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick services clean bench bench-peers
+.PHONY: install demo test test-quick services clean bench bench-peers soak
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ test: install services
 # The quick subset for your own loop: no real-model or multi-process end-to-end tests.
 test-quick: install services
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The chaos soak (not part of `make test`, which runs a two-minute version): private Redis and PostgreSQL, three
+# real workers, 10,000 requests, a random fault every few seconds. SOAK_MINUTES=5 for a shorter one; SOAK_SEED=S replays.
+SOAK_MINUTES ?= 30
+soak: install services
+	HF_HUB_OFFLINE=1 $(PY) -m tests.faults.soak --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 # The generation benchmark: writes docs/benchmarks.md (about 20-30 minutes on 2 cores; needs the local Redis).
 bench: install services
