@@ -6,6 +6,7 @@ Torch-free on purpose: the producer imports this module and must start fast.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
     """Request ids carried by one queue message."""
     metrics_port: int = 9400
     """Prometheus endpoint of a worker (0 = off); pool child i of a worker on cuda:N serves on port + N + i."""
+    log_format: Literal["text", "json"] = "text"
+    """Workers' log lines and the producer's notices on stderr: text, or one JSON object per line (contract.logs),
+    with the job id and request ids on every line that concerns them."""
     reconciler_metrics_port: int = 9500
     """Prometheus endpoint of the reconciler (0 = off): queue depth per model, lapsed leases, re-sends. A worker's main
     process (which runs the fleet's reconciler) on cuda:N serves it on port + N; `producer reconcile --loop` on port."""

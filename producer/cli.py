@@ -45,8 +45,13 @@ class Commands(click.Group):
         try:
             return super().invoke(ctx)
         except BulkgenError as exc:
+            from producer.context import json_logs, say
+
             for line in exc.details():
-                click.echo(line, err=True)
+                say(line, level="error")
+            if json_logs():
+                say(str(exc), level="error", error=type(exc).__name__, job_id=getattr(exc, "job_id", None))
+                raise click.exceptions.Exit(1) from None
             raise click.ClickException(str(exc)) from None
 
 

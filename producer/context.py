@@ -26,6 +26,28 @@ def open_store(settings: Settings) -> Engine:
     return api.open_store(settings)
 
 
+def json_logs() -> bool:
+    """BULKGEN_LOG_FORMAT=json: the producer's notices on stderr are JSON lines (contract.logs), like the workers' logs."""
+    from contract.settings import get_settings
+
+    try:
+        return get_settings().log_format == "json"
+    except Exception:  # settings that do not validate: their error is the command's to report
+        return False
+
+
+def say(message: str, *, level: str = "info", job_id: int | None = None, request_ids: list[int] | None = None,
+        **fields: object) -> None:
+    """A notice for people on stderr (stdout keeps what scripts read): the text, or one JSON line with the job id,
+    the request ids and any other field given."""
+    if json_logs():
+        from contract.logs import json_line
+
+        click.echo(json_line(level, "bulkgen.producer", message, job_id=job_id, request_ids=request_ids, **fields), err=True)
+    else:
+        click.echo(message, err=True)
+
+
 database_option = click.option("--database-url", default=None, help="Results store URL [env BULKGEN_SUBMITTER_DATABASE_URL, else BULKGEN_DATABASE_URL].")
 
 broker_option = click.option("--broker-url", default=None, help="Redis URL [env BULKGEN_SUBMITTER_BROKER_URL, else BULKGEN_BROKER_URL].")

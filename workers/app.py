@@ -12,6 +12,7 @@ from typing import Any
 from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_init
 
 from contract.broker import make_app
+from contract.logs import use_json
 from contract.messages import GENERATE_TASK  # noqa: F401 (the task's name, for workers.tasks and old imports)
 from contract.settings import Settings, configured_secrets, get_settings, url_secrets  # noqa: F401 (url_secrets: old imports)
 
@@ -86,11 +87,14 @@ class SecretFilter(logging.Filter):
 
 
 def guard_handlers(logger: logging.Logger) -> None:
+    """Scrub secrets from every handler's records and, with BULKGEN_LOG_FORMAT=json, write them as JSON lines."""
     settings = get_settings()
     secret_filter = SecretFilter(configured_secrets(settings))
     for handler in logger.handlers:
         if not any(isinstance(f, SecretFilter) for f in handler.filters):
             handler.addFilter(secret_filter)
+    if settings.log_format == "json":
+        use_json(logger.handlers)
 
 
 @after_setup_logger.connect

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.logs import about
 from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
 from models.db import utcnow
 from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
@@ -205,12 +206,15 @@ class Worker:
             if claimed is None or not claimed.requests:
                 break
             if claimed.gave_up:
-                log.warning("job %d: gave up on requests %s after %d attempts", job_id, claimed.gave_up, self.settings.max_attempts)
+                log.warning("job %d: gave up on requests %s after %d attempts", job_id, claimed.gave_up,
+                            self.settings.max_attempts, extra=about(job_id, claimed.gave_up))
             if claimed.model != self.model:
                 self._release([r.id for r in claimed.requests], f"this worker holds model {self.model!r}")
                 raise RuntimeError(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
             self._accept(claimed)
             claimed_count += len(claimed.requests)
+            log.info("job %d: claimed %d requests", job_id, len(claimed.requests),
+                     extra=about(job_id, [r.id for r in claimed.requests]))
             if claimed.one_by_one:  # claim the next one only once this one is recorded: a request waiting
                 self._wait_recorded([r.id for r in claimed.requests])  # behind a poison would lose attempts to it
             if not claimed.one_by_one and len(claimed.requests) + len(claimed.gave_up) >= len(todo):
@@ -230,7 +234,8 @@ class Worker:
 
     def _accept(self, claimed: Claim) -> None:
         if claimed.one_by_one:
-            log.info("job %d: request %d was started before without finishing; generating it alone", claimed.job_id, claimed.requests[0].id)
+            log.info("job %d: request %d was started before without finishing; generating it alone", claimed.job_id,
+                     claimed.requests[0].id, extra=about(claimed.job_id, [claimed.requests[0].id]))
             metrics.RETRIES.labels(self.model, "restarted").inc(len(claimed.requests))
         now = utcnow()
         held = self._held_of(claimed, now)
@@ -390,7 +395,8 @@ class Worker:
         first, rest = item.reclaim[0], item.reclaim[1:]
         claimed = self._claim(item.job_id, [first])
         if claimed is not None and claimed.gave_up:
-            log.warning("job %d: gave up on request %s after %d attempts", item.job_id, claimed.gave_up, self.settings.max_attempts)
+            log.warning("job %d: gave up on request %s after %d attempts", item.job_id, claimed.gave_up,
+                        self.settings.max_attempts, extra=about(item.job_id, claimed.gave_up))
         with self._lock:
             self._inbox.remove(item)
             if rest:
@@ -419,6 +425,7 @@ class Worker:
             self._lock.notify_all()
         log.error("generating %d requests failed (%s); they are handed back and tried again one by one", len(back), reason, exc_info=exc)
         for job_id, ids in by_job.items():
+            log.warning("job %d: %d requests handed back after an engine error", job_id, len(ids), extra=about(job_id, ids))
             self._release(ids, reason)
 
     def _release(self, ids: list[int], reason: str) -> None:
@@ -429,7 +436,7 @@ class Worker:
         try:
             with_store_retry(release, within_s=RELEASE_WITHIN_S)
         except TransientError:  # their leases lapse and the reconciler takes them back instead
-            log.warning("could not hand back requests %s; their leases will lapse", ids)
+            log.warning("could not hand back requests %s; their leases will lapse", ids, extra=about(None, ids))
 
     # --- occupancy -----------------------------------------------------------------------------------
 
@@ -476,8 +483,10 @@ class Worker:
                         with_store_retry(record)
                         break
                     except TransientError:  # keep the results and keep trying: the first write still wins
-                        log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id, len(outcomes))
+                        log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id,
+                                    len(outcomes), extra=about(job_id, [o.request_id for o in outcomes]))
                 _count_outcomes(self.model, outcomes)
+                log.info("job %d: recorded %d requests", job_id, len(outcomes), extra=about(job_id, [o.request_id for o in outcomes]))
             with self._lock:
                 for h, *_ in batch:
                     self._held.pop(h.request.id, None)

@@ -8,7 +8,7 @@ import uuid
 import click
 
 from contract.settings import scrub
-from producer.context import broker_option, database_option, open_store, settings_with
+from producer.context import broker_option, database_option, open_store, say, settings_with
 
 
 @click.command()
@@ -85,7 +85,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
 
     port = serve_metrics(settings)  # BULKGEN_RECONCILER_METRICS_PORT: queue depth, lapsed leases, re-sends
     if port is not None:
-        click.echo(f"reconciler metrics on :{port}/metrics", err=True)
+        say(f"reconciler metrics on :{port}/metrics", port=port)
     queues = QueueDepth()
     token = f"producer-{uuid.uuid4().hex[:8]}"
     try:
@@ -97,11 +97,11 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
                     click.echo(f"{time.strftime('%H:%M:%S')} {report}")
             except Exception as exc:  # Redis or the store is down: try again next time
                 RECONCILER_SWEEPS.labels("skipped").inc()
-                click.echo(f"{time.strftime('%H:%M:%S')} sweep skipped: {type(exc).__name__}: {scrub(str(exc), settings)}", err=True)
+                say(f"{time.strftime('%H:%M:%S')} sweep skipped: {type(exc).__name__}: {scrub(str(exc), settings)}", level="warning")
             try:
                 queues.measure(db, app)
             except Exception as exc:  # the gauge keeps its last value
-                click.echo(f"{time.strftime('%H:%M:%S')} queue depth not measured: {type(exc).__name__}: {scrub(str(exc), settings)}", err=True)
+                say(f"{time.strftime('%H:%M:%S')} queue depth not measured: {type(exc).__name__}: {scrub(str(exc), settings)}", level="warning")
             time.sleep(loop_s)
     except KeyboardInterrupt:
         pass

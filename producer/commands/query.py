@@ -10,6 +10,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.db import SchemaBehind, check_schema
+from producer.context import say
 from producer.readonly import authorizer_of, read_only_engine, statement_head, write_rights
 from contract.settings import get_settings, redact
 
@@ -32,15 +33,15 @@ def _warn_if_role_can_write(connection: Connection, url: str) -> None:
     try:
         role, rights = write_rights(connection)
     except SQLAlchemyError as exc:  # a catalog the role may not read: say so, and go on with the query
-        click.echo(f"warning: could not check what the role of {redact(url)} may do: {_first_line(exc)}", err=True)
+        say(f"warning: could not check what the role of {redact(url)} may do: {_first_line(exc)}", level="warning")
         connection.rollback()
         return
     if rights:
-        click.echo(
+        say(
             f"warning: producer query runs as PostgreSQL role {role!r} ({redact(url)}), which {'; '.join(rights)}. "
             "Its transactions are read-only, but only a role that cannot write keeps the store safe from a query: "
             "set BULKGEN_READER_DATABASE_URL to the URL of a role with SELECT on the store's tables and nothing else.",
-            err=True,
+            level="warning",
         )
     connection.rollback()  # the query gets a fresh read-only transaction
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from producer.context import broker_option, database_option, open_store, settings_with
+from producer.context import broker_option, database_option, open_store, say, settings_with
 
 if TYPE_CHECKING:
     from contract.settings import Settings
@@ -50,7 +50,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     settings = settings_with(database_url, broker_url)
     if resume_job is not None:
         sent = api.resume(file, resume_job, settings=settings)
-        click.echo(f"job {resume_job}: {sent} requests without results enqueued again", err=True)
+        say(f"job {resume_job}: {sent} requests without results enqueued again", job_id=resume_job, sent=sent)
         click.echo(resume_job)
         _wait(resume_job, settings, wait)
         return
@@ -60,10 +60,11 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     assert report is not None
     if report.rejected:
         for bad in report.errors:
-            click.echo(f"{report.source}:{bad.position}: {bad.reason}", err=True)
+            say(f"{report.source}:{bad.position}: {bad.reason}", level="warning", job_id=job.id, position=bad.position)
         if report.error_count > len(report.errors):
-            click.echo(f"... and {report.error_count - len(report.errors)} more errors", err=True)
-        click.echo(f"skipped {report.rejected} invalid line(s); see: producer status {job.id}", err=True)
+            say(f"... and {report.error_count - len(report.errors)} more errors", level="warning", job_id=job.id)
+        say(f"skipped {report.rejected} invalid line(s); see: producer status {job.id}", level="warning", job_id=job.id,
+            rejected=report.rejected)
     click.echo(job.id)
     _wait(job.id, settings, wait)
 
