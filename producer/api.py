@@ -66,6 +66,8 @@ class SubmitReport:
     """The first KEEP_ERRORS reasons of the rejected rows."""
     error_count: int = 0
     source: str = ""
+    unit: str = "line"
+    """What a position counts: 'line' (JSONL) or 'row' (tables, rows from Python)."""
 
 
 class Job:
@@ -134,6 +136,7 @@ def submit(
     report = SubmitReport(
         valid=validation.valid, samples=validation.samples, rejected=validation.rejected_lines,
         errors=[BadRow(p, r) for p, r in validation.errors], error_count=validation.error_count, source=data.name,
+        unit=data.unit,
     )
     try:
         if validation.rejected_lines and not skip_invalid:
@@ -185,7 +188,7 @@ def resume(
     from producer.inputs import open_input
 
     settings = settings_for(database_url, broker_url, settings)
-    data = open_input(source, columns)
+    data = open_input(source, columns) if columns is not None else None
     db = open_store(settings)
     try:
         with Session(db) as session:
@@ -195,6 +198,10 @@ def resume(
             if job.status == JobStatus.CANCELLED:
                 raise ResumeRefused(f"job {job_id} is cancelled; `producer retry {job_id}` queues its requests again")
             model, defaults, total, rejected = job.model, dict(job.defaults or {}), job.total_requests, job.rejected_count
+            recorded = (job.input_columns or {}).get("fields")
+        if data is None:
+            # a table input is read again with the column mapping the job recorded (jobs.input_columns)
+            data = open_input(source, recorded)
         context = context_length(model)
         valid = invalid = 0
         custom_ids: list[str] = []

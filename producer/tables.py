@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from contract.errors import EmptyInput, InputFileError, InvalidDefaults
 from producer.reader import LineOutcome, RowChecker, _unstorable_string
-from producer.schema import ONE_INPUT, PromptLine, show
+from producer.schema import ONE_INPUT, PromptLine, show, validate_line
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -363,8 +363,9 @@ def _plain(kind: pa.DataType) -> bool:
         or getattr(t, "is_string_view", lambda _: False)(kind)
 
 
-def _column_values(column: pa.Array, name: str) -> tuple[list[Any], dict[int, str]]:
-    """A column's cells as JSON values, and {index: reason} for the cells that cannot be one."""
+def _column_values(column: pa.Array, name: str, keep_floats: bool = False) -> tuple[list[Any], dict[int, str]]:
+    """A column's cells as JSON values, and {index: reason} for the cells that cannot be one.
+    `keep_floats`: an infinite number stays (a field's check refuses it by the field's name); NaN is null."""
     import pyarrow.compute as pc
     import pyarrow.types as t
 
@@ -376,6 +377,8 @@ def _column_values(column: pa.Array, name: str) -> tuple[list[Any], dict[int, st
     if t.is_floating(kind):
         if column.null_count == len(column) or not pc.any(pc.invert(pc.is_finite(column))).as_py():
             return column.to_pylist(), {}
+        if keep_floats:
+            return [None if v is not None and math.isnan(v) else v for v in column.to_pylist()], {}
     values = column.to_pylist()
     errors: dict[int, str] = {}
     for i, value in enumerate(values):
@@ -462,7 +465,7 @@ class TableInput:
             errors: dict[int, list[str]] = {}
             field_values = []
             for key, column in fields:
-                values, bad = _column_values(batch.column(column), column)
+                values, bad = _column_values(batch.column(column), column, keep_floats=True)
                 for i, reason in bad.items():
                     errors.setdefault(i, []).append(reason)
                 field_values.append((key, column, values))
@@ -501,12 +504,13 @@ class TableInput:
                     bad_string = _unstorable_string(row)
                     if bad_string is not None:
                         problems.append(bad_string)
-                outcome = checker.check_object(position, row)
+                if problems:  # the row's own checks too, but not the cross-row ones (a bad row's custom_id is not taken)
+                    outcome = LineOutcome(position, None, problems + validate_line(row, defaults, context_length)[1])
+                else:
+                    outcome = checker.check_object(position, row)
                 if "prompt" not in row and "messages" not in row:
                     missing = _no_input(self.fields, has_prompt, has_messages)
                     outcome.errors = [missing if e == ONE_INPUT else e for e in outcome.errors]
-                if problems:
-                    outcome = LineOutcome(position, None, problems + outcome.errors)
                 if outcome.errors and renamed:
                     outcome.errors = [_name_column(e, renamed) for e in outcome.errors]
                 yield outcome
