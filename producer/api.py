@@ -110,8 +110,10 @@ def submit(
     """Validate every row of `source`, store the job and its requests in one transaction, then enqueue them.
 
     `source`: a path to a JSONL file (native or OpenAI Batch lines), a Parquet or CSV file, or a directory
-    saved by `datasets`' save_to_disk. `columns` maps fields to column names for tables (`prompt`,
-    `messages`, `custom_id`, and any sampling field); other columns become metadata. Keyword arguments are
+    saved by `datasets`' save_to_disk; a pyarrow.Table, pandas.DataFrame or datasets.Dataset; or any iterable
+    of dicts. `columns` maps fields to column names for tables (`prompt`, `messages`, `custom_id`, and any
+    sampling field; unmapped fields take the column of their own name); other columns become metadata, and
+    the job records the mapping (resume reads the table again with it) and the schema (`results --join`). Keyword arguments are
     the job's defaults (max_new_tokens, temperature, top_p, top_k, seed, n, ...); a row's own value wins.
 
     Raises InvalidInput with every bad row before anything is written (unless skip_invalid, which stores

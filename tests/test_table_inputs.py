@@ -318,3 +318,78 @@ def test_a_parquet_job_end_to_end_through_a_real_worker(store_url: str, broker_u
     assert [r["topic"] for r in records] == ROWS["topic"]
     assert all(r["status"] == "done" and isinstance(r["text"], str) for r in records)
     assert [r["completion_tokens"] <= r["budget"] for r in records] == [True] * 3
+
+
+def test_the_producer_reads_tables_without_importing_pandas_or_datasets(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write_parquet(tmp_path / "data.parquet", ROWS)
+    code = (
+        "import sys, producer.cli, producer.api\n"
+        "from producer.inputs import open_input\n"
+        f"data = open_input({str(path)!r}, {{'prompt': 'question'}})\n"
+        "assert all(o.ok for o in data.outcomes({}, 2048))\n"
+        "assert 'pandas' not in sys.modules and 'datasets' not in sys.modules, 'imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_migration_0008_adds_and_drops_the_input_columns(store_url: str, broker_url: str, tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from migrations import alembic_config
+
+    path = write_parquet(tmp_path / "data.parquet", ROWS)
+    job = api.submit(path, model=TINY, columns={"prompt": "question"}, database_url=store_url, broker_url=broker_url)
+
+    def columns() -> set[str]:
+        engine = create_engine(store_url)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns("jobs")}
+        finally:
+            engine.dispose()
+
+    command.downgrade(alembic_config(store_url), "0007")
+    assert "input_columns" not in columns()
+    assert rows(store_url, "SELECT count(*) AS c FROM requests WHERE job_id = :j", j=job.id)[0]["c"] == 3
+    command.upgrade(alembic_config(store_url), "head")
+    assert "input_columns" in columns()
+    assert rows(store_url, "SELECT input_columns FROM jobs WHERE id = :j", j=job.id)[0]["input_columns"] is None
+
+
+def test_the_join_export_gives_back_the_types_json_cannot_carry(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
+    import decimal
+
+    from models.db import make_engine
+    from producer.export import write_joined
+
+    table = pa.table({
+        "prompt": ["a", "b"],
+        "day": pa.array([dt.date(2024, 1, 2), None], pa.date32()),
+        "at": pa.array([dt.time(12, 1, 2), dt.time(0, 0)], pa.time64("us")),
+        "price": pa.array([decimal.Decimal("1.25"), None], pa.decimal128(10, 2)),
+        "raw": pa.array([b"\x00\x01", b"xyz"], pa.binary()),
+        "when": pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc), None], pa.timestamp("us", tz="UTC")),
+        "took": pa.array([dt.timedelta(seconds=90), None], pa.duration("s")),
+        "kind": pa.array(["x", "y"]).dictionary_encode(),
+        "info": pa.array([{"a": 1, "b": "q"}, None], pa.struct([("a", pa.int64()), ("b", pa.string())])),
+        "stamps": pa.array([[dt.datetime(2024, 1, 1)], []], pa.list_(pa.timestamp("us"))),
+    })
+    job = api.submit(table, model=TINY, database_url=sqlite_url, broker_url=broker_url)
+    meta = requests_of(sqlite_url, job.id)[0]["metadata"]
+    assert meta == {"day": "2024-01-02", "at": "12:01:02", "price": "1.25", "raw": "AAE=", "when": "2024-01-01T00:00:00+00:00",
+                    "took": 90.0, "kind": "x", "info": {"a": 1, "b": "q"}, "stamps": ["2024-01-01T00:00:00"]}
+    db = make_engine(sqlite_url)
+    try:
+        assert write_joined(db, job.id, str(tmp_path / "j.parquet")) == 2
+    finally:
+        db.dispose()
+    joined = pq.read_table(tmp_path / "j.parquet")
+    for name in ("day", "at", "price", "raw", "when", "took", "info"):
+        assert joined.schema.field(name).type == table.schema.field(name).type, name
+        assert joined.column(name).to_pylist() == table.column(name).to_pylist(), name
+    assert joined.schema.field("kind").type == pa.string() and joined.column("kind").to_pylist() == ["x", "y"]
+    # a nested column holding timestamps comes back as its JSON text
+    assert joined.column("stamps").to_pylist() == ['["2024-01-01T00:00:00"]', "[]"]
