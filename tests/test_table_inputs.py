@@ -393,3 +393,24 @@ def test_the_join_export_gives_back_the_types_json_cannot_carry(sqlite_url: str,
     assert joined.schema.field("kind").type == pa.string() and joined.column("kind").to_pylist() == ["x", "y"]
     # a nested column holding timestamps comes back as its JSON text
     assert joined.column("stamps").to_pylist() == ['["2024-01-01T00:00:00"]', "[]"]
+
+
+def test_a_csv_bad_row_is_reported_by_its_row_number_not_its_line(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "multi.csv"
+    path.write_text('prompt,n\n"two\nlines",1\nok,zero\n,2\n', encoding="utf-8")  # row 1 spans two lines
+    code, output = submit(sqlite_url, broker_url, str(path))
+    assert code != 0 and "Traceback" not in output
+    assert "multi.csv:2: n: expected an integer, got string 'zero'" in output
+    assert "multi.csv:3: prompt: is null (column 'prompt')" in output
+    assert "2 invalid rows" in output and job_count(sqlite_url) == 0
+
+
+def test_resume_of_a_dataframe_through_the_api(sqlite_url: str, broker_url: str) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"question": ["a", "b"], "tag": ["x", "y"]})
+    job = api.submit(frame, model=TINY, columns={"prompt": "question"}, database_url=sqlite_url, broker_url=broker_url)
+    redis.Redis.from_url(broker_url).delete(queue_name(TINY))
+    assert job.resume(frame) == 2  # the recorded mapping: no columns given
+    assert api.resume(frame, job.id, columns={"prompt": "question"}, database_url=sqlite_url, broker_url=broker_url) == 0
+    with pytest.raises(InputFileError, match="no prompt column"):
+        api.resume(frame, job.id, columns={}, database_url=sqlite_url, broker_url=broker_url)
