@@ -14,6 +14,8 @@ CSV has no types: every cell is read as text (an empty cell is null). Sampling f
 metadata keeps the text as it is.
 
 Nothing here imports pandas or datasets: in-memory objects are recognised by their module and attributes.
+A DataFrame is converted to one Arrow table (it is in memory already; a column of mixed kinds is refused);
+a Dataset is read through its own Arrow view, batch by batch, with any select/shuffle/filter applied.
 """
 from __future__ import annotations
 
@@ -299,6 +301,9 @@ def resolve_fields(source: TableSource, columns: Mapping[str, str] | None) -> di
             raise InvalidDefaults(f"--column: column {column!r} is mapped to both {seen[column]} and {key}")
         seen[column] = key
     names = source.schema.names
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputFileError(f"{source.name}: a column name is used twice: {_list(twice)}")
     for key, column in given.items():
         if column not in names:
             raise InputFileError(f"{source.name}: no column {column!r} (for {key}); its columns: {_list(names)}")

@@ -50,11 +50,13 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     /v1/chat/completions or /v1/completions, and body); `producer results JOB --format openai` writes
     the matching output file.
 
-    \b
     Tables: columns map to fields (--prompt-column, --messages-column, --id-column, --column FIELD=COLUMN),
     else a column named prompt, messages, custom_id or as a sampling field is taken as it; every other
     column is kept as the request's metadata, and `producer results JOB --join -o out.parquet` writes
-    them back beside the generated text. A null cell is "not given"; a null prompt is an error.
+    them back beside the generated text. A null cell is "not given"; a null prompt is an error. CSV cells
+    are text (the sampling fields are parsed). The job records the mapping: --resume needs no column options.
+
+    \b
     producer submit data.parquet --prompt-column question --column max_new_tokens=budget
     """
     import os
