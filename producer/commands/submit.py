@@ -62,7 +62,7 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     import os
 
     # Arrow's default allocator (mimalloc) keeps ~40 MiB of freed batches; the system one returns them (measured on a
-    # 1M-row Parquet submit: peak RSS 289 -> see docs/benchmarks.md). Set before pyarrow is first used; only this process.
+    # 1M-row Parquet submit: peak RSS 289 -> 250 MiB, docs/benchmarks.md). Set before pyarrow is first used; this process only.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     from producer import api
 
