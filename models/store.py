@@ -40,10 +40,12 @@ def insert_ignore(connection: Connection | Session, table: Any, rows: Sequence[d
 
 # --- submitting -------------------------------------------------------------------------------
 
-def create_job(connection: Connection, *, name: str | None, model: str, source: str | None, defaults: dict[str, Any]) -> int:
+def create_job(connection: Connection, *, name: str | None, model: str, source: str | None, defaults: dict[str, Any],
+               input_columns: dict[str, Any] | None = None) -> int:
     return connection.execute(
         insert(Job)
-        .values(name=name, model=model, source=source, defaults=defaults, status=JobStatus.SUBMITTING, created_at=utcnow())
+        .values(name=name, model=model, source=source, defaults=defaults, input_columns=input_columns,
+                status=JobStatus.SUBMITTING, created_at=utcnow())
         .returning(Job.id)
     ).scalar_one()
 

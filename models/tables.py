@@ -45,6 +45,11 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.SUBMITTING, index=True)
     defaults: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """Job-level sampling defaults from the submit flags; a request's own params override them."""
+    input_columns: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON(none_as_null=True))
+    """For a table input (Parquet, CSV, a saved dataset, a DataFrame): {"fields": {field: column}, "schema": the
+    input's Arrow schema, base64 IPC}; NULL for JSONL and rows of dicts. `submit --resume` reads the mapping
+    from here and `results --join` the columns (producer.inputs.TableInput.record). Kept out of `defaults`,
+    which workers merge into every request's sampling parameters."""
     total_requests: Mapped[int] = mapped_column(Integer, default=0)
     total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     """Expected result rows: the sum of n over the requests."""

@@ -73,6 +73,8 @@ class SubmitReport:
     """The first KEEP_ERRORS reasons of the rejected rows."""
     error_count: int = 0
     source: str = ""
+    unit: str = "line"
+    """What a position counts: 'line' (JSONL) or 'row' (tables, rows from Python)."""
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,12 @@ def submit(
 ) -> Job:
     """Validate every row of `source`, store the job and its requests in one transaction, then enqueue them.
 
-    `source`: rows from Python (a list or any iterable of dicts, native or OpenAI Batch lines; read once),
-    a path to a JSONL file (native or OpenAI Batch lines), a Parquet or CSV file, or a directory
-    saved by `datasets`' save_to_disk. `columns` maps fields to column names for tables (`prompt`,
-    `messages`, `custom_id`, and any sampling field); other columns become metadata. Keyword arguments are
+    `source`: a path to a JSONL file (native or OpenAI Batch lines), a Parquet or CSV file, or a directory
+    saved by `datasets`' save_to_disk; a pyarrow.Table, pandas.DataFrame or datasets.Dataset; or rows from
+    Python (a list or any iterable of dicts, native or OpenAI Batch lines; read once). `columns` maps fields
+    to column names for tables (`prompt`, `messages`, `custom_id`, and any sampling field; unmapped fields
+    take the column of their own name); other columns become metadata, and the job records the mapping
+    (resume reads the table again with it) and the schema (`results --join`). Keyword arguments are
     the job's defaults (max_new_tokens, temperature, top_p, top_k, seed, n, ...); a row's own value wins.
 
     Raises InvalidInput with every bad row before anything is written (unless skip_invalid, which stores
@@ -252,6 +256,7 @@ def submit(
     report = SubmitReport(
         valid=validation.valid, samples=validation.samples, rejected=validation.rejected_lines,
         errors=[BadRow(p, r) for p, r in validation.errors], error_count=validation.error_count, source=data.name,
+        unit=data.unit,
     )
     try:
         if validation.rejected_lines and not skip_invalid:
@@ -303,7 +308,7 @@ def resume(
     from producer.inputs import open_input
 
     settings = settings_for(database_url, broker_url, settings)
-    data = open_input(source, columns)
+    data = open_input(source, columns) if columns is not None else None
     db = open_store(settings)
     try:
         with Session(db) as session:
@@ -313,6 +318,10 @@ def resume(
             if job.status == JobStatus.CANCELLED:
                 raise ResumeRefused(f"job {job_id} is cancelled; `producer retry {job_id}` queues its requests again")
             model, defaults, total, rejected = job.model, dict(job.defaults or {}), job.total_requests, job.rejected_count
+            recorded = (job.input_columns or {}).get("fields")
+        if data is None:
+            # a table input is read again with the column mapping the job recorded (jobs.input_columns)
+            data = open_input(source, recorded)
         context = context_length(model)
         valid = invalid = 0
         custom_ids: list[str] = []

@@ -268,3 +268,170 @@ def write_openai(db: Engine, job_id: int, out: IO[str], model: str) -> int:
     return count
 
 
+
+
+# --- the join export: the input's columns back, beside the generated ones ------------------------
+
+JOIN_GENERATED = (
+    ("input_row", "int64"), ("sample_index", "int32"), ("status", "string"), ("text", "string"),
+    ("finish_reason", "string"), ("prompt_tokens", "int32"), ("cached_prompt_tokens", "int32"),
+    ("completion_tokens", "int32"), ("draft_tokens", "int32"), ("accepted_draft_tokens", "int32"),
+    ("seed", "int64"), ("error", "string"),
+)
+"""The columns `results --join` adds to the input's: input_row is the row's number in the input, from 1.
+One that an input column already uses is written as result_<name>."""
+
+
+def write_joined(db: Engine, job_id: int, path: str, row_group: int = 10_000) -> int:
+    """A Parquet file of the job's input columns, as the input had them (the metadata columns, and those mapped to
+    prompt, messages, custom_id and sampling fields under their own names), with the generated columns added:
+    one row per result, and one per request without a result (its status and error). Streamed; returns the rows.
+
+    Types come back from the input's recorded schema: timestamps, dates, times, decimals and bytes from the
+    JSON the store holds; a nested column holding one of those is written as JSON text. Raises
+    contract.errors.JobNotFound, and InputFileError when the job was not submitted from a table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from contract.errors import InputFileError, JobNotFound
+    from models.tables import Job
+    from producer.tables import schema_of
+
+    with db.connect() as connection:
+        row = connection.execute(Job.__table__.select().where(Job.__table__.c.id == job_id)).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    record = row._mapping["input_columns"]
+    if not record:
+        raise InputFileError(f"job {job_id} was not submitted from a table (Parquet, CSV, a dataset, a DataFrame): "
+                             "--join has no input columns to write; export it without --join")
+    schema = schema_of(record)
+    field_of = {column: field for field, column in record["fields"].items()}
+    plans = [_input_plan(f.name, f.type, field_of.get(f.name)) for f in schema]
+    taken = set(schema.names)
+    generated = [((f"result_{n}" if n in taken else n), getattr(pa, t)()) for n, t in JOIN_GENERATED]
+    out_schema = pa.schema([(name, kind) for name, kind, _, _ in plans] + generated)
+    columns: list[list[Any]] = [[] for _ in out_schema]
+    count = 0
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        arrays = [convert(values) for (_, _, _, convert), values in zip(plans, columns)]
+        arrays += [pa.array(values, type=kind) for (_, kind), values in zip(generated, columns[len(plans):])]
+        writer.write_table(pa.Table.from_arrays(arrays, schema=out_schema))
+        for values in columns:
+            values.clear()
+
+    with pq.ParquetWriter(path, out_schema) as writer:
+        pending = 0
+        for item in iter_request_results(db, job_id):
+            request = item.request
+            inputs = [get(request) for _, _, get, _ in plans]
+            for result in item.results or [None]:
+                for values, value in zip(columns, inputs):
+                    values.append(value)
+                tail = columns[len(plans):]
+                own = [request.line_no, None, request.status, None, None, None, None, None, None, None, None, request.error]
+                if result is not None:
+                    own[1:11] = [result.sample_index, request.status, result.text, result.finish_reason, result.prompt_tokens,
+                                 result.cached_prompt_tokens, result.completion_tokens, result.draft_tokens,
+                                 result.accepted_draft_tokens, result.seed]
+                for values, value in zip(tail, own):
+                    values.append(value)
+                pending += 1
+                count += 1
+            if pending >= row_group:
+                flush(writer)
+                pending = 0
+        if pending or count == 0:
+            flush(writer)
+    return count
+
+
+def _input_plan(name: str, kind: Any, field: str | None) -> tuple[str, Any, Any, Any]:
+    """(column, its type in the export, request -> the stored value, values -> an Arrow array) for one input column."""
+    import pyarrow as pa
+
+    if field == "prompt":
+        get = lambda request: request.prompt  # noqa: E731
+    elif field == "messages":
+        get = lambda request: request.messages  # noqa: E731
+    elif field == "custom_id":
+        get = lambda request: request.custom_id  # noqa: E731
+    elif field is not None:
+        get = lambda request: (request.params or {}).get(field)  # noqa: E731
+    else:
+        get = lambda request: (request.meta or {}).get(name)  # noqa: E731
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    out, parse = _restorer(kind)
+    if field == "custom_id" and pa.types.is_integer(kind):
+        parse = _int_or_none
+    elif field == "stop" and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        parse = _one_stop
+    elif field not in (None, "prompt", "custom_id") and out in (pa.string(), pa.large_string()):
+        parse = _json_text  # messages or a sampling field read from text (CSV) go back as text
+    elif field is not None and pa.types.is_integer(out):
+        parse = _integral
+    if parse is None:
+        return name, out, get, lambda values: pa.array(values, type=out)
+    return name, out, get, lambda values: pa.array([None if v is None else parse(v) for v in values], type=out)
+
+
+def _restorer(kind: Any) -> tuple[Any, Any]:
+    """(export type, JSON value -> Python value for that type, or None when pyarrow takes the JSON value as it is)."""
+    import base64
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.types as t
+
+    if _json_native(kind):
+        return kind, None
+    if t.is_timestamp(kind):
+        return kind, datetime.datetime.fromisoformat
+    if t.is_date(kind):
+        return kind, datetime.date.fromisoformat
+    if t.is_time(kind):
+        return kind, datetime.time.fromisoformat
+    if t.is_duration(kind):
+        return kind, lambda seconds: datetime.timedelta(seconds=seconds)
+    if t.is_decimal(kind):
+        return kind, decimal.Decimal
+    if t.is_binary(kind) or t.is_large_binary(kind) or t.is_fixed_size_binary(kind):
+        return kind, base64.b64decode
+    return pa.string(), _json_text
+
+
+def _json_native(kind: Any) -> bool:
+    """Types whose values the store's JSON holds as they are: strings, numbers, booleans, and lists and structs of them."""
+    import pyarrow.types as t
+
+    if t.is_string(kind) or t.is_large_string(kind) or t.is_integer(kind) or t.is_floating(kind) or t.is_boolean(kind) or t.is_null(kind):
+        return True
+    if t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind):
+        return _json_native(kind.value_type)
+    if t.is_struct(kind):
+        return all(_json_native(kind.field(i).type) for i in range(kind.num_fields))
+    return False
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _one_stop(value: Any) -> str:
+    if isinstance(value, list):
+        return value[0] if len(value) == 1 else json.dumps(value, ensure_ascii=False)
+    return value

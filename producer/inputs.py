@@ -5,6 +5,9 @@ a request ready to store, or the reasons the row is invalid, with its position.
   (producer.reader); the position is the line number.
 - Rows in Python (a list, a generator, any iterable of dicts, native or OpenAI Batch): each held to what
   a JSONL line may hold; the position is the row number, from 1. Read once, as it is validated.
+- Tables (producer.tables): a Parquet file, a CSV file, a directory written by `datasets`' save_to_disk, or
+  in memory a pyarrow.Table, a pandas.DataFrame or a datasets.Dataset; columns are mapped to fields and the
+  other columns kept as the request's metadata; the position is the row number, from 1.
 """
 from __future__ import annotations
 
@@ -59,24 +62,33 @@ class RowsInput:
 
 
 def open_input(source: Any, columns: Mapping[str, str] | None = None) -> Input:
-    """The input `source` names; raises InputFileError when it cannot be read."""
-    if isinstance(source, (JsonlInput, RowsInput)):
+    """The input `source` names; raises InputFileError when it cannot be read, InvalidDefaults when `columns`
+    (field -> column, for tables only) names an unknown field."""
+    from producer import tables
+
+    if isinstance(source, (JsonlInput, RowsInput, tables.TableInput)):
         return source
     if not isinstance(source, (str, bytes, os.PathLike)):
+        table = tables.in_memory(source)
+        if table is not None:
+            return tables.TableInput.of(table, columns)
         if isinstance(source, Mapping):
             raise InputFileError("a single dict is not an input: give a list (or any iterable) of dicts")
         if isinstance(source, Iterable):
             if columns:
                 raise InputFileError("column options are for Parquet, CSV and dataset inputs, not rows of dicts")
             return RowsInput(source)
-        raise InputFileError(f"cannot read a {type(source).__name__} as an input: give a path or an iterable of dicts")
+        raise InputFileError(f"cannot read a {type(source).__name__} as an input: give a path, a table or an iterable of dicts")
     path = os.fspath(source)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if not os.path.exists(path):
         raise InputFileError(f"{path}: no such file")
+    table = tables.open_path(path)
+    if table is not None:
+        return tables.TableInput.of(table, columns)
     if os.path.isdir(path):
-        raise InputFileError(f"{path}: is a directory, not a file")
+        raise InputFileError(f"{path}: is a directory, not a file (a directory must be one saved by datasets' save_to_disk)")
     if columns:
         raise InputFileError(f"{path}: column options are for Parquet, CSV and dataset inputs, not JSONL")
     return JsonlInput(path)

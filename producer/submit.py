@@ -193,7 +193,8 @@ def store_job(
     spool = validation.spool
     try:
         with db.begin() as connection:
-            job_id = create_job(connection, name=name, model=model, source=data.path, defaults=defaults)
+            job_id = create_job(connection, name=name, model=model, source=data.path, defaults=defaults,
+                                input_columns=getattr(data, "record", None))
             if spool is not None:
                 chunks: Callable[[], Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]] = spool.chunks
             else:

@@ -43,5 +43,29 @@ def write_chat_file(path: Path, lines: int) -> Path:
     return path
 
 
+def table_row(i: int) -> tuple[str, str, int]:
+    """Row i of the table benchmark: a prompt and two metadata columns (topic, shard)."""
+    topic = _TOPICS[i % len(_TOPICS)]
+    return f"Question {i}: explain {topic} to a child in two sentences.", topic, i % 16
+
+
+def write_table_files(directory: Path, rows: int, batch: int = 50_000) -> tuple[Path, Path]:
+    """The same `rows` rows as prompts.parquet (columns prompt, topic, shard) and as prompts.jsonl
+    ({"prompt", "metadata": {"topic", "shard"}}, what the Parquet rows are stored as), streaming."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("prompt", pa.string()), ("topic", pa.string()), ("shard", pa.int64())])
+    parquet, jsonl = directory / "prompts.parquet", directory / "prompts.jsonl"
+    dumps = json.JSONEncoder(separators=(", ", ": ")).encode
+    with pq.ParquetWriter(parquet, schema) as writer, jsonl.open("w", encoding="utf-8") as out:
+        for start in range(1, rows + 1, batch):
+            chunk = [table_row(i) for i in range(start, min(start + batch, rows + 1))]
+            prompts, topics, shards = zip(*chunk)
+            writer.write_table(pa.table([list(prompts), list(topics), list(shards)], schema=schema))
+            out.write("\n".join(dumps({"prompt": p, "metadata": {"topic": t, "shard": s}}) for p, t, s in chunk) + "\n")
+    return parquet, jsonl
+
+
 if __name__ == "__main__":
     write_chat_file(Path(sys.argv[1]), int(sys.argv[2]))

@@ -14,6 +14,11 @@ redis-server of its own:
    queries alone in-process, right after the submit and again with half the requests marked done;
 4. times one reconciler sweep (`producer reconcile --job JOB`, grace 0) over the job while Redis holds
    all its messages: the sweep reads every queued id from the store and every message from Redis.
+
+With --tables, only step 1, for the same rows (a prompt column and two metadata columns) as Parquet and
+as JSONL, one after the other, into the same store:
+
+    .venv/bin/python -m bench.scale.submit --tables --repeat 3 --lines 1000000 --stores sqlite --out bench/scale/results/submit-tables.json
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.scale.fleet import cpu_model
-from bench.scale.generate import write_chat_file
+from bench.scale.generate import write_chat_file, write_table_files
 from bench.scale.services import (
     OwnRedis,
     cli,
@@ -181,8 +186,12 @@ def main() -> None:
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--no-phases", dest="phases", action="store_false", help="skip the in-process phase timings")
     parser.add_argument("--only-submit", action="store_true", help="only step 1 (e.g. to time an older checkout's submit)")
+    parser.add_argument("--tables", action="store_true", help="submit the same rows as Parquet and as JSONL (step 1 only)")
+    parser.add_argument("--repeat", type=int, default=1, help="with --tables: submit each input this many times, alternating")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.tables:
+        return tables_main(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bulkgen-submit-bench-") as tmp:
         file = write_chat_file(Path(tmp) / "prompts.jsonl", args.lines)
@@ -207,6 +216,40 @@ def main() -> None:
         "loadavg": os.getloadavg(),
         "runs": rows,
     }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+def tables_main(args: argparse.Namespace) -> None:
+    """Parquet (prompt + 2 metadata columns) against the same rows as JSONL, submitted by the real CLI."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bulkgen-submit-bench-") as tmp:
+        parquet, jsonl = write_table_files(Path(tmp), args.lines)
+        sizes = {"parquet_mib": round(os.path.getsize(parquet) / 2**20, 1), "jsonl_mib": round(os.path.getsize(jsonl) / 2**20, 1)}
+        own_redis = OwnRedis()
+        try:
+            for kind in args.stores.split(","):
+                url = f"sqlite:///{tmp}/store.db" if kind == "sqlite" else create_database()
+                try:
+                    upgrade_schema(url)
+                    for attempt in range(1, args.repeat + 1):  # alternated, so a busy spell on a shared machine hits both
+                        for label, file in (("parquet", parquet), ("jsonl", jsonl)):
+                            row = {"store": kind, "input": label, "lines": args.lines, "attempt": attempt,
+                                   "loadavg_1min": round(os.getloadavg()[0], 2),
+                                   "submit": submit_once(url, own_redis.url, file, args.lines)}
+                            print(kind, label, row["submit"], flush=True)
+                            rows.append(row)
+                finally:
+                    if kind != "sqlite":
+                        drop_database(url)
+        finally:
+            own_redis.close()
+    best = {f"{r['store']} {r['input']}": max(x["submit"]["requests_per_s"] for x in rows if (x["store"], x["input"]) == (r["store"], r["input"]))
+            for r in rows}
+    report = {"cpu": cpu_model(), "python": platform.python_version(), **sizes, "loadavg": os.getloadavg(),
+              "best_requests_per_s": best, "runs": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

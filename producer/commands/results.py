@@ -17,8 +17,14 @@ from producer.export import FORMATS, flat_records, write_csv, write_jsonl, write
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True, help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of stdout (required for parquet).")
 @click.option("--table", is_flag=True, help="Print a table for reading in a terminal instead.")
+@click.option("--join", is_flag=True,
+              help="For a job submitted from a table (Parquet, CSV, a dataset, a DataFrame): write Parquet (-o required) with "
+                   "the input's columns, as the input named and typed them, plus input_row, sample_index, status, text, "
+                   "finish_reason, token counts, seed and error (result_<name> where an input column has the name); "
+                   "one row per result. Rows rejected with --skip-invalid are not in it.")
 @database_option
-def results(job_id: int, fmt: str, output: Path | None, table: bool, database_url: str | None) -> None:
+@click.pass_context
+def results(ctx: click.Context, job_id: int, fmt: str, output: Path | None, table: bool, join: bool, database_url: str | None) -> None:
     """Export a job's results: custom_id, sample_index, text, token counts, finish_reason, seed, metadata.
 
     Requests without a result (failed, cancelled, not done yet) appear with their status and error.
@@ -28,6 +34,7 @@ def results(job_id: int, fmt: str, output: Path | None, table: bool, database_ur
     producer results 7 -o out.jsonl
     producer results 7 --format openai -o batch_output.jsonl   # OpenAI Batch output format
     producer results 7 --format parquet -o out.parquet         # pandas / datasets.load_dataset("parquet", ...)
+    producer results 7 --join -o joined.parquet                # the input's columns with the generated ones
     """
     from models.tables import Job
 
@@ -37,6 +44,17 @@ def results(job_id: int, fmt: str, output: Path | None, table: bool, database_ur
         if job is None:
             raise JobNotFound(job_id)
         model = job.model
+    if join:
+        from click.core import ParameterSource
+
+        if table or (ctx.get_parameter_source("fmt") != ParameterSource.DEFAULT and fmt != "parquet"):
+            raise click.BadParameter("--join writes Parquet: drop --format/--table, and give -o FILE.parquet", param_hint="--join")
+        if output is None:
+            raise click.BadParameter("--join writes Parquet and needs a file: -o joined.parquet", param_hint="--output")
+        from producer.export import write_joined
+
+        write_joined(db, job_id, str(output))
+        return
     if table:
         from producer.views import print_results_table
 

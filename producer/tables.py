@@ -1,0 +1,567 @@
+"""Table inputs: Parquet, CSV, a directory saved by `datasets`' save_to_disk, and in-memory tables
+(pyarrow.Table, pandas.DataFrame, datasets.Dataset), each read as record batches in bounded memory and
+turned into rows that producer.reader.RowChecker validates exactly as it does JSONL lines.
+
+Columns map to fields: `prompt`, `messages`, `custom_id` and the sampling fields (max_new_tokens,
+temperature, top_p, top_k, seed, n, stop, ...). A field takes the column the mapping names, else the column
+named as the field. Every other column is kept in the request's metadata under its own name, so results
+can be joined back (producer.export.write_joined). A null cell means "not given" (a null prompt is an
+error); a NaN float is null; values JSON cannot carry become JSON (timestamps, dates and times as ISO 8601
+strings, durations as seconds, decimals as strings, bytes as base64, numpy scalars as numbers).
+
+CSV has no types: every cell is read as text (an empty cell is null). Sampling fields are parsed from it
+(integers, numbers, true/false, a stop string or a JSON array of them), `messages` from JSON text;
+metadata keeps the text as it is.
+
+Nothing here imports pandas or datasets: in-memory objects are recognised by their module and attributes.
+A DataFrame is converted to one Arrow table (it is in memory already; a column of mixed kinds is refused);
+a Dataset is read through its own Arrow view, batch by batch, with any select/shuffle/filter applied.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from contract.errors import EmptyInput, InputFileError, InvalidDefaults
+from producer.reader import LineOutcome, RowChecker, _unstorable_string
+from producer.schema import ONE_INPUT, PromptLine, show, validate_line
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+BATCH_ROWS = 8192
+"""Rows per record batch read from a file (bounded memory whatever the file's size)."""
+INPUT_FIELDS = ("prompt", "messages", "custom_id")
+SAMPLING_FIELDS = tuple(name for name in PromptLine.model_fields if name not in (*INPUT_FIELDS, "metadata"))
+FIELDS = (*INPUT_FIELDS, *SAMPLING_FIELDS)
+"""What a column can be mapped to; `metadata` is not one: it is every column not mapped."""
+_INT_FIELDS = frozenset({"max_new_tokens", "top_k", "seed", "n", "num_beams", "top_logprobs"})
+_BOOL_FIELDS = frozenset({"logprobs"})
+_LIST_FIELDS = frozenset({"stop"})
+_PARQUET_MAGIC = b"PAR1"
+_ARROW_MAGIC = b"ARROW1"
+
+
+# --- sources: where the record batches come from ------------------------------------------------
+
+@dataclass
+class TableSource:
+    """A table's schema and its record batches, in order; `text_only` for CSV (every cell read as a string)."""
+
+    name: str
+    path: str
+    schema: pa.Schema
+    batches: Callable[[], Iterator[pa.RecordBatch]]
+    text_only: bool = False
+
+
+def _arrow_error(name: str, exc: BaseException) -> InputFileError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputFileError(f"{name}: cannot be read ({text})")
+
+
+def open_path(path: str) -> TableSource | None:
+    """The table at `path` (by its bytes, else its name), or None when it is not one (JSONL)."""
+    name = Path(path).name
+    if os.path.isdir(path):
+        return _saved_dataset(path) if _is_saved_dataset(path) else None
+    suffix = Path(path).suffix.lower()
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if head.startswith(_PARQUET_MAGIC) or suffix in (".parquet", ".pq"):
+        if not head.startswith(_PARQUET_MAGIC):
+            raise InputFileError(f"{name}: not a Parquet file (it does not start with PAR1)")
+        return _parquet(path)
+    if head.startswith(_ARROW_MAGIC) or suffix in (".arrow", ".feather"):
+        return _arrow_files(path, name, [path])
+    if suffix in (".csv", ".tsv"):
+        return _csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+    return None
+
+
+def _parquet(path: str) -> TableSource:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = Path(path).name
+    try:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+    except (pa.ArrowException, OSError) as exc:
+        raise _arrow_error(name, exc) from None
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        # no pre-buffering and no reader threads: a row group is decoded page by page (measured: 20 MiB less peak RSS
+        # over 1M rows, no slower: validation, not decoding, takes the time)
+        reader = pq.ParquetFile(path, memory_map=True, pre_buffer=False)
+        try:
+            yield from reader.iter_batches(batch_size=BATCH_ROWS, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise _arrow_error(name, exc) from None
+        finally:
+            reader.close()
+
+    return TableSource(name, path, schema, batches)
+
+
+def _csv(path: str, delimiter: str) -> TableSource:
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    name = Path(path).name
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            header = next(csv.reader(file, delimiter=delimiter), None)
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{name}: the header is not UTF-8 (byte {exc.start + 1})") from None
+    if not header:
+        raise EmptyInput(f"{name}: the file is empty")
+    if len(set(header)) != len(header):
+        twice = sorted({c for c in header if header.count(c) > 1})
+        raise InputFileError(f"{name}: the header names a column twice: {', '.join(map(repr, twice))}")
+    schema = pa.schema([(column, pa.string()) for column in header])
+    convert = pacsv.ConvertOptions(column_types={column: pa.string() for column in header},
+                                   strings_can_be_null=True, quoted_strings_can_be_null=False)
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            reader = pacsv.open_csv(path, parse_options=parse, convert_options=convert,
+                                    read_options=pacsv.ReadOptions(block_size=1 << 20))
+            for batch in reader:
+                yield batch
+        except (pa.ArrowException, OSError) as exc:
+            raise _arrow_error(name, exc) from None
+
+    return TableSource(name, path, schema, batches, text_only=True)
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _saved_dataset(path: str) -> TableSource:
+    """A directory written by Dataset.save_to_disk: Arrow IPC streams listed in state.json."""
+    name = Path(path).name or path
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(p.name for p in Path(path).iterdir() if (p / "state.json").exists())
+        raise InputFileError(f"{name}: a DatasetDict (several splits); give one split's directory: "
+                             + ", ".join(os.path.join(path, s) for s in splits))
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as file:
+            state = json.load(file)
+        files = [os.path.join(path, entry["filename"]) for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputFileError(f"{name}: state.json does not list the dataset's files ({exc})") from None
+    if not files:
+        raise EmptyInput(f"{name}: the dataset has no data files")
+    return _arrow_files(path, name, files)
+
+
+def _open_ipc(file: str) -> Any:
+    import pyarrow as pa
+
+    source = pa.memory_map(file)
+    try:
+        return pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(source)
+
+
+def _arrow_files(path: str, name: str, files: list[str]) -> TableSource:
+    """Arrow IPC files (the stream format datasets writes, or the file format), memory-mapped, read in turn."""
+    import pyarrow as pa
+
+    for file in files:
+        if not os.path.isfile(file):
+            raise InputFileError(f"{name}: {Path(file).name} is missing")
+    try:
+        schema = _open_ipc(files[0]).schema
+    except (pa.ArrowException, OSError) as exc:
+        raise _arrow_error(name, exc) from None
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            for file in files:
+                reader = _open_ipc(file)
+                if not reader.schema.equals(schema, check_metadata=False):
+                    raise InputFileError(f"{name}: {Path(file).name} has other columns than {Path(files[0]).name}")
+                if isinstance(reader, pa.ipc.RecordBatchFileReader):
+                    for i in range(reader.num_record_batches):
+                        yield from _rebatch(reader.get_batch(i))
+                else:
+                    for batch in reader:
+                        yield from _rebatch(batch)
+        except (pa.ArrowException, OSError) as exc:
+            raise _arrow_error(name, exc) from None
+
+    return TableSource(name, path, schema, batches)
+
+
+def _rebatch(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    for start in range(0, batch.num_rows, BATCH_ROWS):
+        yield batch.slice(start, BATCH_ROWS)
+
+
+def in_memory(value: Any) -> TableSource | None:
+    """A pyarrow.Table (or RecordBatch), pandas.DataFrame or datasets.Dataset as a source; None for anything else.
+    Recognised by module and attributes: pandas and datasets are never imported here."""
+    module = type(value).__module__ or ""
+    kind = type(value).__name__
+    if module.startswith("pyarrow") and kind in ("Table", "RecordBatch"):
+        import pyarrow as pa
+
+        table = pa.Table.from_batches([value]) if kind == "RecordBatch" else value
+        return _memory_source(f"<{kind}>", table.schema, lambda: iter(table.to_batches(max_chunksize=BATCH_ROWS)))
+    if module.startswith("pandas") and kind == "DataFrame":
+        return _dataframe(value)
+    if module.startswith("datasets") and callable(getattr(value, "with_format", None)) and hasattr(value, "features"):
+        if not hasattr(value, "__len__"):
+            raise InputFileError("an IterableDataset: give a datasets.Dataset (or iterate it into a list of dicts)")
+        return _dataset(value)
+    return None
+
+
+def _memory_source(name: str, schema: pa.Schema, batches: Callable[[], Iterator[pa.RecordBatch]]) -> TableSource:
+    return TableSource(name, f"{name} from Python", schema, batches)
+
+
+def _dataframe(frame: Any) -> TableSource:
+    import pyarrow as pa
+
+    columns = list(frame.columns)
+    bad = [c for c in columns if not isinstance(c, str)]
+    if bad:
+        raise InputFileError(f"DataFrame: column names must be strings, got {', '.join(map(repr, bad[:5]))}")
+    if len(set(columns)) != len(columns):
+        raise InputFileError("DataFrame: a column name is used twice")
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise InputFileError(f"DataFrame: cannot be read as a table ({str(exc).splitlines()[0]}); "
+                             "a column must hold values of one kind") from None
+    table = table.replace_schema_metadata(None)
+    return _memory_source("<DataFrame>", table.schema, lambda: iter(table.to_batches(max_chunksize=BATCH_ROWS)))
+
+
+def _dataset(dataset: Any) -> TableSource:
+    """A datasets.Dataset, through its own Arrow view (which applies a select/shuffle/filter's indices)."""
+    arrow = dataset.with_format("arrow")
+    schema = getattr(getattr(dataset, "data", None), "schema", None)
+    if schema is None:
+        schema = next(iter(arrow.iter(batch_size=1))).schema
+    columns = set(dataset.column_names)
+    schema = _select(schema, [n for n in schema.names if n in columns])
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for table in arrow.iter(batch_size=BATCH_ROWS):
+            yield from table.select(schema.names).to_batches()
+
+    return _memory_source("<Dataset>", schema, batches)
+
+
+def _select(schema: pa.Schema, names: list[str]) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([schema.field(n) for n in names])
+
+
+# --- the column mapping -----------------------------------------------------------------------
+
+def resolve_fields(source: TableSource, columns: Mapping[str, str] | None) -> dict[str, str]:
+    """field -> column: the mapping given (checked), then each unmapped field's namesake column."""
+    given = dict(columns or {})
+    for key, column in given.items():
+        if key not in FIELDS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            if key == "metadata":
+                hint = " (metadata is every column not mapped to a field)"
+            raise InvalidDefaults(f"--column: unknown field {show(key)}{hint}; fields: {', '.join(FIELDS)}")
+        if not isinstance(column, str) or not column:
+            raise InvalidDefaults(f"--column {key}: the column must be a non-empty name, got {show(column)}")
+    seen: dict[str, str] = {}
+    for key, column in given.items():
+        if column in seen:
+            raise InvalidDefaults(f"--column: column {column!r} is mapped to both {seen[column]} and {key}")
+        seen[column] = key
+    names = source.schema.names
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputFileError(f"{source.name}: a column name is used twice: {_list(twice)}")
+    for key, column in given.items():
+        if column not in names:
+            raise InputFileError(f"{source.name}: no column {column!r} (for {key}); its columns: {_list(names)}")
+    fields = dict(given)
+    for key in FIELDS:
+        if key not in fields and key in names and key not in seen:
+            fields[key] = key
+    if "prompt" not in fields and "messages" not in fields:
+        raise InputFileError(f"{source.name}: no prompt column: name one 'prompt' or 'messages', or give "
+                             f"--prompt-column / --messages-column; its columns: {_list(names)}")
+    return {key: fields[key] for key in FIELDS if key in fields}
+
+
+def _list(names: list[str]) -> str:
+    shown = ", ".join(map(repr, names[:30]))
+    return shown + (f" and {len(names) - 30} more" if len(names) > 30 else "") if names else "(none)"
+
+
+# --- cells to JSON values -----------------------------------------------------------------------
+
+class _Unstorable(ValueError):
+    pass
+
+
+def jsonable(value: Any) -> Any:
+    """A cell's Python value (from Arrow's to_pylist) as a JSON value; raises _Unstorable for an infinite number."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            raise _Unstorable(f"the number {value} is not allowed (JSON cannot carry it)")
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return jsonable(item())
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return jsonable(tolist())
+    iso = getattr(value, "isoformat", None)  # pandas.Timestamp and the like
+    if callable(iso):
+        return iso()
+    raise _Unstorable(f"a {type(value).__name__} is not a JSON value")
+
+
+def _plain(kind: pa.DataType) -> bool:
+    """Arrow types whose Python values are JSON values already (strings, integers, booleans, null)."""
+    import pyarrow.types as t
+
+    return t.is_string(kind) or t.is_large_string(kind) or t.is_integer(kind) or t.is_boolean(kind) or t.is_null(kind) \
+        or getattr(t, "is_string_view", lambda _: False)(kind)
+
+
+def _column_values(column: pa.Array, name: str, keep_floats: bool = False) -> tuple[list[Any], dict[int, str]]:
+    """A column's cells as JSON values, and {index: reason} for the cells that cannot be one.
+    `keep_floats`: an infinite number stays (a field's check refuses it by the field's name); NaN is null."""
+    import pyarrow.compute as pc
+    import pyarrow.types as t
+
+    kind = column.type
+    if t.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    if _plain(kind):
+        return column.to_pylist(), {}
+    if t.is_floating(kind):
+        if column.null_count == len(column) or not pc.any(pc.invert(pc.is_finite(column))).as_py():
+            return column.to_pylist(), {}
+        if keep_floats:
+            return [None if v is not None and math.isnan(v) else v for v in column.to_pylist()], {}
+    values = column.to_pylist()
+    errors: dict[int, str] = {}
+    for i, value in enumerate(values):
+        try:
+            values[i] = jsonable(value)
+        except (_Unstorable, RecursionError) as exc:
+            values[i] = None
+            errors[i] = f"column {name!r}: {exc}"
+    return values, errors
+
+
+def _from_text(key: str, text: str) -> Any:
+    """A sampling field's value from a CSV cell; the text itself when it does not parse (the check then says why)."""
+    stripped = text.strip()
+    try:
+        if key in _INT_FIELDS:
+            return int(stripped)
+        if key in _BOOL_FIELDS:
+            lowered = stripped.lower()
+            return {"true": True, "false": False}.get(lowered, text)
+        if key in _LIST_FIELDS:
+            if stripped.startswith("["):
+                return json.loads(stripped)
+            return text
+        number = float(stripped)
+        return number if math.isfinite(number) else text
+    except ValueError:
+        return text
+
+
+def _messages_value(value: Any, column: str) -> tuple[Any, str | None]:
+    """`messages` from a list<struct> cell (null struct fields dropped) or from JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            return None, f"messages: column {column!r} holds text that is not JSON ({exc})"
+    if isinstance(value, list):
+        return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in value], None
+    return value, None
+
+
+# --- the input ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TableInput:
+    source: TableSource
+    fields: dict[str, str]
+    """field -> column, as resolved (the mapping given plus the namesake columns)."""
+    unit: str = "row"
+    metadata_columns: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def of(cls, source: TableSource, columns: Mapping[str, str] | None) -> TableInput:
+        fields = resolve_fields(source, columns)
+        used = set(fields.values())
+        return cls(source, fields, metadata_columns=tuple(n for n in source.schema.names if n not in used))
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What the job keeps (jobs.input_columns): the mapping, for resume, and the schema, for the join export."""
+        schema = self.source.schema.remove_metadata()
+        return {"fields": dict(self.fields), "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")}
+
+    def outcomes(self, defaults: Mapping[str, Any], context_length: int) -> Iterator[LineOutcome]:
+        checker = RowChecker(defaults, context_length, unit=self.unit)
+        text_only = self.source.text_only
+        fields = list(self.fields.items())
+        metadata = list(self.metadata_columns)
+        has_prompt, has_messages = "prompt" in self.fields, "messages" in self.fields
+        renamed = {key: column for key, column in self.fields.items() if key != column}
+        position = 0
+        for batch in self.source.batches():
+            if batch.num_rows == 0:
+                continue
+            errors: dict[int, list[str]] = {}
+            field_values = []
+            for key, column in fields:
+                values, bad = _column_values(batch.column(column), column, keep_floats=True)
+                for i, reason in bad.items():
+                    errors.setdefault(i, []).append(reason)
+                field_values.append((key, column, values))
+            meta_values = []
+            for column in metadata:
+                values, bad = _column_values(batch.column(column), column)
+                for i, reason in bad.items():
+                    errors.setdefault(i, []).append(reason)
+                meta_values.append(values)
+            scan = _may_hold_nul(batch, self.source.schema)
+            for i in range(batch.num_rows):
+                position += 1
+                row: dict[str, Any] = {}
+                problems = list(errors.get(i, ()))
+                for key, column, values in field_values:
+                    value = values[i]
+                    if value is None:
+                        continue
+                    if key == "messages":
+                        value, problem = _messages_value(value, column)
+                        if problem:
+                            problems.append(problem)
+                            continue
+                    elif key == "custom_id":
+                        if isinstance(value, int) and not isinstance(value, bool):
+                            value = str(value)
+                    elif key in SAMPLING_FIELDS:
+                        if text_only and isinstance(value, str):
+                            value = _from_text(key, value)
+                        elif key in _INT_FIELDS and isinstance(value, float) and value.is_integer():
+                            value = int(value)  # an integer column with nulls, as pandas holds it
+                    row[key] = value
+                if metadata:
+                    row["metadata"] = {column: values[i] for column, values in zip(metadata, meta_values)}
+                if not problems and scan:
+                    bad_string = _unstorable_string(row)
+                    if bad_string is not None:
+                        problems.append(bad_string)
+                if problems:  # the row's own checks too, but not the cross-row ones (a bad row's custom_id is not taken)
+                    outcome = LineOutcome(position, None, problems + validate_line(row, defaults, context_length)[1])
+                else:
+                    outcome = checker.check_object(position, row)
+                if "prompt" not in row and "messages" not in row:
+                    missing = _no_input(self.fields, has_prompt, has_messages)
+                    outcome.errors = [missing if e == ONE_INPUT else e for e in outcome.errors]
+                if outcome.errors and renamed:
+                    outcome.errors = [_name_column(e, renamed) for e in outcome.errors]
+                yield outcome
+        if position == 0:
+            raise EmptyInput(f"{self.name}: the table has no rows")
+
+
+def _name_column(error: str, renamed: Mapping[str, str]) -> str:
+    """`temperature: must be ...` -> `temperature (column 'temp'): must be ...` for a field read from another column."""
+    for key, column in renamed.items():
+        for sep in (": ", ".", "["):
+            if error.startswith(key + sep) and "(column " not in error:
+                return f"{key} (column {column!r}){error[len(key):]}"
+    return error
+
+
+def _no_input(fields: Mapping[str, str], has_prompt: bool, has_messages: bool) -> str:
+    if has_prompt and has_messages:
+        return f"exactly one of 'prompt' and 'messages' is required: columns {fields['prompt']!r} and {fields['messages']!r} are both null"
+    if has_prompt:
+        return f"prompt: is null (column {fields['prompt']!r}); every row needs a prompt"
+    return f"messages: is null (column {fields['messages']!r}); every row needs messages"
+
+
+def _may_hold_nul(batch: pa.RecordBatch, schema: pa.Schema) -> bool:
+    """Whether a row of the batch may hold a NUL character (which no store can hold): any NUL in a string
+    column, or any nested column (whose strings are checked row by row)."""
+    import pyarrow.compute as pc
+    import pyarrow.types as t
+
+    for column in batch.columns:
+        kind = column.type
+        if t.is_dictionary(kind):
+            column, kind = column.dictionary, kind.value_type
+        if t.is_string(kind) or t.is_large_string(kind):
+            if column.null_count < len(column) and pc.any(pc.match_substring(column, "\x00")).as_py():
+                return True
+        elif t.is_nested(kind):
+            return True
+    return False
+
+
+def schema_of(record: Mapping[str, Any]) -> pa.Schema:
+    """The input schema a job recorded (TableInput.record)."""
+    import pyarrow as pa
+
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(record["schema"])))
