@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from contract.errors import BulkgenError
-from producer.commands import db, jobs, lifecycle, query, results, stats, submit
+from producer.commands import db, jobs, lifecycle, query, redis, results, stats, submit
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -40,6 +40,7 @@ main.add_command(jobs.jobs)
 main.add_command(jobs.status)
 main.add_command(results.results)
 main.add_command(db.db)
+main.add_command(redis.redis)
 main.add_command(query.query)
 main.add_command(stats.stats)
 main.add_command(lifecycle.cancel)
