@@ -65,13 +65,17 @@ class AclUser:
     channels: tuple[str, ...]
     """&pattern; {db} is the database number in the brokers' URLs. A PSUBSCRIBE pattern must equal one of
     these literally (Redis matches subscribed patterns as strings, published channels as globs)."""
+    selectors: tuple[tuple[str, ...], ...] = ()
+    """Redis 7 selectors, `(rule ...)`: a command runs if the root rules or one selector allow it whole; here,
+    publishing on one channel without publishing on those the root may only subscribe to."""
 
     def rules(self, db: int = 0) -> list[str]:
         commands = list(CONNECTION + self.commands)
         if db:
             commands.append("+select")  # redis-py selects the URL's database on every connection
+        selectors = ["(" + " ".join(rule.format(db=db) for rule in selector) + ")" for selector in self.selectors]
         return ["resetkeys", "resetchannels", "-@all", *commands, *DENIED, *self.keys,
-                *(channel.format(db=db) for channel in self.channels)]
+                *(channel.format(db=db) for channel in self.channels), *selectors]
 
 
 SUBMITTER = AclUser(
@@ -105,8 +109,11 @@ WORKER = AclUser(
     channels=("&/{db}.celeryev/*", "&/{db}.celeryev/worker.*", "&/{db}.celery.pidbox"),
 )
 
-MONITOR_CONTROL_KEYS = ("~*.reply.celery.pidbox*", "~_kombu.binding.reply.celery.pidbox",
-                        "~_kombu.binding_permanent.reply.celery.pidbox")
+MONITOR_CONTROL_KEYS = ("~*.reply.celery.pidbox*", "~_kombu.binding_permanent.reply.celery.pidbox")
+"""Its reply queues for inspect (a list per request, declared, read, deleted)."""
+EXPIRING_BINDINGS = ("~_kombu.binding.celeryev", "~_kombu.binding.celery.pidbox", "~_kombu.binding.reply.celery.pidbox")
+"""The binding tables of the exchanges whose queues expire (events, control, replies): a receiver consuming an
+expiring queue sweeps the tables nobody refreshed for an hour (DEL, in kombu's script), whoever declared them."""
 MONITOR = AclUser(
     "monitor",
     "monitoring (Flower, queue-depth metrics)",
@@ -114,14 +121,16 @@ MONITOR = AclUser(
         "+llen", "+exists", "+del", "+pexpire", "+sadd", "+srem", "+smembers",
         "+zadd", "+zrem", "+zrangebyscore",
         "+psubscribe", "+punsubscribe", "+subscribe", "+unsubscribe",
-        "+publish", "+brpop", "+rpop", "+lpush",  # control: Flower's wakeup and inspect (the pidbox)
+        "+brpop", "+rpop", "+lpush",  # control: inspect replies (on its reply queues only)
     ),
     keys=("%R~" + QUEUES,  # queue depth (LLEN) only: never a message
           "~celeryev.*",  # its own event queue (declared, then deleted)
-          "~_kombu.binding.celeryev", "~_kombu.binding_permanent.celeryev", "~_kombu.binding_deadlines",
-          "~_kombu.binding.celery.pidbox", "%R~_kombu.binding_permanent.*",
+          *EXPIRING_BINDINGS, "~_kombu.binding_permanent.celeryev", "~_kombu.binding_deadlines",
+          "%R~_kombu.binding_permanent.*",
           *MONITOR_CONTROL_KEYS),
-    channels=("&/{db}.celeryev/*", "&/{db}.celery.pidbox"),
+    channels=("&/{db}.celeryev/*",),
+    # control: Flower's wakeup and inspect publish on the pidbox; never an event
+    selectors=(("+publish", "&/{db}.celery.pidbox"),),
 )
 
 PARTS: dict[str, AclUser] = {user.name: user for user in (SUBMITTER, WORKER, MONITOR)}
@@ -132,9 +141,9 @@ def without_control(user: AclUser) -> AclUser:
     control (no shutdown, revoke, pool restart; Flower's wakeup and inspect then fail)."""
     return AclUser(
         user.name, user.part,
-        commands=tuple(c for c in user.commands if c not in ("+publish", "+brpop", "+rpop", "+lpush")),
+        commands=tuple(c for c in user.commands if c not in ("+brpop", "+rpop", "+lpush")),
         keys=tuple(k for k in user.keys if k not in MONITOR_CONTROL_KEYS),
-        channels=tuple(c for c in user.channels if "pidbox" not in c),
+        channels=user.channels,
     )
 
 
