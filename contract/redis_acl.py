@@ -78,6 +78,10 @@ class AclUser:
                 *(channel.format(db=db) for channel in self.channels), *selectors]
 
 
+EXPIRING_BINDINGS = ("~_kombu.binding.celeryev", "~_kombu.binding.celery.pidbox", "~_kombu.binding.reply.celery.pidbox")
+"""The binding tables of the exchanges whose queues expire (events, control, replies): a receiver consuming an
+expiring queue sweeps the tables nobody refreshed for an hour (DEL, in kombu's script), whoever declared them."""
+
 SUBMITTER = AclUser(
     "submitter",
     "producer (submit, cancel, retry, reconcile, status, results, stats)",
@@ -97,8 +101,8 @@ WORKER = AclUser(
     "worker",
     "workers (`workers start`: Celery worker processes, their reconciler)",
     commands=TRANSACTIONS + SCRIPTS + (
-        "+brpop", "+rpop", "+lpush", "+rpush", "+llen", "+lrange", "+exists", "+del", "+pexpire",
-        "+sadd", "+srem", "+smembers",
+        "+brpop", "+rpop", "+lpush", "+rpush", "+llen", "+lrange", "+exists", "+pexpire",
+        "+sadd", "+smembers",
         "+hset", "+hget", "+hdel", "+hmget", "+watch", "+unwatch",
         "+zadd", "+zrem", "+zrange", "+zrangebyscore", "+zrevrangebyscore",
         "+set", "+get",
@@ -107,13 +111,15 @@ WORKER = AclUser(
     keys=(f"~{QUEUES}", "~_kombu.binding.*", "~_kombu.binding_permanent.*", "~_kombu.binding_deadlines",
           "~unacked", "~unacked_index", "~unacked_mutex", "~*.celery.pidbox*", "~celeryev.*", f"~{LOCK_KEY}"),
     channels=("&/{db}.celeryev/*", "&/{db}.celeryev/worker.*", "&/{db}.celery.pidbox"),
+    # deleting: its own pidbox and gossip queues when it stops, the restore lock (redis-py's release script),
+    # overdue binding tables of expiring queues (kombu's sweep); never a model's queue, unacked or its index
+    selectors=(("+del", "+srem", "~*.celery.pidbox*", "~celeryev.*", "~unacked_mutex",
+                *EXPIRING_BINDINGS, *(key.replace("binding.", "binding_permanent.") for key in EXPIRING_BINDINGS)),),
 )
 
 MONITOR_CONTROL_KEYS = ("~*.reply.celery.pidbox*", "~_kombu.binding_permanent.reply.celery.pidbox")
 """Its reply queues for inspect (a list per request, declared, read, deleted)."""
-EXPIRING_BINDINGS = ("~_kombu.binding.celeryev", "~_kombu.binding.celery.pidbox", "~_kombu.binding.reply.celery.pidbox")
-"""The binding tables of the exchanges whose queues expire (events, control, replies): a receiver consuming an
-expiring queue sweeps the tables nobody refreshed for an hour (DEL, in kombu's script), whoever declared them."""
+
 MONITOR = AclUser(
     "monitor",
     "monitoring (Flower, queue-depth metrics)",

@@ -151,6 +151,8 @@ REFUSED = {
         ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("CLIENT", "LIST"),
         ("SCRIPT", "FLUSH"), ("EVAL", "return 1", "0"), ("GET", "anything"), ("SET", "anything", "x"),
         ("HSET", "anything", "k", "v"), ("LPUSH", "not-a-queue", "x"), ("PUBLISH", "elsewhere", "x"),
+        ("DEL", QUEUE), ("DEL", "unacked"), ("DEL", "unacked_index"), ("DEL", f"_kombu.binding.{QUEUE}"),
+        ("SREM", f"_kombu.binding.{QUEUE}", "x"), ("DEL", "x.celery.pidbox", QUEUE),
     ],
     "monitor": [
         ("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("CLIENT", "LIST"),
