@@ -202,6 +202,22 @@ def test_each_user_may_do_its_part(acl_redis: AclRedis) -> None:
     assert acl_redis.denials() == []
 
 
+def test_monitor_without_control_only_watches(acl_redis: AclRedis) -> None:
+    """`--no-monitor-control`: the monitor's rules without the pidbox (loaded as a user of its own here)."""
+    line = render(PASSWORDS, monitor_control=False).splitlines()[3].split()
+    with acl_redis.client() as observer:
+        observer.execute_command("ACL", "SETUSER", "watcher", *line[2:])
+        try:
+            def allowed(*command: str) -> bool:
+                return observer.execute_command("ACL", "DRYRUN", "watcher", *command) == b"OK"
+
+            assert allowed("LLEN", QUEUE) and allowed("PSUBSCRIBE", "/0.celeryev/*")
+            assert not allowed("PUBLISH", "/0.celery.pidbox", "x") and not allowed("PUBLISH", "/0.celeryev/x", "x")
+            assert not allowed("LPUSH", "u.reply.celery.pidbox", "x") and not allowed("BRPOP", "u.reply.celery.pidbox", "1")
+        finally:
+            observer.execute_command("ACL", "DELUSER", "watcher")
+
+
 @pytest.mark.parametrize("user", ["worker", "monitor"])
 def test_binding_sweep_runs_as_consumers_of_expiring_queues(acl_redis: AclRedis, user: str) -> None:
     """Whoever consumes an expiring queue (a worker's pidbox and gossip, Flower's events) runs kombu's sweep of
