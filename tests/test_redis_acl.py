@@ -351,10 +351,19 @@ def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
         prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
         submitted = producer(["submit", str(prompts), "--model", TINY, "--max-new-tokens", "6"], env, check=True)
         job_id = int(submitted.stdout.strip().splitlines()[-1])
+        # Redis loses the job's message twice: the producer's reconcile sends it again as the submitter,
+        # then the workers' own reconciler as the worker
+        with server.client() as observer:
+            assert observer.delete(QUEUE) == 1
+        time.sleep(1.5)  # past reconcile_grace_s
+        swept = producer(["reconcile"], env, check=True)
+        assert f"{len(rows)} requests re-enqueued" in swept.stdout, swept.stdout
+        with server.client() as observer:
+            assert observer.delete(QUEUE) == 1
         worker = WorkerProcess(env, log_path=tmp_path / "worker.log")
         assert wait_for_job(sqlite_url, job_id, timeout=240) == "completed"
 
-        outputs = [submitted.stdout + submitted.stderr]
+        outputs = [submitted.stdout + submitted.stderr, swept.stdout + swept.stderr]
         for args in (["status", str(job_id)], ["reconcile"], ["retry", str(job_id)], ["stats"]):
             done = producer(args, env, check=True)
             outputs.append(done.stdout + done.stderr)
@@ -379,6 +388,7 @@ def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
         kinds = {event.get("type") for event in watcher.events}
         assert {"task-sent", "task-received", "task-succeeded", "worker-heartbeat"} <= kinds, kinds
         assert "NOPERM" not in log and "NoPermissionError" not in log, log[-3000:]
+        assert f"{len(rows)} requests re-enqueued" in log, "the workers' reconciler sent the lost message again"
         assert server.denials() == [], json.dumps(server.denials(), default=str)[:3000]
         for output in [*outputs, log]:
             assert not any(password in output for password in PASSWORDS.values())
