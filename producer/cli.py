@@ -16,6 +16,7 @@ COMMANDS = {
     "results": "producer.commands.results:results",
     "db": "producer.commands.db:db",
     "query": "producer.commands.query:query",
+    "redis": "producer.commands.redis:redis",
     "stats": "producer.commands.stats:stats",
     "cancel": "producer.commands.lifecycle:cancel",
     "retry": "producer.commands.lifecycle:retry",

@@ -144,20 +144,23 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str | Callabl
 
 
 class RedisServer:
-    """A redis-server of the test's own on a free port; `kill()` crashes it, `start()` brings it back."""
+    """A redis-server of the test's own on a free port; `kill()` crashes it, `start()` brings it back.
+    With a username, the password is that ACL user's (its users come from an --aclfile in extra), not requirepass."""
 
-    def __init__(self, directory: Path, *, aof: bool, password: str | None = None, extra: Iterable[str] = ()) -> None:
+    def __init__(self, directory: Path, *, aof: bool, password: str | None = None, extra: Iterable[str] = (),
+                 username: str | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.aof = aof
         self.password = password
+        self.username = username
         self.extra = list(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f"{self.username or ''}:{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -166,11 +169,11 @@ class RedisServer:
             "--dir", str(self.dir), "--save", "", "--appendonly", "yes" if self.aof else "no",
             "--appendfsync", "everysec", *self.extra,
         ]
-        if self.password:
+        if self.password and not self.username:
             command += ["--requirepass", self.password]
         log = (self.dir / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        client = self.client()
         wait_until(lambda: client.ping(), 20, f"redis on port {self.port}")
         client.close()
 
@@ -181,4 +184,4 @@ class RedisServer:
             self.process.wait(10)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        return redis.Redis(host="127.0.0.1", port=self.port, username=self.username, password=self.password)

@@ -1,0 +1,398 @@
+"""The Redis ACL users (contract.redis_acl, `producer redis acl`) against a real redis-server that loads the
+generated file: the default user is off, each user is refused what its part does not use, and a whole job runs
+with the three users without one denial in the server's ACL LOG."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from contract.messages import queue_name
+from contract.redis_acl import PASSWORD_ENV, USERS, check_passwords, password_hash, render
+from tests.helpers import TINY, RedisServer, WorkerProcess, env_for, producer, wait_for_job, write_jsonl
+
+PASSWORDS = {
+    "submitter": "submitter-" + hashlib.sha256(b"s").hexdigest()[:24],
+    "worker": "worker-" + hashlib.sha256(b"w").hexdigest()[:24],
+    "monitor": "monitor-" + hashlib.sha256(b"m").hexdigest()[:24],
+}
+OBSERVER = ("observer", "observer-" + hashlib.sha256(b"o").hexdigest()[:24])
+"""A user of the test's own, appended to the generated file, that reads the ACL LOG (no part holds @admin)."""
+QUEUE = queue_name(TINY)
+
+
+class AclRedis(RedisServer):
+    """A redis-server loading the generated ACL file (plus the observer) from its directory."""
+
+    def __init__(self, directory: Path, passwords: dict[str, str] = PASSWORDS) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        acl = directory / "users.acl"
+        name, password = OBSERVER
+        acl.write_text(render(passwords) + f"user {name} on {password_hash(password)} ~* &* +@all\n")
+        super().__init__(directory, aof=False, username=name, password=password, extra=["--aclfile", str(acl)])
+        self.passwords = passwords
+
+    def url_for(self, user: str) -> str:
+        return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+
+    def as_user(self, user: str) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, username=user, password=self.passwords[user])
+
+    def denials(self) -> list[dict[str, Any]]:
+        with self.client() as client:
+            return [e for e in client.acl_log(count=1000) if e.get("username") != OBSERVER[0]]
+
+    def reset_log(self) -> None:
+        with self.client() as client:
+            client.acl_log_reset()
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    server = AclRedis(tmp_path_factory.mktemp("acl-redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+def test_file_holds_hashes_not_passwords() -> None:
+    text = render(PASSWORDS)
+    lines = text.splitlines()
+    assert lines[0].startswith("user default off ")
+    assert [line.split()[1] for line in lines] == ["default", *USERS]
+    for user, password in PASSWORDS.items():
+        assert password not in text
+        assert "#" + hashlib.sha256(password.encode()).hexdigest() in text
+        line = next(line for line in lines if line.split()[1] == user)
+        assert " on " in line and "nopass" not in line and "+@all" not in line and "allkeys" not in line
+        assert "~*" not in line.split() and "&*" not in line.split() and "allchannels" not in line
+        assert line.index("-@dangerous") > line.index("+llen"), "the denials come after every grant"
+        assert "-@admin" in line
+
+
+def test_passwords_are_checked_without_echoing_them() -> None:
+    with pytest.raises(ValueError, match="REDIS_WORKER_PASSWORD is not set"):
+        check_passwords({"submitter": PASSWORDS["submitter"], "monitor": PASSWORDS["monitor"]})
+    with pytest.raises(ValueError, match="REDIS_MONITOR_PASSWORD is shorter") as short:
+        check_passwords(PASSWORDS | {"monitor": "tiny-secret"})
+    assert "tiny-secret" not in str(short.value)
+    with pytest.raises(ValueError, match="three different passwords") as same:
+        check_passwords(PASSWORDS | {"worker": PASSWORDS["submitter"]})
+    assert PASSWORDS["submitter"] not in str(same.value)
+    with pytest.raises(ValueError, match="white space"):
+        check_passwords(PASSWORDS | {"worker": "a" * 20 + " b"})
+    with pytest.raises(ValueError, match="0-15"):
+        render(PASSWORDS, db=16)
+    assert "+select" in render(PASSWORDS, db=2) and "&/2.celeryev/*" in render(PASSWORDS, db=2)
+    assert "+select" not in render(PASSWORDS)
+
+
+def test_cli_writes_the_file_and_never_a_password(tmp_path: Path) -> None:
+    env = dict(os.environ) | {PASSWORD_ENV[user]: PASSWORDS[user] for user in USERS}
+    target = tmp_path / "users.acl"
+    done = producer(["redis", "acl", "-o", str(target)], env, check=True)
+    assert target.read_text() == render(PASSWORDS)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    printed = producer(["redis", "acl", "--no-monitor-control"], env, check=True)
+    assert printed.stdout == render(PASSWORDS, monitor_control=False)
+    watching_only = printed.stdout.splitlines()[3]
+    assert watching_only.startswith("user monitor ") and "&/0.celery.pidbox" not in watching_only
+    assert "reply.celery.pidbox*" not in watching_only and "+publish" not in watching_only
+    helped = producer(["redis", "acl", "--help"], env, check=True)
+    for output in (done.stdout + done.stderr, printed.stdout + printed.stderr, helped.stdout):
+        assert not any(password in output for password in PASSWORDS.values())
+    missing = producer(["redis", "acl"], {k: v for k, v in env.items() if k != "REDIS_MONITOR_PASSWORD"})
+    assert missing.returncode == 1 and "REDIS_MONITOR_PASSWORD is not set" in missing.stderr
+    assert "Traceback" not in missing.stderr and not any(p in missing.stderr for p in PASSWORDS.values())
+
+
+# --- the server refuses what a part does not use ------------------------------------------------
+
+def test_default_user_cannot_connect(acl_redis: AclRedis) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", acl_redis.port), timeout=5) as sock:
+        sock.sendall(b"PING\r\n")
+        assert sock.recv(200).startswith(b"-NOAUTH")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=acl_redis.port).ping()
+    with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
+        redis.Redis(host="127.0.0.1", port=acl_redis.port, password="anything-at-all").ping()
+    with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
+        redis.Redis(host="127.0.0.1", port=acl_redis.port, username="worker", password=PASSWORDS["submitter"]).ping()
+    for user in USERS:
+        assert acl_redis.as_user(user).ping()
+
+
+REFUSED = {
+    "submitter": [
+        ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("SCAN", "0"), ("ACL", "LIST"),
+        ("CLIENT", "LIST"), ("CLIENT", "KILL", "ID", "1"), ("SCRIPT", "FLUSH"), ("EVAL", "return 1", "0"),
+        ("HGETALL", "unacked"), ("HSET", "unacked", "t", "x"), ("HDEL", "unacked", "t"), ("DEL", "unacked"),
+        ("ZREM", "unacked_index", "t"), ("DEL", QUEUE), ("BRPOP", QUEUE, "1"), ("RPOP", QUEUE), ("LREM", QUEUE, "0", "x"),
+        ("SET", "unacked_mutex", "x"), ("GET", "anything"), ("SET", "anything", "x"),
+        ("PUBLISH", "/0.celery.pidbox", "x"), ("PUBLISH", "/0.celeryev/worker.heartbeat", "x"),
+        ("SUBSCRIBE", "/0.celeryev/task.sent"),
+    ],
+    "worker": [
+        ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("CLIENT", "LIST"),
+        ("SCRIPT", "FLUSH"), ("EVAL", "return 1", "0"), ("GET", "anything"), ("SET", "anything", "x"),
+        ("HSET", "anything", "k", "v"), ("LPUSH", "not-a-queue", "x"), ("PUBLISH", "elsewhere", "x"),
+        ("DEL", QUEUE), ("DEL", "unacked"), ("DEL", "unacked_index"), ("DEL", f"_kombu.binding.{QUEUE}"),
+        ("SREM", f"_kombu.binding.{QUEUE}", "x"), ("DEL", "x.celery.pidbox", QUEUE),
+    ],
+    "monitor": [
+        ("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("CLIENT", "LIST"),
+        ("LPUSH", QUEUE, "x"), ("RPOP", QUEUE), ("BRPOP", QUEUE, "1"), ("LRANGE", QUEUE, "0", "-1"), ("DEL", QUEUE),
+        ("HGETALL", "unacked"), ("HMGET", "unacked", "t"), ("DEL", "unacked"), ("SET", "bulkgen:reconcile:lock", "x"),
+        ("SADD", f"_kombu.binding.{QUEUE}", "x"), ("PUBLISH", "/0.celeryev/task.succeeded", "x"),
+        ("PUBLISH", "/0.celeryev/worker.heartbeat", "x"), ("LPUSH", "x.celery.pidbox", "x"),
+    ],
+}
+DRY_REFUSED = [("SHUTDOWN",), ("DEBUG", "SLEEP", "0"), ("MODULE", "LOAD", "/tmp/x.so"), ("CONFIG", "SET", "dir", "/tmp"),
+               ("SAVE",), ("BGREWRITEAOF",), ("REPLICAOF", "127.0.0.1", "1"), ("MIGRATE", "h", "1", "k", "0", "1"),
+               ("SCRIPT", "KILL"), ("FUNCTION", "FLUSH"), ("MONITOR",), ("SWAPDB", "0", "1")]
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_each_user_is_refused_outside_its_part(acl_redis: AclRedis, user: str) -> None:
+    client = acl_redis.as_user(user)
+    for command in REFUSED[user]:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command(*command)
+            pytest.fail(f"{user} may run {command}")
+    with acl_redis.client() as observer:
+        for command in DRY_REFUSED:  # never run: the server would act if one were allowed
+            answer = observer.execute_command("ACL", "DRYRUN", user, *command)
+            assert answer != b"OK" and b"no permissions" in answer, (user, command, answer)
+    assert client.ping()
+
+
+def test_each_user_may_do_its_part(acl_redis: AclRedis) -> None:
+    """The grants the refusals above leave: what each part's code sends (the end-to-end test runs them all)."""
+    acl_redis.reset_log()
+    submitter, worker, monitor = (acl_redis.as_user(user) for user in USERS)
+    submitter.lpush(QUEUE, "m1")
+    assert submitter.llen(QUEUE) == 1 and submitter.lrange(QUEUE, 0, -1) == [b"m1"]
+    assert monitor.llen(QUEUE) == 1 and monitor.llen(QUEUE + "\x06\x163") == 0
+    assert worker.brpop([QUEUE], timeout=1) == (QUEUE.encode(), b"m1")
+    worker.zadd("unacked_index", {"tag": time.time()})
+    worker.hset("unacked", "tag", "payload")
+    assert submitter.zrangebyscore("unacked_index", 0, "+inf") == [b"tag"]
+    assert submitter.hmget("unacked", ["tag"]) == [b"payload"]
+    worker.zrem("unacked_index", "tag")
+    worker.hdel("unacked", "tag")
+    assert submitter.set("bulkgen:reconcile:lock", "t", nx=True, px=100)
+    assert worker.set("unacked_mutex", "t", nx=True, px=100)
+    assert submitter.publish("/0.celeryev/task.sent", "{}") == 0
+    assert monitor.publish("/0.celery.pidbox", "{}") == 0
+    assert acl_redis.denials() == []
+
+
+def test_monitor_without_control_only_watches(acl_redis: AclRedis) -> None:
+    """`--no-monitor-control`: the monitor's rules without the pidbox (loaded as a user of its own here)."""
+    line = render(PASSWORDS, monitor_control=False).splitlines()[3].split()
+    with acl_redis.client() as observer:
+        observer.execute_command("ACL", "SETUSER", "watcher", *line[2:])
+        try:
+            def allowed(*command: str) -> bool:
+                return observer.execute_command("ACL", "DRYRUN", "watcher", *command) == b"OK"
+
+            assert allowed("LLEN", QUEUE) and allowed("PSUBSCRIBE", "/0.celeryev/*")
+            assert not allowed("PUBLISH", "/0.celery.pidbox", "x") and not allowed("PUBLISH", "/0.celeryev/x", "x")
+            assert not allowed("LPUSH", "u.reply.celery.pidbox", "x") and not allowed("BRPOP", "u.reply.celery.pidbox", "1")
+        finally:
+            observer.execute_command("ACL", "DELUSER", "watcher")
+
+
+@pytest.mark.parametrize("user", ["worker", "monitor"])
+def test_binding_sweep_runs_as_consumers_of_expiring_queues(acl_redis: AclRedis, user: str) -> None:
+    """Whoever consumes an expiring queue (a worker's pidbox and gossip, Flower's events) runs kombu's sweep of
+    binding tables nobody refreshed for an hour, whichever part declared them; a denial there would kill the
+    consumer."""
+    from kombu import Connection
+
+    acl_redis.reset_log()
+    exchanges = ("celeryev", "celery.pidbox", "reply.celery.pidbox")
+    with acl_redis.client() as observer:
+        for exchange in exchanges:
+            observer.sadd(f"_kombu.binding.{exchange}", "stale")
+        observer.zadd("_kombu.binding_deadlines", {exchange: 0 for exchange in exchanges})
+    with Connection(acl_redis.url_for(user)) as connection:
+        assert connection.default_channel.sweep_bindings() == len(exchanges)
+    with acl_redis.client() as observer:
+        assert not any(observer.exists(f"_kombu.binding.{exchange}") for exchange in exchanges)
+    assert acl_redis.denials() == []
+
+
+def test_reconciler_reads_redis_as_the_submitter(acl_redis: AclRedis, sqlite_url: str) -> None:
+    """What `producer reconcile` / retry / submit --resume read through kombu, and its --loop lock."""
+    from contract.broker import Sender, connect
+    from contract.reconcile import broker, carried_ids, take_lock
+    from contract.settings import Settings
+
+    acl_redis.reset_log()
+    settings = Settings(broker_url=acl_redis.url_for("submitter"), database_url=sqlite_url)
+    app = connect(settings)
+    with app.connection_for_write() as connection, Sender(app) as send:
+        send(QUEUE, 7, [1, 2, 3])
+        connection.ensure_connection()
+    taken = {"body": "", "headers": {"task": "bulkgen.generate"}, "properties": {"body_encoding": "base64"}}
+    import base64
+
+    taken["body"] = base64.b64encode(json.dumps([[7, [4, 5]], {}, {}]).encode()).decode()
+    with acl_redis.client() as observer:  # as a worker would have left it
+        observer.zadd("unacked_index", {"tag-1": time.time()})
+        observer.hset("unacked", "tag-1", json.dumps([taken, "", QUEUE]))
+    with broker(app) as link:
+        carried = carried_ids(link, [QUEUE], taken_within_s=60)
+    assert all((7, i) in carried for i in (1, 2, 3, 4, 5))
+    assert take_lock(app, "token", 1.0) is True
+    assert acl_redis.denials() == []
+    with acl_redis.client() as observer:
+        observer.delete(QUEUE, "unacked", "unacked_index", "bulkgen:reconcile:lock")
+
+
+def test_worker_restores_unacked_messages(acl_redis: AclRedis) -> None:
+    """kombu's restores as the worker: a channel closed holding a message (a worker stopping), and the sweep
+    that brings back a message unacknowledged past the visibility timeout (under the unacked_mutex lock)."""
+    from kombu import Connection, Exchange, Queue
+
+    acl_redis.reset_log()
+    queue = Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)
+    with Connection(acl_redis.url_for("submitter")) as submitter:  # as Celery sends: the default exchange
+        submitter.Producer().publish({"n": 1}, exchange="", routing_key=QUEUE, declare=[queue], serializer="json")
+    options = {"visibility_timeout": 1}
+    with Connection(acl_redis.url_for("worker"), transport_options=options) as worker:
+        channel = worker.channel()
+        message = queue(channel).get(no_ack=False)
+        assert message is not None and message.payload == {"n": 1}
+        channel.close()  # unacknowledged: restored
+    with acl_redis.client() as observer:
+        assert observer.llen(QUEUE) == 1 and observer.hlen("unacked") == 0
+    with Connection(acl_redis.url_for("worker"), transport_options=options) as worker:
+        channel = worker.channel()
+        message = queue(channel).get(no_ack=False)
+        assert message is not None
+        time.sleep(1.5)
+        channel.qos.restore_visible(num=10)
+        with acl_redis.client() as observer:
+            assert observer.llen(QUEUE) == 1 and observer.hlen("unacked") == 0
+        again = queue(channel).get(no_ack=False)
+        assert again is not None and again.payload == {"n": 1}
+        again.ack()
+        channel.close()
+    with acl_redis.client() as observer:
+        assert observer.llen(QUEUE) == 0 and observer.hlen("unacked") == 0
+    assert acl_redis.denials() == []
+
+
+# --- a whole job, each part as its own user -----------------------------------------------------
+
+class FlowerLike(threading.Thread):
+    """What Flower does with the monitor's URL: capture every event, waking the workers up first."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(daemon=True)
+        self.app = app
+        self.events: list[dict[str, Any]] = []
+        self.receiver: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.app.connection_for_read() as connection:
+                self.receiver = self.app.events.Receiver(connection, handlers={"*": self.events.append})
+                self.receiver.capture(limit=None, timeout=None, wakeup=True)
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            self.error = exc
+
+    def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+        self.join(15)
+
+
+@pytest.mark.slow
+def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
+    from contract.broker import make_app
+
+    server = AclRedis(tmp_path / "redis")
+    server.start()
+    worker = None
+    try:
+        env = env_for(
+            sqlite_url,
+            "redis://nobody@127.0.0.1:1/0",  # the shared URL leads nowhere: each part must use its own
+            BULKGEN_SUBMITTER_BROKER_URL=server.url_for("submitter"),
+            BULKGEN_WORKER_BROKER_URL=server.url_for("worker"),
+            BULKGEN_RECONCILE_INTERVAL_S="2",
+            BULKGEN_RECONCILE_GRACE_S="1",
+            BULKGEN_METRICS_PORT="0",
+        )
+        monitor_app = make_app(server.url_for("monitor"))
+        watcher = FlowerLike(monitor_app)
+        watcher.start()
+
+        rows = [{"custom_id": f"r{i}", "prompt": f"Request {i}:", "seed": i} for i in range(8)]
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+        submitted = producer(["submit", str(prompts), "--model", TINY, "--max-new-tokens", "6"], env, check=True)
+        job_id = int(submitted.stdout.strip().splitlines()[-1])
+        # Redis loses the job's message twice: the producer's reconcile sends it again as the submitter,
+        # then the workers' own reconciler as the worker
+        with server.client() as observer:
+            assert observer.delete(QUEUE) == 1
+        time.sleep(1.5)  # past reconcile_grace_s
+        swept = producer(["reconcile"], env, check=True)
+        assert f"{len(rows)} requests re-enqueued" in swept.stdout, swept.stdout
+        with server.client() as observer:
+            assert observer.delete(QUEUE) == 1
+        worker = WorkerProcess(env, log_path=tmp_path / "worker.log")
+        assert wait_for_job(sqlite_url, job_id, timeout=240) == "completed"
+
+        outputs = [submitted.stdout + submitted.stderr, swept.stdout + swept.stderr]
+        for args in (["status", str(job_id)], ["reconcile"], ["retry", str(job_id)], ["stats"]):
+            done = producer(args, env, check=True)
+            outputs.append(done.stdout + done.stderr)
+        # Flower's worker pages: inspect through the pidbox, replies on the monitor's reply queue
+        replies = monitor_app.control.inspect(timeout=5).ping()
+        assert replies and all(reply == {"ok": "pong"} for reply in replies.values())
+        with monitor_app.connection_for_read() as connection:
+            assert connection.default_channel.client.llen(QUEUE) == 0
+        time.sleep(5)  # the worker's own reconciler sweeps and restore checks run meanwhile
+        watcher.stop()
+        worker.stop()
+        log = worker.output()
+
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(sqlite_url)
+        with engine.connect() as connection:
+            results = connection.execute(text("SELECT count(*) FROM results WHERE job_id = :j"), {"j": job_id}).scalar_one()
+        engine.dispose()
+        assert results == len(rows)
+        assert watcher.error is None, repr(watcher.error)
+        kinds = {event.get("type") for event in watcher.events}
+        assert {"task-sent", "task-received", "task-succeeded", "worker-heartbeat"} <= kinds, kinds
+        assert "NOPERM" not in log and "NoPermissionError" not in log, log[-3000:]
+        assert f"{len(rows)} requests re-enqueued" in log, "the workers' reconciler sent the lost message again"
+        assert server.denials() == [], json.dumps(server.denials(), default=str)[:3000]
+        for output in [*outputs, log]:
+            assert not any(password in output for password in PASSWORDS.values())
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.kill()
