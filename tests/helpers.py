@@ -113,6 +113,17 @@ def wait_for_job(database_url: str, job_id: int, timeout: float = 300) -> str:
     raise AssertionError(f"job {job_id} did not finish within {timeout}s (status {status})")
 
 
+def table_columns(database_url: str, table: str) -> set[str]:
+    """The names of a table's columns in the store, as the database reports them."""
+    from sqlalchemy import inspect
+
+    engine = create_engine(database_url)
+    try:
+        return {column["name"] for column in inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any] | str]) -> Path:
     with path.open("w") as out:
         for row in rows:

@@ -12,6 +12,7 @@ from models.base import Base
 from models.db import make_engine, session_factory
 from models.store import Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, set_job_totals
 from models.tables import Job, Request, Result
+from tests.helpers import table_columns
 
 
 def test_migrations_create_exactly_the_models(store_url: str) -> None:
@@ -199,17 +200,10 @@ def test_the_speculation_columns_go_in_and_out_with_migration_0007(store_url: st
         record_outcomes(session, job_id, [Outcome(i, 3, [_result_row(i, job_id, 0, f"old {i}")]) for i in ids])
     db.dispose()
 
-    def columns() -> set[str]:
-        engine = create_engine(store_url)
-        try:
-            return {c["name"] for c in inspect(engine).get_columns("results")}
-        finally:
-            engine.dispose()
-
     command.downgrade(alembic_config(store_url), "0006")
-    assert "cached_prompt_tokens" in columns() and not columns() & {"draft_tokens", "accepted_draft_tokens"}
+    assert "cached_prompt_tokens" in table_columns(store_url, "results") and not table_columns(store_url, "results") & {"draft_tokens", "accepted_draft_tokens"}
     command.upgrade(alembic_config(store_url), "head")
-    assert columns() >= {"draft_tokens", "accepted_draft_tokens"}
+    assert table_columns(store_url, "results") >= {"draft_tokens", "accepted_draft_tokens"}
     db = make_engine(store_url)
     with db.connect() as c:
         rows = c.execute(select(Result.draft_tokens, Result.accepted_draft_tokens).where(Result.job_id == job_id)).all()

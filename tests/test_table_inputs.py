@@ -18,7 +18,7 @@ from contract.errors import InputFileError, InvalidDefaults, InvalidInput
 from contract.messages import queue_name
 from producer import api
 from producer.cli import main
-from tests.helpers import TINY, WorkerProcess, env_for, producer, wait_for_job
+from tests.helpers import TINY, WorkerProcess, env_for, producer, table_columns, wait_for_job
 
 ROWS = {
     "question": ["What is 2+2?", "Name a colour.", "Say hi."],
@@ -337,25 +337,17 @@ def test_the_producer_reads_tables_without_importing_pandas_or_datasets(tmp_path
 
 def test_migration_0008_adds_and_drops_the_input_columns(store_url: str, broker_url: str, tmp_path: Path) -> None:
     from alembic import command
-    from sqlalchemy import inspect
 
     from migrations import alembic_config
 
     path = write_parquet(tmp_path / "data.parquet", ROWS)
     job = api.submit(path, model=TINY, columns={"prompt": "question"}, database_url=store_url, broker_url=broker_url)
 
-    def columns() -> set[str]:
-        engine = create_engine(store_url)
-        try:
-            return {c["name"] for c in inspect(engine).get_columns("jobs")}
-        finally:
-            engine.dispose()
-
     command.downgrade(alembic_config(store_url), "0007")
-    assert "input_columns" not in columns()
+    assert "input_columns" not in table_columns(store_url, "jobs")
     assert rows(store_url, "SELECT count(*) AS c FROM requests WHERE job_id = :j", j=job.id)[0]["c"] == 3
     command.upgrade(alembic_config(store_url), "head")
-    assert "input_columns" in columns()
+    assert "input_columns" in table_columns(store_url, "jobs")
     assert rows(store_url, "SELECT input_columns FROM jobs WHERE id = :j", j=job.id)[0]["input_columns"] is None
 
 
