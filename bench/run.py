@@ -553,6 +553,18 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
     return "\n".join(lines)
 
 
+BY_HAND = "<!-- measured apart from bench.run: it keeps everything below this line when it writes the report -->"
+
+
+def kept_by_hand(path: Path) -> str:
+    """The part of an existing report below BY_HAND (figures other commands measured), to write back after a run."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(BY_HAND)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
@@ -643,7 +655,7 @@ def main() -> None:
     for _, target, met, figure in judge(results, best, pipeline_key):
         print(f"{'–' if met is None else ('met   ' if met else 'MISSED')}  {target}: {figure}")
     if str(args.out) != "-":
-        args.out.write_text(report(results, info, command, best, pipeline_key, wall))
+        args.out.write_text(report(results, info, command, best, pipeline_key, wall) + kept_by_hand(args.out))
         print(f"\nwrote {args.out}")
     (tmp / "results.json").write_text(json.dumps(results, indent=1))
     print(f"raw results: {tmp / 'results.json'}")
