@@ -27,6 +27,10 @@ Every worker, the reconciler and the store take their rule from here; the settin
    carried for `reconcile_grace_s` (120 s).
 6. A cancelled job's queued requests are dropped (cancelled, not failed); running ones finish. `producer retry`
    reopens failed and cancelled requests with their attempts reset to 0.
+7. The store refuses a result (not an outage: a value it cannot hold, a constraint): the worker writes the batch's
+   requests one by one, and the one still refused ends `failed` with "the store refused its result: <error>";
+   the others are recorded. Generated text is made storable first (`storable`: PostgreSQL's text cannot hold
+   NUL, which a model may emit as a byte token; it becomes U+FFFD in the stored text, on every store alike).
 """
 from __future__ import annotations
 
@@ -43,6 +47,14 @@ STORE_MAX_WAIT_S = 10.0
 RELEASE_WITHIN_S = 60.0
 MESSAGE_RETRY_FIRST_S = 10
 MESSAGE_RETRY_MAX_S = 300
+
+
+STORE_REFUSED = "the store refused its result: "
+
+
+def storable(text: str) -> str:
+    """Generated text as every store can hold it (7): NUL becomes U+FFFD, the replacement character."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 class TransientError(Exception):

@@ -85,7 +85,7 @@ class JobInfo:
     name: str | None
     model: str
     status: str
-    """submitting, queued, running, then one of completed, failed (some requests failed), cancelled."""
+    """submitting, queued, running, then completed (every request done or failed: see `failed`) or cancelled."""
     requests: int
     done: int
     failed: int

@@ -181,3 +181,46 @@ def test_prompts_sharing_a_prefix_report_their_cached_and_draft_tokens_in_result
              for item in iter_request_results(make_engine(sqlite_url), job_id)}
     assert {c: (u["completion_tokens_details"]["accepted_prediction_tokens"], u["completion_tokens_details"]["rejected_prediction_tokens"])
             for c, u in usage.items()} == {c: (a, d - a) for c, _, d, a in drafts}
+
+
+class Odd(StandInEngine):
+    """The stand-in, with a NUL in the text of prompts that ask for one and a finish reason PostgreSQL's
+    varchar(20) cannot hold for prompts that ask for that: what a model's byte tokens, or a bug, could give."""
+
+    def generate(self, requests: list[GenerationRequest]):  # type: ignore[no-untyped-def]
+        results = super().generate(requests)
+        for request, result in zip(requests, results):
+            for sample in result.samples:
+                if "nul" in (request.prompt or ""):
+                    sample.text = "before\x00after"
+                if "long" in (request.prompt or ""):
+                    sample.finish_reason = "x" * 30
+        return results
+
+
+def test_a_result_the_store_refuses_fails_its_request_alone_and_a_nul_is_stored_as_a_replacement(pg_url: str) -> None:
+    """Found by the soak: a NUL in generated text made PostgreSQL refuse the batch's write, and the recorder thread
+    died, so the worker held its requests (renewing their leases) forever."""
+    job_id, ids = make_job(pg_url, 6)
+    db = make_engine(pg_url)
+    with session_factory(db)() as session:
+        rows = session.scalars(select(Request).where(Request.job_id == job_id).order_by(Request.id)).all()
+        rows[1].prompt, rows[3].prompt = "a nul please", "a long finish please"
+        session.commit()
+    worker = Worker(Odd(STANDIN), session_factory(db), STANDIN, "cpu", "test:1",
+                    Settings(database_url=pg_url, model=STANDIN, lease_s=30, batch_size=64))
+    try:
+        assert worker.handle(job_id, ids) == 6
+        assert worker.wait_idle(timeout=60)
+        assert worker.held_ids == []
+    finally:
+        worker.shutdown(timeout=30)
+    requests = requests_of(pg_url, job_id)
+    assert [requests[i].status for i in ids] == ["done", "done", "done", "failed", "done", "done"]
+    assert requests[ids[3]].error.startswith("the store refused its result: ")
+    with session_factory(db)() as session:
+        text = session.scalar(select(Result.text).where(Result.request_id == ids[1]))
+    assert text == "before\ufffdafter"
+    job = job_row(pg_url, job_id)
+    assert (job.status, job.done_count, job.failed_count, job.result_count) == ("completed", 5, 1, 5)  # settled, one failed
+    db.dispose()

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.logs import about
-from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
+from contract.policy import RELEASE_WITHIN_S, STORE_REFUSED, TransientError, storable, with_store_retry
 from models.db import utcnow
 from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
 from models.tables import Request
@@ -473,25 +474,45 @@ class Worker:
             for h, result, finished_at, seconds in batch:
                 by_job.setdefault(h.job_id, []).append(self._outcome(h, result, finished_at, seconds))
             for job_id, outcomes in by_job.items():
-
-                def record(job_id: int = job_id, outcomes: list[Outcome] = outcomes) -> None:
-                    with metrics.STORE_WRITE.labels(self.model).time(), self.sessions() as session:
-                        self._record(session, job_id, outcomes)
-
-                while True:
-                    try:
-                        with_store_retry(record)
-                        break
-                    except TransientError:  # keep the results and keep trying: the first write still wins
-                        log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id,
-                                    len(outcomes), extra=about(job_id, [o.request_id for o in outcomes]))
-                _count_outcomes(self.model, outcomes)
-                log.info("job %d: recorded %d requests", job_id, len(outcomes), extra=about(job_id, [o.request_id for o in outcomes]))
+                try:
+                    written = self._write(job_id, outcomes)
+                except Exception:  # never let the recorder die: the requests' leases lapse and they are redone
+                    log.exception("job %d: %d results could not be recorded", job_id, len(outcomes),
+                                  extra=about(job_id, [o.request_id for o in outcomes]))
+                    continue
+                _count_outcomes(self.model, written)
+                log.info("job %d: recorded %d requests", job_id, len(written), extra=about(job_id, [o.request_id for o in written]))
             with self._lock:
                 for h, *_ in batch:
                     self._held.pop(h.request.id, None)
                 self._recording = False
                 self._lock.notify_all()
+
+    def _write(self, job_id: int, outcomes: list[Outcome]) -> list[Outcome]:
+        """Record outcomes in one transaction, waiting out a store that is down (contract.policy, 1b); when the
+        store refuses the write itself, each outcome alone, and one it still refuses ends its request failed with
+        the store's reason (contract.policy, 7). Returns what was recorded."""
+
+        def record() -> None:
+            with metrics.STORE_WRITE.labels(self.model).time(), self.sessions() as session:
+                self._record(session, job_id, outcomes)
+
+        while True:
+            try:
+                with_store_retry(record)
+                return outcomes
+            except TransientError:  # keep the results and keep trying: the first write still wins
+                log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id,
+                            len(outcomes), extra=about(job_id, [o.request_id for o in outcomes]))
+            except DBAPIError as exc:
+                if len(outcomes) > 1:
+                    return [written for outcome in outcomes for written in self._write(job_id, [outcome])]
+                (outcome,) = outcomes
+                if outcome.error is not None and outcome.error.startswith(STORE_REFUSED):
+                    raise
+                reason = f"{STORE_REFUSED}{type(exc.orig or exc).__name__}: {str(exc.orig or exc).splitlines()[0]}"[:2000]
+                log.error("job %d: request %d failed: %s", job_id, outcome.request_id, reason, extra=about(job_id, [outcome.request_id]))
+                return self._write(job_id, [Outcome(outcome.request_id, outcome.prompt_tokens, error=reason)])
 
     def _outcome(self, h: Held, result: GenerationResult, finished_at: datetime, seconds: float) -> Outcome:
         if result.error is not None:
@@ -505,7 +526,7 @@ class Worker:
                     "request_id": h.request.id,
                     "job_id": h.job_id,
                     "sample_index": index,
-                    "text": sample.text,
+                    "text": storable(sample.text),
                     "finish_reason": sample.finish_reason,
                     "prompt_tokens": result.prompt_tokens,
                     "completion_tokens": sample.completion_tokens,
