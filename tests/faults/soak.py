@@ -111,8 +111,7 @@ class Soak:
                 self.keep_fleet(fleet)
             self.log(f"faults over after {time.monotonic() - started:.0f} s: {dict(self.injected)}; waiting for the jobs")
             self.cli(env, "retry", str(side_job))  # a cancel may have been the last fault: finish the job anyway
-            for job in (main_job, side_job):
-                store.wait_status(job, timeout=max(600, self.requests * 0.2), statuses=("completed", "failed"))
+            self.wait_settled(store, (main_job, side_job))
             elapsed = time.monotonic() - started
             problems = self.check(store, main_job, "main.jsonl") + self.check(store, side_job, "side.jsonl")
             self.report(store, (main_job, side_job), elapsed)
@@ -191,6 +190,21 @@ class Soak:
             self.cli(env, "submit", str(main_file), "--resume", str(main_job))
             self.log(f"resubmitted job {main_job} with --resume")
         self.injected[fault] += 1
+
+    def wait_settled(self, store: Store, jobs: tuple[int, ...], stall_s: float = 300) -> None:
+        """Until every job is settled; a fleet that settles nothing for stall_s is stuck (a lost or held request
+        nobody takes back), and the soak fails with the state of the requests rather than waiting on."""
+        last, since = -1, time.monotonic()
+        while True:
+            rows = store.query(f"SELECT id, status, done_count + failed_count AS settled FROM jobs WHERE id IN ({','.join(map(str, jobs))})")
+            if all(row["status"] in ("completed", "failed") for row in rows):
+                return
+            settled = sum(row["settled"] for row in rows)
+            if settled != last:
+                last, since = settled, time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                raise RuntimeError(f"nothing settled for {stall_s:.0f} s: " + "; ".join(store.progress(j) for j in jobs))
+            time.sleep(2)
 
     @staticmethod
     def held(store: Store, jobs: tuple[int, int]) -> list[str]:
