@@ -245,6 +245,9 @@ def test_reconciler_reads_redis_as_the_submitter(acl_redis: AclRedis, sqlite_url
     from contract.settings import Settings
 
     acl_redis.reset_log()
+    with acl_redis.client() as observer:  # the lock free, whatever ran before on this server
+        held = (observer.get("bulkgen:reconcile:lock"), observer.pttl("bulkgen:reconcile:lock"))
+        observer.delete("bulkgen:reconcile:lock")
     settings = Settings(broker_url=acl_redis.url_for("submitter"), database_url=sqlite_url)
     app = connect(settings)
     with app.connection_for_write() as connection, Sender(app) as send:
@@ -260,10 +263,12 @@ def test_reconciler_reads_redis_as_the_submitter(acl_redis: AclRedis, sqlite_url
     with broker(app) as link:
         carried = carried_ids(link, [QUEUE], taken_within_s=60)
     assert all((7, i) in carried for i in (1, 2, 3, 4, 5))
-    assert take_lock(app, "token", 1.0) is True
-    assert acl_redis.denials() == []
-    with acl_redis.client() as observer:
-        observer.delete(QUEUE, "unacked", "unacked_index", "bulkgen:reconcile:lock")
+    try:
+        assert take_lock(app, "token", 1.0) is True, f"the lock was held before the test by {held}"
+        assert acl_redis.denials() == []
+    finally:
+        with acl_redis.client() as observer:
+            observer.delete(QUEUE, "unacked", "unacked_index", "bulkgen:reconcile:lock")
 
 
 def test_worker_restores_unacked_messages(acl_redis: AclRedis) -> None:
@@ -272,6 +277,8 @@ def test_worker_restores_unacked_messages(acl_redis: AclRedis) -> None:
     from kombu import Connection, Exchange, Queue
 
     acl_redis.reset_log()
+    with acl_redis.client() as observer:  # no message left by an earlier test on this server
+        observer.delete(QUEUE, "unacked", "unacked_index")
     queue = Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)
     with Connection(acl_redis.url_for("submitter")) as submitter:  # as Celery sends: the default exchange
         submitter.Producer().publish({"n": 1}, exchange="", routing_key=QUEUE, declare=[queue], serializer="json")
