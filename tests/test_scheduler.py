@@ -83,3 +83,53 @@ def test_every_decode_step_reports_its_occupancy(engine: Engine) -> None:  # noq
     live.generate([GenerationRequest(greedy(3 + i), prompt=PROMPTS[i % 4]) for i in range(6)])
     assert seen and all(0 < running <= slots == 4 for running, slots in seen)
     assert seen[0][0] == 4 and seen[-1][0] < 4
+
+
+def test_the_cache_holds_slots_for_the_rows_that_joined_not_for_the_budget(engine: Engine) -> None:  # noqa: F811
+    live = fresh(engine, max_batch_rows=64, batch_invariant=False)  # batch-invariant caches keep 16 slots at least
+    scheduler = live.scheduler
+    assert scheduler is not None
+    prompt = ids_of(engine, PROMPTS[0])
+    for name in "abc":
+        scheduler.add(expand_rows(name, prompt, greedy(30)))
+    scheduler.step()
+    assert scheduler.cache is not None and scheduler.running == 3
+    assert scheduler.cache.slots == 3 and scheduler.slots == 64  # 64 may run; 3 slots exist
+    for i in range(20):
+        scheduler.add(expand_rows(f"more{i}", prompt, greedy(30)))
+    while scheduler.running < 23:
+        scheduler.step()
+    assert 23 <= scheduler.cache.slots <= 46
+
+
+def test_rows_keep_their_text_while_the_cache_grows_under_them(engine: Engine) -> None:  # noqa: F811
+    requests = varied_requests(40, seed=5)
+    live = fresh(engine, max_batch_rows=64)
+    results: dict[int, object] = {}
+    sizes = set()
+    for i in range(4):
+        live.submit(i, requests[i])
+    steps = 0
+    while not live.idle:
+        results.update(live.step())
+        steps += 1
+        assert live.scheduler is not None and live.scheduler.cache is not None
+        sizes.add(live.scheduler.cache.slots)
+        if steps in (2, 4):  # waves that make the cache grow past its 16 slots while rows run
+            for i in range(4, 22) if steps == 2 else range(22, 40):
+                live.submit(i, requests[i])
+    assert len(sizes) >= 2 and max(sizes) > 16
+    assert [results[i] for i in range(40)] == one_at_a_time(fresh(engine), requests)
+
+
+def test_slots_twice_as_long_as_any_row_needs_are_cut(engine: Engine) -> None:  # noqa: F811
+    scheduler = scheduler_of(engine, max_rows=8, max_tokens=64 * 1024)
+    short = ids_of(engine, PROMPTS[0])
+    scheduler.add(expand_rows("long", short * 20, greedy(4)))
+    while not scheduler.idle:
+        scheduler.step()
+    assert scheduler.cache is not None
+    long_capacity = scheduler.cache.capacity
+    scheduler.add(expand_rows("s", short, greedy(20)))
+    scheduler.step()
+    assert scheduler.cache.capacity < long_capacity / 2  # the budget would allow the long slots; memory does not

@@ -12,9 +12,11 @@ groups of at least `admit_at` (default max_rows / 8: each prefill reads every we
 per finished row cost 3-7% in bfloat16), or whatever is left.
 
 Memory: the cache is `slots` rows of `capacity` positions (workers.kv_cache). The capacity is the length (rounded up by
-at most 12.5%) that fits the longest row running or joining; slots = budget // capacity (at most max_rows). When a longer row
-comes, the cache is reshaped to fewer, longer slots as soon as the rows running fit them; when only short
-rows are left, back to more, shorter slots.
+at most 12.5%) that fits the longest row running or joining; up to budget // capacity rows (at most max_rows) may
+run. The cache holds only as many slots as rows have joined, doubling as more join, so that its memory follows the
+rows that exist rather than the budget. When a longer row comes, the cache is reshaped to longer slots as soon as
+the rows running fit the budget at that length; when only rows needing half the length or less are left, to
+shorter ones.
 
 Prefix caching (workers.prefix_cache): a joining row whose prompt starts with blocks held in the prefix cache gets
 their K/V copied into its slot and is prefilled from there; after the prefill its blocks are stored. A row that
@@ -277,15 +279,19 @@ class Scheduler:
         return max(1, min(self.rows_limit, self.max_tokens // capacity))
 
     def _fit(self, need: int) -> bool:
-        """Shape the cache so that a row of `need` positions can join the running rows; False when it cannot yet."""
+        """Shape the cache so that a row of `need` positions can join the running rows; False when it cannot yet.
+
+        Only the slot length is chosen here: the cache holds as many slots as rows run, and grows (_grow) as rows
+        join, so memory follows the rows that exist, not the budget (a job's first row, or a few rows, take
+        little). Slots at least twice as long as every row needs are cut down."""
         running_need = max((s.row.slot_need for s in self.batch.states), default=0)
         capacity = self.runner.aligned(slot_length(max(need, running_need, MIN_CAPACITY)))
         cache = self.cache
-        if cache is not None and cache.capacity >= capacity:
+        if cache is not None and capacity <= cache.capacity < 2 * capacity:
             now = self._slots_for(cache.capacity)
             shorter_helps = self._slots_for(capacity) > now and (not self.running or self.running >= now)
             if not shorter_helps:
-                return True  # long enough, and shorter slots would not let more rows run now
+                return True  # long enough, not wasteful, and shorter slots would not let more rows run now
         slots = self._slots_for(capacity)
         if self.running > slots:
             return False  # wait until enough rows leave to fit the longer slots
@@ -293,13 +299,24 @@ class Scheduler:
             self.cache = None  # drop the old memory before taking the new
             del cache
             gc.collect()
-            self.cache = self.runner.new_cache(slots, capacity, self.device)
+            self.cache = self.runner.new_cache(1, capacity, self.device)
             if self.base_kv is not None:
                 self.cache.set_base(*self.base_kv)
         else:
-            log.debug("reshaping the KV cache to %d slots of %d positions (%d rows running)", slots, capacity, self.running)
-            self.cache = cache.reshaped(max(slots, self.runner.min_rows), self.runner.aligned(capacity))
+            log.debug("reshaping the KV cache to %d slots of %d positions (%d rows running)", self.running, capacity, self.running)
+            self.cache = cache.reshaped(max(self.running, self.runner.min_rows), self.runner.aligned(capacity))
         return True
+
+    def _grow(self, rows: int) -> None:
+        """At least `rows` slots (doubling, so that a filling batch reshapes a few times only; never more than
+        the budget allows at this slot length)."""
+        cache = self.cache
+        assert cache is not None
+        if cache.slots >= rows:
+            return
+        slots = min(max(rows, 2 * cache.slots), max(rows, self._slots_for(cache.capacity)))
+        log.debug("growing the KV cache to %d slots of %d positions", slots, cache.capacity)
+        self.cache = cache.reshaped(max(slots, self.runner.min_rows), cache.capacity)
 
     def _admit(self, finished: list[Finished]) -> None:
         if not self.waiting:
@@ -310,7 +327,7 @@ class Scheduler:
         if not self._fit(max(row.need - self._base_offset(row) for row in coming_rows)):
             return
         assert self.cache is not None
-        limit = min(self._slots_for(self.cache.capacity), self.cache.slots)
+        limit = self._slots_for(self.cache.capacity)
         free = limit - self.running
         admit_at = max(1, limit // 8) if self.admit_at is None else self.admit_at
         if free <= 0 or not (free >= admit_at or not self.running or len(self.waiting) <= free):
@@ -357,6 +374,11 @@ class Scheduler:
         self.waiting.extendleft(reversed(later))
         if not group:
             return
+        try:
+            self._grow(self.running + len(group))
+        except BaseException:
+            self.waiting.extendleft(reversed(group))  # out of memory: the group waits again (step recovers)
+            raise
         self.budget = budget
         cached_of = [start + offset for start, offset in zip(starts, offsets)]
         for row, cached in zip(group, cached_of):
