@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     batch_size: int = 64
     """Most rows (requests x samples) one engine batch holds."""
     kv_cache_tokens: int | None = None
-    """Tokens of K/V the running rows may hold (prompt + max_new_tokens each). Unset: 65,536 on a CPU; on a GPU,
+    """Tokens of K/V the running rows may hold (prompt + max_new_tokens each). Unset: 65,536 on a CPU, or fewer
+    if that many would take more than 1 GiB (SmolLM2-135M: 46,603 in bfloat16, 23,301 in float32); on a GPU,
     what 90% of its memory left free by the model holds."""
     prefix_cache_tokens: int = 8192
     """Prompt tokens whose K/V a worker keeps for later prompts that start the same way (a shared system prompt

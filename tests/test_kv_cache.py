@@ -87,6 +87,12 @@ def test_the_budget_is_the_setting_when_given_and_a_default_on_the_cpu() -> None
     cpu = torch.device("cpu")
     assert kv_budget_tokens(cpu, 1000, 4096) == 4096
     assert kv_budget_tokens(cpu, 1000) == 65536
+    # SmolLM2-135M: 30 layers x (K, V) x 3 heads x 64 values; float32 K/V takes twice what bfloat16 takes,
+    # and the default budget holds the same bytes for both
+    smol = 30 * 2 * 3 * 64
+    assert kv_budget_tokens(cpu, smol * 2) == (1 << 30) // (smol * 2) == 46603
+    assert kv_budget_tokens(cpu, smol * 4) == 23301
+    assert kv_budget_tokens(cpu, smol * 4, 65536) == 65536
     with pytest.raises(ValueError):
         kv_budget_tokens(cpu, 1000, 0)
 

@@ -71,7 +71,7 @@ class Engine:
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
-        65,536 on a CPU, on a GPU what 90% of its free memory holds (workers.kv_cache.kv_budget_tokens).
+        65,536 on a CPU (fewer if they would take over 1 GiB), on a GPU what 90% of its free memory holds (workers.kv_cache.kv_budget_tokens).
 
         batch_invariant (default: on for float32 without quantization) pads matrix products so that a row's
         numbers do not depend on its batch (see workers.llama.LlamaRunner): a seeded request then gives the same

@@ -14,14 +14,18 @@ from torch import Tensor
 
 
 CPU_BUDGET_TOKENS = 65536
-"""The KV budget on a CPU when none is set (the machine's RAM is shared with everything else)."""
+"""The KV budget on a CPU when none is set (the machine's RAM is shared with everything else)..."""
+CPU_BUDGET_BYTES = 1 << 30
+"""... unless that many tokens of this model's K/V would take more than this (a float32 model's K/V takes twice
+a bfloat16 one's: the budget follows bytes, so a worker's memory does not double with its dtype)."""
 GPU_MEMORY_FRACTION = 0.9
 """Of a GPU's memory still free once the model is loaded, the share the KV cache may take."""
 
 
 def kv_budget_tokens(device: torch.device, bytes_per_token: int | None, requested: int | None = None) -> int:
     """How many tokens of K/V the running rows may hold: `requested` when set (the kv_cache_tokens setting);
-    on a GPU, what GPU_MEMORY_FRACTION of its free memory holds; else CPU_BUDGET_TOKENS."""
+    on a GPU, what GPU_MEMORY_FRACTION of its free memory holds; else CPU_BUDGET_TOKENS, or what CPU_BUDGET_BYTES
+    holds if that is fewer."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"the KV cache budget must be at least 1 token, got {requested}")
@@ -29,6 +33,8 @@ def kv_budget_tokens(device: torch.device, bytes_per_token: int | None, requeste
     if device.type == "cuda" and bytes_per_token:
         free, _total = torch.cuda.mem_get_info(device)
         return max(1, int(free * GPU_MEMORY_FRACTION) // bytes_per_token)
+    if bytes_per_token:
+        return max(1, min(CPU_BUDGET_TOKENS, CPU_BUDGET_BYTES // bytes_per_token))
     return CPU_BUDGET_TOKENS
 
 
