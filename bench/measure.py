@@ -178,7 +178,7 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
 
 def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path | None, make_reference: bool,
                 extras: bool = True, static: bool = False, prefix_cache_tokens: int | None = None,
-                speculative_tokens: int | None = None, batch_rows: int = 64) -> dict[str, Any]:
+                speculative_tokens: int | None = None, batch_rows: int = 64, draft_model: str | None = None) -> dict[str, Any]:
     """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
     transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
@@ -187,6 +187,8 @@ def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, referenc
     more = {} if prefix_cache_tokens is None else {"prefix_cache_tokens": prefix_cache_tokens}
     if speculative_tokens is not None:
         more["speculative_tokens"] = speculative_tokens
+    if draft_model is not None:
+        more["draft_spec"] = resolve(draft_model)
     engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=batch_rows, **more)
     if static:
         engine.runner = engine.scheduler = None
@@ -475,6 +477,7 @@ def main() -> None:
     parser.add_argument("--static", action="store_true", help="engine: the static-batch path of non-Llama architectures")
     parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="engine: the prefix cache's size (0: off)")
     parser.add_argument("--speculative-tokens", type=int, default=None, help="engine: most draft tokens per row and step (0: off)")
+    parser.add_argument("--draft-model", default=None, help="engine: a draft model (a name --model takes) in place of prompt lookup")
     parser.add_argument("--batch-rows", type=int, default=64, help="engine: most rows decoded together")
     parser.add_argument("--no-cascade", action="store_true",
                         help="engine: read a prefix all rows share once per row, not once per step (to measure cascade attention)")
@@ -492,7 +495,7 @@ def main() -> None:
         result = hf_generate(lines, STATIC_BATCH, "float32")
     elif args.kind == "engine":
         result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only, args.static,
-                             args.prefix_cache_tokens, args.speculative_tokens, args.batch_rows)
+                             args.prefix_cache_tokens, args.speculative_tokens, args.batch_rows, args.draft_model)
     elif args.kind == "aodynamic":
         result = aodynamic_mode(lines, args.reference)
     elif args.kind == "pipeline":

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     speculative_tokens: int = 8
     """Most draft tokens a row proposes per step for speculative decoding (prompt lookup: a row that copies its
     prompt takes several tokens per step; exact, and used only when the worker measures that it pays); 0 = off."""
+    draft_model: str | None = None
+    """A smaller model with the worker model's tokenizer (a name `--model` takes) that drafts in place of prompt
+    lookup; unset: prompt lookup. The worker loads it beside its model, on the same device in the same dtype."""
     ids_per_message: int = 128
     """Request ids carried by one queue message."""
     metrics_port: int = 9400

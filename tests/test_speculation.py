@@ -188,3 +188,101 @@ def test_the_real_model_copies_its_prompt_in_fewer_steps_with_the_same_text(cach
     assert speculating.generate(asks) == off
     stats = speculating.scheduler.speculated  # type: ignore[union-attr]
     assert stats.kept >= 20  # decode steps saved, of 3 x 48 tokens
+
+
+# --- draft-model drafting ------------------------------------------------------------------------------
+
+
+def other_tiny_llama(engine: Engine, seed: int) -> torch.nn.Module:
+    """A random Llama of the tiny model's shape with other weights: a draft model that is mostly wrong."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(engine.model.config)
+    return model.eval().requires_grad_(False)
+
+
+def engine_drafting_with(engine: Engine, draft: torch.nn.Module, always: bool = True, rows: int = 8) -> Engine:
+    from workers.draft_model import DraftModel
+
+    fresh = Engine(
+        engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, max_batch_rows=rows,
+        speculative_tokens=6, draft_model=DraftModel(draft, engine.tokenizer, target=engine.tokenizer),
+    )
+    assert fresh.scheduler is not None and fresh.scheduler.speculation is not None
+    fresh.scheduler.speculation.always = always
+    return fresh
+
+
+def test_the_model_drafting_for_itself_is_kept_and_changes_no_text(engine: Engine) -> None:  # noqa: F811
+    """The model as its own draft model proposes (greedily) what greedy rows then draw: nearly every draft
+    token is kept, which holds only if each row's draft cache follows the row's text through kept and
+    rejected drafts; and every row, greedy or seeded, gives the tokens it gives without speculation."""
+    asks = requests()
+    off = engine_with(engine, 0).generate(asks)
+    drafting = engine_drafting_with(engine, engine.model)
+    assert drafting.generate(asks) == off
+    greedy = [s for ask, result in zip(asks, off) for s in result.samples if ask.params.temperature == 0]
+    assert greedy
+    stats = drafting.scheduler.speculated  # type: ignore[union-attr]
+    assert stats.proposed > 100
+    on = drafting.generate(asks)
+    plain = [
+        s for ask, result in zip(asks, on) for s in result.samples
+        if ask.params.temperature == 0 and ask.params.repetition_penalty == 1.0
+        and ask.params.frequency_penalty == 0 and ask.params.presence_penalty == 0
+    ]
+    assert sum(s.accepted_tokens for s in plain) >= 0.9 * sum(s.draft_tokens for s in plain) > 0
+
+
+def test_a_draft_model_that_guesses_wrong_changes_no_text(engine: Engine) -> None:  # noqa: F811
+    asks = requests()
+    off = engine_with(engine, 0).generate(asks)
+    drafting = engine_drafting_with(engine, other_tiny_llama(engine, seed=7))
+    assert drafting.generate(asks) == off
+    stats = drafting.scheduler.speculated  # type: ignore[union-attr]
+    assert stats.proposed > 100 and stats.kept < stats.proposed / 2
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(engine: Engine) -> None:  # noqa: F811
+    import copy
+
+    from workers.draft_model import DraftModel
+
+    other = copy.deepcopy(engine.tokenizer)
+    other.add_tokens(["<not-in-the-worker-model>"])
+    with pytest.raises(ValueError, match="same tokenizer"):
+        DraftModel(engine.model, other, target=engine.tokenizer)
+
+
+def test_a_costly_drafter_is_not_run_when_the_policy_expects_no_gain() -> None:
+    """With a draft model the width is chosen before drafting: where wider passes do not pay (many rows, extra
+    positions costing what rows cost), no row is drafted for at all."""
+    built: list[list[int]] = []
+
+    def drafter(prompt: list[int]) -> NgramDrafter:
+        built.append(prompt)
+        return NgramDrafter(prompt)
+
+    policy = SpeculationPolicy(max_tokens=8, drafter=drafter)
+    assert policy.costly_drafts
+    for rows in (2, 16, 64):  # a fixed cost (the weights read once per pass), then rows and positions alike
+        for extra in (0, rows, 4 * rows):
+            policy.record_step(rows, 1 + extra // rows, 0.05 + 0.001 * rows + 0.001 * extra)
+    assert policy.plan_ahead([8] * 64, [0.6] * 64) is None
+    few = policy.plan_ahead([8, 8], [0.95, 0.95])  # two rows: a wider pass costs little more than a decode step
+    assert few is not None and few.width > 1
+    assert built == []  # plan_ahead decides; the scheduler drafts only after it
+
+
+def test_the_worker_loads_its_draft_model_from_a_name(cache_dir) -> None:  # noqa: F811
+    from workers.registry import TINY, resolve
+
+    loaded = Engine.load(resolve(TINY), speculative_tokens=4, draft_spec=resolve(TINY))
+    assert loaded.scheduler is not None and loaded.scheduler.speculation is not None
+    assert loaded.scheduler.speculation.costly_drafts
+    loaded.scheduler.speculation.always = True
+    asks = requests()[:3]
+    assert loaded.generate(asks) == engine_with(loaded, 0).generate(asks)
+    assert loaded.scheduler.speculated.kept > 0

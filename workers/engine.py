@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers import static_batches
 from workers.finish import complete_greedy, eos_token_ids, finish_sequence
+from workers.draft_model import DraftModel
 from workers.kv_cache import kv_budget_tokens
 from workers.llama import LlamaRunner, supports
 from workers.loader import load_model
@@ -68,6 +69,7 @@ class Engine:
         batch_invariant: bool | None = None,
         prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
         speculative_tokens: int = SPECULATIVE_TOKENS,
+        draft_model: DraftModel | None = None,
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
@@ -83,6 +85,9 @@ class Engine:
 
         speculative_tokens: the most draft tokens a row proposes per step when speculative decoding pays
         (workers.speculation: prompt lookup, exact); 0 turns it off. Llama-family models only.
+
+        draft_model: a smaller model with the same tokenizer that drafts in place of prompt lookup
+        (workers.draft_model); None: prompt lookup.
         """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -110,7 +115,9 @@ class Engine:
         if self.runner is not None:
             self.scheduler = Scheduler(
                 self.runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
-                prefix=PrefixCache(prefix_cache_tokens), speculation=SpeculationPolicy(speculative_tokens),
+                prefix=PrefixCache(prefix_cache_tokens), speculation=SpeculationPolicy(
+                    speculative_tokens, drafter=draft_model.drafter if draft_model is not None else None
+                ),
             )
         self._flights: dict[Hashable, InFlight] = {}
         self._ready: list[tuple[Hashable, GenerationResult]] = []
@@ -128,15 +135,20 @@ class Engine:
         max_batch_tokens: int | None = None,
         prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
         speculative_tokens: int = SPECULATIVE_TOKENS,
+        draft_spec: ModelSpec | None = None,
     ) -> Engine:
+        """draft_spec: the draft model (Engine's draft_model), loaded on the same device in the same dtype."""
         problem = check_combination(device, dtype, quantize)  # before the slow load
         if problem is not None:
             raise ValueError(problem)
         model, tokenizer = load_model(spec, device, dtype)
         model = quantize_model(model, quantize)
+        draft = None
+        if draft_spec is not None and speculative_tokens > 0:
+            draft = DraftModel(*load_model(draft_spec, device, dtype), target=tokenizer)
         return cls(
             model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens,
-            prefix_cache_tokens=prefix_cache_tokens, speculative_tokens=speculative_tokens,
+            prefix_cache_tokens=prefix_cache_tokens, speculative_tokens=speculative_tokens, draft_model=draft,
         )
 
     @property

@@ -10,7 +10,7 @@ In order: Row -> expand_rows -> RowState -> RunningBatch (add, keep, sample).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from workers.finish import finish
 from workers.prefix_cache import BlockKey
 from workers.sampling import RowParams, draw_uniforms, next_tokens
-from workers.speculation import Acceptance, NgramDrafter, SpeculationStats
+from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
 from workers.types import Sample, SamplingParams
 
 SEED_LIMIT = 2**31
@@ -86,18 +86,22 @@ class RowState:
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """One entry per generated token, kept only when the row asks for logprobs."""
-    drafter: NgramDrafter | None = None
+    drafter: Drafter | None = None
     """Built the first time the row is drafted for (speculative decoding)."""
     acceptance: Acceptance = field(default_factory=Acceptance)
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
-    def draft(self, limit: int) -> list[int]:
+    def draft_limit(self, limit: int) -> int:
+        """How many draft tokens the row may take: never past max_new_tokens."""
+        return max(0, min(limit, self.row.params.max_new_tokens - len(self.generated) - 1))
+
+    def draft(self, limit: int, make_drafter: Callable[[list[int]], Drafter] = NgramDrafter) -> list[int]:
         """Up to `limit` tokens guessed to come next (workers.speculation), never past max_new_tokens."""
-        limit = min(limit, self.row.params.max_new_tokens - len(self.generated) - 1)
+        limit = self.draft_limit(limit)
         if limit <= 0:
             return []
         if self.drafter is None:
-            self.drafter = NgramDrafter(self.row.prompt_ids)
+            self.drafter = make_drafter(self.row.prompt_ids)
         self.drafter.sync(self.generated)
         return self.drafter.propose(limit)
 

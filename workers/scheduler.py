@@ -194,9 +194,9 @@ class Scheduler:
         """A decode step, or a verify step of the rows' drafts when the policy expects it to pay; each row's
         Sample if it finished."""
         assert self.cache is not None
-        plan = self._plan()
         rows = len(self.batch)
-        started = time.perf_counter()
+        started = time.perf_counter()  # drafting counts: a draft model's passes are part of what speculation costs
+        plan = self._plan()
         if plan is None:
             logits = self.runner.decode(self.cache, self.batch.last_tokens())
             ended = self.batch.sample(logits)
@@ -253,8 +253,14 @@ class Scheduler:
         if policy is None:
             return None
         states = self.batch.states
-        drafts = [state.draft(policy.max_tokens) for state in states]
-        return policy.plan(drafts, [state.acceptance.rate(policy.prior) for state in states])
+        rates = [state.acceptance.rate(policy.prior) for state in states]
+        if not policy.costly_drafts:
+            return policy.plan([state.draft(policy.max_tokens, policy.drafter) for state in states], rates)
+        ahead = policy.plan_ahead([state.draft_limit(policy.max_tokens) for state in states], rates)
+        if ahead is None:
+            return None
+        drafts = [state.draft(len(draft), policy.drafter) if draft else [] for state, draft in zip(states, ahead.drafts)]
+        return Plan(drafts) if any(drafts) else None
 
     def _verify(self, plan: Plan) -> list[Sample | None]:
         """Feed every row its last token and its draft in one pass; keep what matches what the row draws."""

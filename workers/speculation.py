@@ -21,7 +21,9 @@ In order: NgramDrafter -> Acceptance -> StepCost -> SpeculationPolicy -> Specula
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy
 
@@ -35,6 +37,14 @@ PROBE_EVERY = 8
 """While the cost of a wider pass is not measured yet, one step in this many speculates to measure it."""
 MARGIN = 0.03
 """A verify step must be expected to beat a decode step by this much (the cost fit is an estimate)."""
+
+
+class Drafter(Protocol):
+    """One row's source of draft tokens: NgramDrafter, or workers.draft_model.ModelDrafter."""
+
+    def sync(self, generated: list[int]) -> None: ...
+
+    def propose(self, limit: int) -> list[int]: ...
 
 
 class NgramDrafter:
@@ -149,10 +159,20 @@ class Plan:
 class SpeculationPolicy:
     """Per step: draft for each row, and keep the drafts only as long as the expected gain pays for the wider pass."""
 
-    def __init__(self, max_tokens: int = SPECULATIVE_TOKENS, always: bool = False) -> None:
-        """always: speculate at every step where some row has a draft (tests of exactness), whatever it costs."""
+    def __init__(
+        self,
+        max_tokens: int = SPECULATIVE_TOKENS,
+        always: bool = False,
+        drafter: Callable[[list[int]], Drafter] | None = None,
+    ) -> None:
+        """always: speculate at every step where some row has a draft (tests of exactness), whatever it costs.
+        drafter: builds a row's drafter from its prompt; None: prompt lookup (NgramDrafter). Any other is taken
+        to cost forward passes (a draft model): the width is then chosen before drafting (plan_ahead), and only
+        that many tokens are drafted."""
         self.max_tokens = max_tokens
         self.always = always
+        self.drafter: Callable[[list[int]], Drafter] = drafter if drafter is not None else NgramDrafter
+        self.costly_drafts = drafter is not None
         self.cost = StepCost()
         self.prior = 0.5
         """The worker-wide acceptance rate (exponentially weighted over verify steps)."""
@@ -185,6 +205,11 @@ class SpeculationPolicy:
         if best == 0:
             return None
         return Plan([d[:best] for d in drafts])
+
+    def plan_ahead(self, limits: list[int], rates: list[float]) -> Plan | None:
+        """For drafts that cost time to make: the plan for rows that could each draft up to limits[r] tokens, as if
+        they all did; the caller drafts only as far as it says. None: a plain decode step pays best."""
+        return self.plan([[0] * limit for limit in limits], rates)
 
     @staticmethod
     def _expected(drafts: list[list[int]], rates: list[float], width: int) -> float:
