@@ -178,7 +178,8 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
 
 def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, reference: Path | None, make_reference: bool,
                 extras: bool = True, static: bool = False, prefix_cache_tokens: int | None = None,
-                speculative_tokens: int | None = None, batch_rows: int = 64, draft_model: str | None = None) -> dict[str, Any]:
+                speculative_tokens: int | None = None, batch_rows: int = 64, draft_model: str | None = None,
+                speculate_always: bool = False) -> dict[str, Any]:
     """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
     transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
@@ -192,6 +193,8 @@ def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, referenc
     engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=batch_rows, **more)
     if static:
         engine.runner = engine.scheduler = None
+    if speculate_always and engine.scheduler is not None and engine.scheduler.speculation is not None:
+        engine.scheduler.speculation.always = True
     return run_engine(engine, lines, reference, make_reference, extras)
 
 
@@ -478,6 +481,8 @@ def main() -> None:
     parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="engine: the prefix cache's size (0: off)")
     parser.add_argument("--speculative-tokens", type=int, default=None, help="engine: most draft tokens per row and step (0: off)")
     parser.add_argument("--draft-model", default=None, help="engine: a draft model (a name --model takes) in place of prompt lookup")
+    parser.add_argument("--speculate-always", action="store_true",
+                        help="engine: verify every draft, whatever the policy expects (what drafting gives and costs)")
     parser.add_argument("--batch-rows", type=int, default=64, help="engine: most rows decoded together")
     parser.add_argument("--no-cascade", action="store_true",
                         help="engine: read a prefix all rows share once per row, not once per step (to measure cascade attention)")
@@ -495,7 +500,7 @@ def main() -> None:
         result = hf_generate(lines, STATIC_BATCH, "float32")
     elif args.kind == "engine":
         result = engine_mode(lines, args.dtype, args.quantize, args.reference, args.make_reference, not args.timing_only, args.static,
-                             args.prefix_cache_tokens, args.speculative_tokens, args.batch_rows, args.draft_model)
+                             args.prefix_cache_tokens, args.speculative_tokens, args.batch_rows, args.draft_model, args.speculate_always)
     elif args.kind == "aodynamic":
         result = aodynamic_mode(lines, args.reference)
     elif args.kind == "pipeline":
