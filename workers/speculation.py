@@ -172,7 +172,7 @@ class SpeculationPolicy:
         self.max_tokens = max_tokens
         self.always = always
         self.drafter: Callable[[list[int]], Drafter] = drafter if drafter is not None else NgramDrafter
-        self.costly_drafts = drafter is not None
+        self.costly_drafts = self.drafter is not NgramDrafter
         self.cost = StepCost()
         self.prior = 0.5
         """The worker-wide acceptance rate (exponentially weighted over verify steps)."""
