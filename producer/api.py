@@ -240,6 +240,7 @@ def submit(
     """
     from contract.broker import Sender, connect
     from contract.registry import context_length
+    from producer import interrupt
     from producer.inputs import open_input
     from producer.schema import validate_defaults
     from producer.submit import enqueue_job, store_job, validate_file
@@ -271,15 +272,16 @@ def submit(
             validation.spool.close()
         raise
     try:
-        job_id = store_job(db, data, model=model, name=name, defaults=defaults, context_length=context, validation=validation)
-        try:
-            with Sender(app) as send:
-                enqueue_job(db, job_id, model, settings.ids_per_message, send)
-        except (Exception, KeyboardInterrupt) as exc:
-            raise EnqueueInterrupted(
-                job_id, f"job {job_id} is stored, but enqueueing it stopped ({type(exc).__name__}); "
-                f"finish it with: producer submit {data.path} --resume {job_id}"
-            ) from None
+        with interrupt.remembering():
+            job_id = store_job(db, data, model=model, name=name, defaults=defaults, context_length=context, validation=validation)
+            try:
+                with Sender(app) as send:
+                    enqueue_job(db, job_id, model, settings.ids_per_message, send)
+            except (Exception, KeyboardInterrupt) as exc:
+                raise EnqueueInterrupted(
+                    job_id, f"job {job_id} is stored, but enqueueing it stopped ({type(exc).__name__}); "
+                    f"finish it with: producer submit {data.path} --resume {job_id}"
+                ) from None
     finally:
         db.dispose()
     return Job(job_id, settings, report)

@@ -38,6 +38,7 @@ from models.store import (
 )
 from models.tables import RequestStatus
 from contract.messages import queue_name
+from producer import interrupt
 from producer.inputs import Input
 from producer.reader import ValidRequest
 
@@ -210,6 +211,7 @@ def store_job(
                 total_samples=validation.samples,
                 rejected=validation.rejected_lines,
             )
+            interrupt.check()  # a Ctrl-C dropped on the way (producer.interrupt) stops the commit
     finally:
         if spool is not None:
             spool.close()
@@ -263,6 +265,7 @@ def _insert_requests(connection: Connection, job_id: int, chunks: Iterator[list[
         with cursor.copy(f"COPY requests ({', '.join(REQUEST_COLUMNS)}) FROM STDIN") as copy:
             write_row = copy.write_row
             for rows in chunks:
+                interrupt.check()
                 for row in rows:
                     write_row((job_id, *row, *tail))
         cursor.close()
@@ -270,6 +273,7 @@ def _insert_requests(connection: Connection, job_id: int, chunks: Iterator[list[
         placeholders = ", ".join("?" * len(REQUEST_COLUMNS))
         sql = f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({placeholders})"
         for rows in chunks:
+            interrupt.check()
             if rows:
                 connection.exec_driver_sql(sql, [(job_id, *row, *tail) for row in rows])
     else:
@@ -291,11 +295,13 @@ def enqueue_job(db: Engine, job_id: int, model: str, ids_per_message: int, send:
     queue = queue_name(model)
     messages = 0
     for ids in _chunks(iter_request_ids(db, job_id), ids_per_message):
+        interrupt.check()
         send(queue, job_id, ids)
         messages += 1
     flush = getattr(send, "flush", None)
     if flush is not None:
         flush()
+    interrupt.check()
     with db.begin() as connection:
         mark_enqueued(connection, job_id)
     return messages
