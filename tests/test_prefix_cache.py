@@ -183,6 +183,44 @@ def test_cascade_attention_is_attention_over_the_prefix_and_each_rows_own_keys()
     assert torch.allclose(cascade_attention(q, prefix_k, prefix_v, k_t, v, visible, 0.3), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("masked_prefix", [False, True], ids=["whole-prefix", "part-of-prefix"])
+@pytest.mark.parametrize("tokens", [1, 5], ids=["decode", "extend"])
+def test_fused_bfloat16_cascade_attention_is_as_close_to_exact_as_the_unfused_one(tokens: int, masked_prefix: bool) -> None:
+    """bfloat16 on CPU takes the fused path (two FLASH_CPU calls merged by log-sum-exp): against attention() in
+    float64 over the full keys, its error stays within bfloat16's rounding, no worse than the float32 softmax of
+    the unfused path; a row that reads none of the prefix, and queries that see no own key, come out right."""
+    import workers.llama
+    from workers.llama import attention, cascade_attention, fused
+
+    generator = torch.Generator().manual_seed(7)
+    rows, heads, kv_heads, d, shared, own = 6, 9, 3, 64, 96, 40
+    q = torch.randn(rows, heads, tokens, d, generator=generator).bfloat16()
+    prefix_k, prefix_v = torch.randn(kv_heads, d, shared, generator=generator).bfloat16(), torch.randn(kv_heads, shared, d, generator=generator).bfloat16()
+    cache_k = torch.randn(rows, kv_heads, d, own + 24, generator=generator).bfloat16()  # the cache's layout: a view
+    k_t, v = cache_k[..., :own], torch.randn(rows, kv_heads, own, d, generator=generator).bfloat16()
+    visible = (torch.arange(own)[None, None, None, :] <= torch.randint(0, own, (rows, 1, tokens, 1), generator=generator))
+    shared_visible = None
+    if masked_prefix:
+        reads = torch.tensor([shared, shared, 48, 48, 16, 0])
+        shared_visible = torch.arange(shared)[None, :] < reads[:, None]
+        visible[0, 0, 0] = False  # a query of a row that reads the whole prefix and none of its own keys
+    full_k = torch.cat([prefix_k.expand(rows, -1, -1, -1), k_t], dim=-1)
+    full_v = torch.cat([prefix_v.expand(rows, -1, -1, -1), v], dim=-2)
+    prefix_seen = torch.ones(rows, shared, dtype=torch.bool) if shared_visible is None else shared_visible
+    full_visible = torch.cat([prefix_seen[:, None, None, :].expand(rows, 1, tokens, shared), visible], dim=-1)
+    exact = attention(q.double(), full_k.double(), full_v.double(), full_visible, 0.125)
+
+    assert fused(q)
+    got = cascade_attention(q, prefix_k, prefix_v, k_t, v, visible, 0.125, shared_visible)
+    unfused = cascade_attention(q.float(), prefix_k.float(), prefix_v.float(), k_t.float(), v.float(), visible, 0.125,
+                                shared_visible).bfloat16()  # the unfused path, rounded as bfloat16 output is
+    assert not torch.isnan(got).any()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= max(2 * (unfused.double() - exact).abs().max().item(), 1e-2), error
+    assert error < 0.02 * exact.abs().max().item()
+    assert workers.llama.FLASH_CPU is not None
+
+
 @pytest.mark.parametrize("speculative_tokens", [0, SPECULATIVE_TOKENS], ids=["decode", "speculation"])
 def test_the_base_holds_a_shared_prompt_once_and_rows_that_share_part_or_none_of_it_give_the_same_text(
     engine: Engine, monkeypatch, speculative_tokens: int  # noqa: F811

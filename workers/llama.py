@@ -69,6 +69,33 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float, 
     return padded_matmul(probs, v, min_queries).view(rows, heads, tokens, d)
 
 
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+"""PyTorch's fused CPU attention (blocked, float32 accumulation, no scores tensor), which alone of the SDPA entry
+points also returns each query's log-sum-exp: what merging two parts of one softmax needs. Private (torch pinned)."""
+
+
+def fused(q: Tensor, min_queries: int = 1) -> bool:
+    """Whether attention on q runs as FLASH_CPU: half-precision CPU tensors, not batch-invariant. The kernel's exp is
+    an approximation (relative error ~1e-7, far below bfloat16's 4e-3 steps), so float32 and float64, where tests
+    and batch invariance ask for exact softmax numbers, keep the unfused products."""
+    return FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and min_queries == 1
+
+
+def _flash(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q k * scale) v over the keys `visible` (bool, (batch, 1, queries, keys), or None: all) marks, in q's
+    dtype, and each query's log-sum-exp (batch, heads, queries), -inf where it sees no key; q (batch, heads,
+    queries, d), k_t (batch, heads, d, keys), v (batch, heads, keys, d)."""
+    mask = None
+    if visible is not None:
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+    # K must be laid out (keys, d) with d contiguous: given the cache's transposed view, the kernel returns wrong
+    # numbers without an error (torch 2.13; the public scaled_dot_product_attention copes).
+    out, lse = FLASH_CPU(q, k_t.transpose(-1, -2).contiguous(), v, attn_mask=mask, scale=scale)
+    if visible is not None:  # the kernel reports 0, not -inf, for a query that sees nothing
+        lse = lse.masked_fill(~visible.any(-1), -math.inf)
+    return out, lse
+
+
 def cascade_attention(
     q: Tensor, shared_k_t: Tensor, shared_v: Tensor, k_t: Tensor, v: Tensor, visible: Tensor, scale: float,
     shared_visible: Tensor | None = None, min_queries: int = 1,
@@ -77,21 +104,38 @@ def cascade_attention(
 
     q (rows, heads, tokens, d); shared_k_t (kv_heads, d, P) and shared_v (kv_heads, P, d): the prefix the rows
     see (all of it, or the first positions shared_visible (rows, P) marks for each row); k_t (rows, kv_heads, d,
-    keys) and v (rows, kv_heads, keys, d): each row's own keys after it, with visible (rows, 1, tokens, keys). One
-    softmax over both parts (their scores are concatenated in float32): the same function as attention() over
-    the full keys, but the prefix's K/V are read once for all rows, not once per row, and its products have
-    rows x heads x tokens rows instead of heads x tokens.
+    keys) and v (rows, kv_heads, keys, d): each row's own keys after it, with visible (rows, 1, tokens, keys).
+    The same function as attention() over the full keys, but the prefix's K/V are read once for all rows, not
+    once per row, and its products have rows x heads x tokens rows instead of heads x tokens.
+
+    When fused() (bfloat16 on CPU), each part is one fused attention (FLASH_CPU) and the two are merged by their
+    log-sum-exps: out = (o_prefix e^lse_prefix + o_own e^lse_own) / (e^lse_prefix + e^lse_own), as vLLM's
+    merge_attn_states does; otherwise the two parts' scores are concatenated in float32 for one softmax.
     """
     rows, heads, tokens, d = q.shape
     kv_heads, _, shared = shared_k_t.shape
-    width = heads // kv_heads * tokens
+    group = heads // kv_heads
+    width = group * tokens
     q = q.reshape(rows, kv_heads, width, d)
     stacked = q.transpose(0, 1).reshape(kv_heads, rows * width, d)
+    if fused(q, min_queries):
+        own_visible = visible[:, :, None].expand(rows, 1, group, tokens, -1).reshape(rows, 1, width, -1)
+        prefix_visible = None
+        if shared_visible is not None:
+            prefix_visible = shared_visible[:, None, :].expand(rows, width, shared).reshape(1, 1, rows * width, shared)
+        from_prefix, prefix_lse = _flash(stacked[None], shared_k_t[None], shared_v[None], prefix_visible, scale)
+        from_own, own_lse = _flash(q, k_t, v, own_visible, scale)
+        from_prefix = from_prefix[0].view(kv_heads, rows, width, d).transpose(0, 1)
+        prefix_lse = prefix_lse[0].view(kv_heads, rows, width).transpose(0, 1)
+        top = torch.maximum(prefix_lse, own_lse)
+        prefix_weight, own_weight = torch.exp(prefix_lse - top)[..., None], torch.exp(own_lse - top)[..., None]
+        out = (from_prefix * prefix_weight + from_own * own_weight) / (prefix_weight + own_weight)
+        return out.to(q.dtype).reshape(rows, heads, tokens, d)
     prefix = torch.matmul(stacked, shared_k_t).float().view(kv_heads, rows, width, shared).transpose(0, 1) * scale
     if shared_visible is not None:
         prefix = prefix.masked_fill(~shared_visible[:, None, None, :], -math.inf)
     own = padded_matmul(q, k_t, min_queries).float() * scale  # (rows, kv_heads, width, keys)
-    own = own.view(rows, kv_heads, width // tokens, tokens, -1).masked_fill(~visible[:, :, None], -math.inf).view(rows, kv_heads, width, -1)
+    own = own.view(rows, kv_heads, group, tokens, -1).masked_fill(~visible[:, :, None], -math.inf).view(rows, kv_heads, width, -1)
     probs = torch.softmax(torch.cat([prefix, own], dim=-1), dim=-1).to(v.dtype)
     from_prefix = torch.matmul(probs[..., :shared].transpose(0, 1).reshape(kv_heads, rows * width, shared), shared_v)
     out = from_prefix.view(kv_heads, rows, width, d).transpose(0, 1) + padded_matmul(probs[..., shared:], v, min_queries)
