@@ -3,7 +3,8 @@
 Python turns SIGINT into KeyboardInterrupt at the next bytecode it runs, whatever that bytecode is. When it
 belongs to a finalizer (a __del__ or weakref callback the garbage collector runs in the middle of a
 150,000-row COPY, say) the exception is printed as "Exception ignored in ..." and dropped, and the submit goes
-on to commit the job the user meant to stop: twice in our full test suite a Ctrl-C'd submit ended with exit 0.
+on to commit the job the user meant to stop (tests/test_interrupt.py shows the drop). Twice in our full test suite
+a Ctrl-C'd submit ended with exit 0; its stderr was not kept, so that this was the cause is likely, not proven.
 
 So while `remembering()` is active a Ctrl-C still raises KeyboardInterrupt at once, as before, and is also
 remembered: `check()`, called between chunks and right before each commit, raises it again if it was pressed

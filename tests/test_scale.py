@@ -233,7 +233,8 @@ class InsertWatch:
 def _as_from_a_shell() -> None:
     """The child gets Ctrl-C as from a terminal, whatever the test process inherited: an ignored or blocked SIGINT
     passes to children through fork and exec. (A submit that still went on to finish, exit 0, in the full suite
-    had its KeyboardInterrupt dropped, as one raised inside a finalizer is: producer.interrupt now raises it again.)"""
+    most likely had its KeyboardInterrupt dropped, as one raised inside a finalizer is: producer.interrupt now raises
+it again.)"""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
