@@ -142,13 +142,13 @@ def run_engine(engine, lines: list[dict[str, Any]], reference: Path | None, make
     tokens = sum(s.completion_tokens for r in results for s in r.samples)
     out = dict(requests=len(requests), tokens=tokens, seconds=seconds, cpu_seconds=cpu_seconds() - cpu,
                failed=len(failed), precision=engine.dtype, quantize=engine.quantize, rss_mib=peak_rss_mib())
-    prefix = engine.scheduler.prefix if engine.scheduler is not None else None
+    prefix = engine.scheduler.prefix if engine.continuous else None
     if prefix is not None:  # the warm-up's rows count too: they are the same workload's first lines
         out["prefix_cache"] = dict(hit_tokens=prefix.hit_tokens, prompt_tokens=prefix.looked_up_tokens,
                                    hit_rate=round(prefix.hit_tokens / max(1, prefix.looked_up_tokens), 4),
                                    cached_tokens=sum(s.cached_tokens for r in results for s in r.samples),
                                    held_tokens=prefix.tokens, mib=round(prefix.nbytes() / 2**20, 1))
-    if engine.scheduler is not None and engine.scheduler.speculation is not None:  # the timed run's samples only
+    if engine.continuous and engine.scheduler.speculation is not None:  # the timed run's samples only
         samples = [s for r in results for s in r.samples]
         proposed, kept = sum(s.draft_tokens for s in samples), sum(s.accepted_tokens for s in samples)
         out["speculation"] = dict(draft_tokens=proposed, accepted_tokens=kept, acceptance=round(kept / max(1, proposed), 4),
@@ -190,10 +190,8 @@ def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, referenc
         more["speculative_tokens"] = speculative_tokens
     if draft_model is not None:
         more["draft_spec"] = resolve(draft_model)
-    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=batch_rows, **more)
-    if static:
-        engine.runner = engine.scheduler = None
-    if speculate_always and engine.scheduler is not None and engine.scheduler.speculation is not None:
+    engine = Engine.load(resolve(MODEL), "cpu", dtype, quantize, max_batch_rows=batch_rows, static_batches=static, **more)
+    if speculate_always and engine.continuous and engine.scheduler.speculation is not None:
         engine.scheduler.speculation.always = True
     return run_engine(engine, lines, reference, make_reference, extras)
 

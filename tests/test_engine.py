@@ -462,7 +462,6 @@ def test_chat_requests_go_through_the_chat_template(engine: Engine):
     assert rendered.endswith("<|im_start|>assistant\n")
     (result,) = engine.generate([request])
     assert result.prompt_tokens == len(engine.tokenizer(rendered, add_special_tokens=False).input_ids)
-    assert result.prompt_tokens == engine.count_tokens(rendered)
     assert engine.render(GenerationRequest(greedy(), prompt="raw text")) == "raw text"
 
 
@@ -474,7 +473,7 @@ def test_too_long_prompt_fails_alone(engine: Engine):
         GenerationRequest(greedy(8), prompt=PROMPTS[1]),
     ]
     before, failed, after = engine.generate(requests)
-    n = engine.count_tokens(long_prompt)
+    n = len(engine.tokenizer(long_prompt, add_special_tokens=False).input_ids)
     assert failed.samples == [] and failed.prompt_tokens == n
     assert failed.error == f"prompt has {n} tokens; with max_new_tokens 256 it exceeds the model's context of 2048"
     alone = engine.generate([requests[0], requests[2]])

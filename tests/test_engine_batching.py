@@ -125,7 +125,7 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_batch_of_64(engine:
 
 def test_the_token_budget_limits_the_rows_running_at_once(engine: Engine):  # noqa: F811
     requests = [GenerationRequest(greedy(20), prompt=PROMPTS[1]) for _ in range(6)]
-    need = engine.count_tokens(PROMPTS[1]) + 20
+    need = len(engine.tokenizer(PROMPTS[1], add_special_tokens=False).input_ids) + 20
     # two and a half rows' worth: two fit (their slots are rounded up a little, never by half a row), three do not
     budget = fresh(engine, max_batch_rows=64, max_batch_tokens=2 * need + need // 2)
     recorder = Recorder(budget)
@@ -167,8 +167,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(engine: Engine):  # noqa: 
 def test_static_batches_split_on_out_of_memory_too(engine: Engine, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
     """Models workers.llama does not run decode in static batches on transformers' forward; they split as well."""
     requests = varied_requests(10, seed=9)
-    static = fresh(engine, max_batch_rows=8)
-    static.runner = static.scheduler = None
+    static = fresh(engine, max_batch_rows=8, static_batches=True)
     expected = one_at_a_time(fresh(engine, prefix_cache_tokens=0), requests)  # static batches cache no prefix
     sizes: list[int] = []
     decode_batch = static_batches.decode_batch

@@ -63,8 +63,7 @@ def test_logprobs_are_the_models_own(engine: Engine) -> None:
 def test_static_batches_honour_penalties_and_logprobs_like_the_continuous_path(engine: Engine) -> None:
     """Architectures workers.llama does not run (static batches on transformers' forward) sample through the
     same per-row state: OpenAI penalties and logprobs are no longer refused there."""
-    static = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype)
-    static.runner = static.scheduler = None
+    static = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, static_batches=True)
     requests = [
         GenerationRequest(SamplingParams(temperature=0, max_new_tokens=10, presence_penalty=1.5, logprobs=True, top_logprobs=2), prompt="a b a b"),
         GenerationRequest(SamplingParams(temperature=0.8, seed=5, max_new_tokens=10, frequency_penalty=0.9), prompt="one two"),

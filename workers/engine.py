@@ -6,10 +6,10 @@ Two interfaces over one scheduler:
   queue messages (workers.worker); a request's result comes out of the step that finished its last row.
 
 A request is checked, rendered (chat template), tokenized and expanded into rows (request x sample;
-workers.rows). Llama-family models run the rows with continuous batching (workers.scheduler over the KV cache
-of workers.kv_cache, forward passes in workers.llama); other architectures run them in static batches on
-transformers' forward (workers.static_batches), with the same per-row sampling; beam-search requests go
-through transformers' own beam search.
+workers.rows), which go to the engine's one scheduler (workers.batch): Llama-family models run them with
+continuous batching (workers.scheduler over the KV cache of workers.kv_cache, forward passes in workers.llama);
+other architectures in static batches on transformers' forward (workers.static_batches.StaticScheduler), with the
+same per-row sampling; beam-search requests go through transformers' own beam search (workers.beam).
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workers import static_batches
-from workers.finish import complete_greedy, eos_token_ids, finish_sequence
+from workers.batch import BatchScheduler, Finished, is_out_of_memory
+from workers.beam import beam_search
+from workers.finish import complete_greedy, eos_token_ids
 from workers.draft_model import DraftModel
 from workers.kv_cache import kv_budget_tokens
 from workers.llama import LlamaRunner, supports
@@ -29,8 +30,9 @@ from workers.loader import load_model
 from workers.prefix_cache import PREFIX_CACHE_TOKENS, PrefixCache
 from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
 from workers.registry import ModelSpec
-from workers.rows import Row, decoded_rows, expand_rows
-from workers.scheduler import Finished, Scheduler, is_out_of_memory
+from workers.rows import decoded_rows, expand_rows
+from workers.scheduler import Scheduler
+from workers.static_batches import StaticScheduler
 from workers.speculation import SPECULATIVE_TOKENS, SpeculationPolicy
 from workers.types import GenerationRequest, GenerationResult, Sample, SamplingParams
 
@@ -70,6 +72,7 @@ class Engine:
         prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
         speculative_tokens: int = SPECULATIVE_TOKENS,
         draft_model: DraftModel | None = None,
+        static_batches: bool = False,
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
@@ -88,6 +91,9 @@ class Engine:
 
         draft_model: a smaller model with the same tokenizer that drafts in place of prompt lookup
         (workers.draft_model); None: prompt lookup.
+
+        static_batches: decode in static batches on transformers' forward even where workers.llama could run the
+        model (what other architectures get; tests and benchmarks compare the two paths).
         """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -105,24 +111,23 @@ class Engine:
         if batch_invariant is None:
             batch_invariant = dtype == "float32" and quantize == "none"
         self.batch_invariant = batch_invariant
-        why_not = supports(model)
-        self.runner: LlamaRunner | None = LlamaRunner(model, batch_invariant) if why_not is None else None
+        why_not = "asked for" if static_batches else supports(model)
+        runner = LlamaRunner(model, batch_invariant) if why_not is None else None
         if why_not is not None:
             log.info("static batches on transformers' forward: %s", why_not)
-        per_token = self.runner.bytes_per_token() if self.runner is not None else None
-        self.max_batch_tokens = kv_budget_tokens(self.device, per_token, max_batch_tokens)
-        self.scheduler: Scheduler | None = None
-        if self.runner is not None:
+        self.max_batch_tokens = kv_budget_tokens(self.device, runner.bytes_per_token() if runner is not None else None, max_batch_tokens)
+        self.scheduler: BatchScheduler
+        if runner is not None:
             self.scheduler = Scheduler(
-                self.runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
+                runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
                 prefix=PrefixCache(prefix_cache_tokens), speculation=SpeculationPolicy(
                     speculative_tokens, drafter=draft_model.drafter if draft_model is not None else None
                 ),
             )
+        else:
+            self.scheduler = StaticScheduler(model, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens)
         self._flights: dict[Hashable, InFlight] = {}
         self._ready: list[tuple[Hashable, GenerationResult]] = []
-        self._static: list[Row] = []
-        self._static_rows_limit = max_batch_rows
 
     @classmethod
     def load(
@@ -136,6 +141,7 @@ class Engine:
         prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
         speculative_tokens: int = SPECULATIVE_TOKENS,
         draft_spec: ModelSpec | None = None,
+        static_batches: bool = False,
     ) -> Engine:
         """draft_spec: the draft model (Engine's draft_model), loaded on the same device in the same dtype."""
         problem = check_combination(device, dtype, quantize)  # before the slow load
@@ -149,6 +155,7 @@ class Engine:
         return cls(
             model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens,
             prefix_cache_tokens=prefix_cache_tokens, speculative_tokens=speculative_tokens, draft_model=draft,
+            static_batches=static_batches,
         )
 
     @property
@@ -159,8 +166,7 @@ class Engine:
     @eos_ids.setter
     def eos_ids(self, ids: frozenset[int]) -> None:
         self._eos_ids = frozenset(ids)
-        if self.scheduler is not None:
-            self.scheduler.batch.eos_ids = self._eos_ids
+        self.scheduler.eos_ids = self._eos_ids
 
     # --- what it holds ----------------------------------------------------------------------------
 
@@ -170,22 +176,31 @@ class Engine:
         return not self._flights and not self._ready
 
     @property
+    def continuous(self) -> bool:
+        """Rows run with continuous batching (workers.scheduler), not in static batches."""
+        return isinstance(self.scheduler, Scheduler)
+
+    @property
+    def runner(self) -> LlamaRunner | None:
+        """The forward passes of continuous batching; None on static batches."""
+        return self.scheduler.runner if isinstance(self.scheduler, Scheduler) else None
+
+    @property
     def running_rows(self) -> int:
-        return self.scheduler.running if self.scheduler is not None else 0
+        return self.scheduler.running
 
     @property
     def waiting_rows(self) -> int:
-        return len(self.scheduler.waiting) if self.scheduler is not None else len(self._static)
+        return len(self.scheduler.waiting)
 
     @property
     def rows_limit(self) -> int:
         """max_batch_rows, lowered for the rest of the engine's life after an out-of-memory error."""
-        return self.scheduler.rows_limit if self.scheduler is not None else self._static_rows_limit
+        return self.scheduler.rows_limit
 
     def on_step(self, callback: Callable[[int, int], None] | None) -> None:
         """Call callback(rows running, rows the cache allows) after every decode step (occupancy metrics)."""
-        if self.scheduler is not None:
-            self.scheduler.on_step = callback
+        self.scheduler.on_step = callback
 
     # --- requests in, results out ------------------------------------------------------------------
 
@@ -195,9 +210,6 @@ class Engine:
             return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         assert request.prompt is not None, "a request needs a prompt or messages"
         return request.prompt
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -230,26 +242,19 @@ class Engine:
             return
         params = request.params
         if params.num_beams > 1:
-            self._ready.append((key, GenerationResult(len(ids), self._beam_search(ids, params))))
+            samples = beam_search(self.model, self.tokenizer, ids, params, self.eos_ids, self.device)
+            self._ready.append((key, GenerationResult(len(ids), samples)))
             return
         rows = expand_rows(key, ids, params)
         self._flights[key] = InFlight(len(ids), params, len(rows))
-        if self.scheduler is not None:
-            self.scheduler.add(rows)
-        else:
-            self._static += rows
+        self.scheduler.add(rows)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Hashable, GenerationResult]]:
         """One scheduler step (static batches: every row submitted); the requests whose last row finished."""
-        if self.scheduler is not None:
-            if not self.scheduler.idle:
-                for finished in self.scheduler.step():
-                    self._row_done(finished)
-        elif self._static:
-            rows, self._static = self._static, []
-            for batch in self._batches(rows):
-                self._decode_static(batch)
+        if not self.scheduler.idle:
+            for finished in self.scheduler.step():
+                self._row_done(finished)
         ready, self._ready = self._ready, []
         return ready
 
@@ -258,21 +263,14 @@ class Engine:
         running rows finish; no result comes out for them."""
         for key in keys & self._flights.keys():
             self._flights[key].error = DROPPED
-        if self.scheduler is not None:
-            gone = self.scheduler.drop_waiting(lambda r: r.request in keys)
-        else:
-            gone = [row for row in self._static if row.request in keys]
-            self._static = [row for row in self._static if row.request not in keys]
-        for row in gone:
+        for row in self.scheduler.drop_waiting(lambda r: r.request in keys):
             self._row_gone(row.request)
         self._ready = [(key, result) for key, result in self._ready if key not in keys]
 
     def clear(self) -> list[Hashable]:
         """Forget everything submitted (after an error the caller hands it all back); returns the keys."""
         keys = list(self._flights) + [key for key, _ in self._ready]
-        if self.scheduler is not None:
-            self.scheduler.clear()
-        self._static = []
+        self.scheduler.clear()
         self._flights.clear()
         self._ready = []
         return keys
@@ -286,9 +284,8 @@ class Engine:
             return
         if finished.error is not None and flight.error is None:
             flight.error = finished.error
-            if self.scheduler is not None:  # its other rows need not run
-                for row in self.scheduler.drop_waiting(lambda r: r.request == key):
-                    self._row_gone(key)
+            for row in self.scheduler.drop_waiting(lambda r: r.request == key):  # its other rows need not run
+                self._row_gone(key)
         if finished.sample is not None:
             flight.samples[finished.row.sample_index] = finished.sample
         self._row_gone(key)
@@ -307,45 +304,7 @@ class Engine:
         samples = [flight.samples[k] for k in range(decoded_rows(flight.params))]
         self._ready.append((key, GenerationResult(flight.prompt_tokens, complete_greedy(samples, flight.params))))
 
-    # --- static batches: architectures workers.llama does not run ---------------------------------------
-
-    def _decode_static(self, batch: list[Row]) -> None:
-        """decode_batch on transformers' forward; on out of memory, each half on its own."""
-        try:
-            samples = static_batches.decode_batch(self.model, self.tokenizer, batch, self.eos_ids, self.device)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                self._row_done(Finished(batch[0], None, f"out of memory with a batch of one row: {exc}"))
-                return
-            log.warning("out of memory with a batch of %d rows; splitting it", len(batch))
-            half = len(batch) // 2
-            self._static_rows_limit = max(1, min(self._static_rows_limit, half))
-            self._decode_static(batch[:half])
-            self._decode_static(batch[half:])
-            return
-        for row, sample in zip(batch, samples):
-            self._row_done(Finished(row, sample))
-
-    def _batches(self, rows: list[Row]) -> list[list[Row]]:
-        """Rows sorted by prompt length, cut into batches of at most max_batch_rows rows and max_batch_tokens."""
-        batches: list[list[Row]] = []
-        batch: list[Row] = []
-        longest = 0
-        for row in sorted(rows, key=lambda r: len(r.prompt_ids)):
-            if batch and (len(batch) == self.max_batch_rows or (len(batch) + 1) * max(longest, row.need) > self.max_batch_tokens):
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(row)
-            longest = max(longest, row.need)
-        if batch:
-            batches.append(batch)
-        return batches
-
-    # --- checks and beam search ---------------------------------------------------------------------
+    # --- checks ---------------------------------------------------------------------
 
     def _check_request(self, request: GenerationRequest) -> str | None:
         params = request.params
@@ -366,27 +325,3 @@ class Engine:
                 f"it exceeds the model's context of {self.context_length}"
             )
         return None
-
-    def _beam_search(self, prompt_ids: list[int], params: SamplingParams) -> list[Sample]:
-        """params.n sequences from transformers' beam search, stop strings applied to them afterwards."""
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        output = self.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            num_beams=params.num_beams,
-            num_return_sequences=params.n,
-            do_sample=False,
-            max_new_tokens=params.max_new_tokens,
-            repetition_penalty=params.repetition_penalty,
-            # Unused without sampling, but given so that no generation-config default (top_k=50) can leak in.
-            top_k=params.top_k,
-            top_p=params.top_p,
-            no_repeat_ngram_size=0,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        samples = []
-        for i, sequence in enumerate(output[:, len(prompt_ids) :].tolist()):
-            row = Row(None, i, prompt_ids, params, None if params.seed is None else params.seed + i)
-            samples.append(finish_sequence(self.tokenizer, sequence, row, self.eos_ids))
-        return samples

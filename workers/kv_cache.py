@@ -69,6 +69,10 @@ class KVCache:
     once per slot. offsets[r] is how many of the base's first positions row r uses (0: none); its slot then holds
     its tokens from position offsets[r] on, at slot positions 0.., so its whole length is offsets[r] + lengths[r].
     The forward pass reads the base once for all rows (workers.llama.cascade_attention).
+
+    host_lengths and host_offsets mirror lengths and offsets of the slots in use, kept by the same verbs: what the
+    host needs to know of the rows' lengths (how far attention reaches, which slots move) it reads there, so that
+    a decode step never waits for the device to answer (workers.syncs).
     """
 
     def __init__(
@@ -81,6 +85,8 @@ class KVCache:
         self.base_keys = torch.zeros((layers, kv_heads, head_dim, 0), dtype=dtype, device=device)
         self.base_values = torch.zeros((layers, kv_heads, 0, head_dim), dtype=dtype, device=device)
         self._rows = 0
+        self.host_lengths: list[int] = []
+        self.host_offsets: list[int] = []
 
     # --- what it holds ---------------------------------------------------------------------------
 
@@ -108,7 +114,12 @@ class KVCache:
     @property
     def uses_base(self) -> bool:
         """Some row in use reads the base."""
-        return bool(self.offsets[: self._rows].any())
+        return any(self.host_offsets)
+
+    @property
+    def longest(self) -> int:
+        """The most tokens a slot in use holds (0 when none is in use)."""
+        return max(self.host_lengths, default=0)
 
     def nbytes(self) -> int:
         return 2 * (self.keys.numel() + self.base_keys.numel()) * self.keys.element_size()
@@ -134,6 +145,8 @@ class KVCache:
         self.lengths[first : first + count] = torch.tensor(starts, dtype=torch.long, device=self.lengths.device)
         self.offsets[first : first + count] = torch.tensor(offsets, dtype=torch.long, device=self.lengths.device)
         self._rows += count
+        self.host_lengths += starts
+        self.host_offsets += offsets
         return first
 
     def extend(self, first: int, counts: list[int]) -> None:
@@ -142,24 +155,27 @@ class KVCache:
         end = first + len(counts)
         assert end <= self._rows, f"extending slots {first}..{end - 1} of {self._rows} rows"
         self.lengths[first:end] += added
-        assert int(self.lengths[first:end].max()) <= self.capacity, "a row outgrew the cache's capacity"
+        self.host_lengths[first:end] = [n + c for n, c in zip(self.host_lengths[first:end], counts)]
+        assert max(self.host_lengths[first:end]) <= self.capacity, "a row outgrew the cache's capacity"
 
     def advance(self) -> None:
         """Every row in use holds one more token (a decode step wrote it at its old length)."""
         self.lengths[: self._rows] += 1
+        self.host_lengths = [n + 1 for n in self.host_lengths]
 
     def truncate(self, slot: int, length: int) -> None:
         """Forget slot's tokens from position `length` on (rejected draft tokens); they are overwritten later."""
         assert 0 <= slot < self._rows, f"slot {slot} is not in use ({self._rows} rows)"
-        assert 0 <= length <= int(self.lengths[slot]), f"truncating slot {slot} to {length} > {int(self.lengths[slot])}"
+        assert 0 <= length <= self.host_lengths[slot], f"truncating slot {slot} to {length} > {self.host_lengths[slot]}"
         self.lengths[slot] = length
+        self.host_lengths[slot] = length
 
     def release(self, slots: list[int]) -> list[int]:
         """The rows in `slots` leave; the last rows move into the freed slots. Returns `order` (see compaction):
         order[i] is the old slot of the row now in slot i, so callers can keep their per-row state in step."""
         order, moves = compaction(self._rows, slots)
         for src, dst in moves:
-            n = int(self.lengths[src])
+            n = self.host_lengths[src]
             self.keys[:, dst, :, :, :n] = self.keys[:, src, :, :, :n]
             self.values[:, dst, :, :n] = self.values[:, src, :, :n]
             self.lengths[dst] = n
@@ -167,6 +183,8 @@ class KVCache:
         self._rows = len(order)
         self.lengths[self._rows :] = 0
         self.offsets[self._rows :] = 0
+        self.host_lengths = [self.host_lengths[i] for i in order]
+        self.host_offsets = [self.host_offsets[i] for i in order]
         return order
 
     def clear(self) -> None:
@@ -174,6 +192,7 @@ class KVCache:
         self._rows = 0
         self.lengths.zero_()
         self.offsets.zero_()
+        self.host_lengths, self.host_offsets = [], []
 
     def set_base(self, keys: Tensor, values: Tensor) -> None:
         """Hold keys (layers, kv_heads, head_dim, P) and values (layers, kv_heads, P, head_dim) as the base; only
@@ -184,17 +203,18 @@ class KVCache:
     def rebase(self, slot: int, offset: int) -> None:
         """Slot's first `offset` tokens equal the base's (the caller knows by their prefix-cache keys): drop them
         from the slot, which then holds the rest from slot position 0, and read them from the base."""
-        n = int(self.lengths[slot])
-        assert int(self.offsets[slot]) == 0 and 0 < offset <= min(n, self.base_length), f"rebasing slot {slot} by {offset}"
+        n = self.host_lengths[slot]
+        assert self.host_offsets[slot] == 0 and 0 < offset <= min(n, self.base_length), f"rebasing slot {slot} by {offset}"
         self.keys[:, slot, :, :, : n - offset] = self.keys[:, slot, :, :, offset:n].clone()
         self.values[:, slot, :, : n - offset] = self.values[:, slot, :, offset:n].clone()
         self.lengths[slot] = n - offset
         self.offsets[slot] = offset
+        self.host_lengths[slot], self.host_offsets[slot] = n - offset, offset
 
     def read(self, slot: int, start: int, end: int) -> tuple[Tensor, Tensor]:
         """K (layers, kv_heads, head_dim, end - start) and V of slot's row at its positions start..end-1, all in the
         base or all in the slot (views, no copy)."""
-        offset = int(self.offsets[slot])
+        offset = self.host_offsets[slot]
         if end <= offset:
             return self.base_keys[..., start:end], self.base_values[:, :, start:end]
         assert start >= offset, f"positions {start}..{end} straddle slot {slot}'s base of {offset}"
@@ -202,7 +222,7 @@ class KVCache:
 
     def place(self, slot: int, start: int, keys: Tensor, values: Tensor) -> None:
         """Write K (layers, kv_heads, head_dim, n) and V at slot's row positions start.. (after its base)."""
-        offset = int(self.offsets[slot])
+        offset = self.host_offsets[slot]
         assert start >= offset, f"position {start} of slot {slot} is in its base of {offset}"
         n = values.shape[2]
         self.keys[:, slot, :, :, start - offset : start - offset + n] = keys
@@ -212,7 +232,7 @@ class KVCache:
         """A cache of another shape holding the same rows (each must fit the new capacity), for when the
         rows' lengths change enough that another split of the same memory into slots fits better."""
         assert self._rows <= slots, f"{self._rows} rows do not fit {slots} slots"
-        longest = int(self.lengths[: self._rows].max()) if self._rows else 0
+        longest = self.longest
         assert longest <= capacity, f"a row of {longest} tokens does not fit a capacity of {capacity}"
         layers, _, kv_heads, head_dim, _ = self.keys.shape
         other = KVCache(layers, kv_heads, head_dim, slots, capacity, self.keys.dtype, self.keys.device)
@@ -223,6 +243,7 @@ class KVCache:
             other.lengths[: self._rows] = self.lengths[: self._rows]
             other.offsets[: self._rows] = self.offsets[: self._rows]
             other._rows = self._rows
+            other.host_lengths, other.host_offsets = list(self.host_lengths), list(self.host_offsets)
         other.base_keys, other.base_values = self.base_keys, self.base_values
         return other
 

@@ -228,6 +228,7 @@ class LlamaRunner:
         rows = len(chunks)
         starts = cache.lengths[first : first + rows].clone()
         offsets = cache.offsets[first : first + rows]
+        host_starts = cache.host_lengths[first : first + rows]
         ids = torch.zeros((rows, tokens), dtype=torch.long)
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
@@ -236,13 +237,13 @@ class LlamaRunner:
         steps = torch.arange(tokens, device=device)
         positions = starts[:, None] + steps[None, :]  # in the slot
         real = steps[None, :] < counts[:, None]
-        base = self._base_visible(cache, offsets)
-        if not bool(starts.any()) and base is None and tokens <= cache.capacity:
+        base = self._base_visible(cache, offsets, cache.host_offsets[first : first + rows])
+        if not any(host_starts) and base is None and tokens <= cache.capacity:
             causal = torch.ones((tokens, tokens), dtype=torch.bool, device=device).tril()
             visible = causal[None, None].expand(rows, 1, tokens, tokens)
             hidden = self._layers(cache, ids, positions, positions, visible, first, None, tokens, real)
         else:
-            length = min(self.aligned(int((starts + counts).max())), cache.capacity)
+            length = min(self.aligned(max(n + len(c) for n, c in zip(host_starts, chunks))), cache.capacity)
             keys = torch.arange(length, device=device)
             visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (rows, 1, tokens, length)
             hidden = self._layers(cache, ids, positions + offsets[:, None], positions, visible, first, real, length, real, base)
@@ -259,20 +260,23 @@ class LlamaRunner:
             tokens = torch.cat([tokens, tokens.new_zeros(run - rows)])
         positions = cache.lengths[:run].clone()  # in the slot
         offsets = cache.offsets[:run]
-        length = min(self.aligned(int(positions.max()) + 1), cache.capacity)
+        length = min(self.aligned(cache.longest + 1), cache.capacity)
         visible = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]
         rotary = (positions + offsets)[:, None]
-        base = self._base_visible(cache, offsets)
+        base = self._base_visible(cache, offsets, cache.host_offsets)
         hidden = self._layers(cache, tokens[:, None], rotary, positions[:, None], visible, 0, True, length, None, base)
         cache.advance()
         return self._logits(hidden[:rows, 0])
 
     @staticmethod
-    def _base_visible(cache: KVCache, offsets: Tensor) -> Tensor | None:
-        """Which of the base's positions each row reads (rows, P), or None when no row reads any."""
-        if not cache.base_length or not bool(offsets.any()):
+    def _base_visible(cache: KVCache, offsets: Tensor, host_offsets: list[int]) -> tuple[Tensor, bool] | None:
+        """Which of the base's positions each row reads (rows, P), and whether every row reads all of them; None
+        when no row reads any. offsets (rows,) on the device; host_offsets: the same rows' (fewer: padding rows
+        read none) on the host."""
+        if not cache.base_length or not any(host_offsets):
             return None
-        return torch.arange(cache.base_length, device=offsets.device)[None, :] < offsets[:, None]
+        whole = len(host_offsets) == offsets.shape[0] and min(host_offsets) == cache.base_length
+        return torch.arange(cache.base_length, device=offsets.device)[None, :] < offsets[:, None], whole
 
     def _layers(
         self,
@@ -285,17 +289,18 @@ class LlamaRunner:
         read_cache: Tensor | bool | None,
         length: int,
         real: Tensor | None,
-        base: Tensor | None = None,
+        base: tuple[Tensor, bool] | None = None,
     ) -> Tensor:
         """The decoder stack on ids (rows, tokens) at positions rotary (rows, tokens) of their rows, written at
         positions (rows, tokens) of slots first.. (only the real ones, when real is given), then attended: the new
         K/V alone when read_cache is None, else the slots' cache over length positions, after the base positions
-        that base (rows, P) marks, read once for all rows (cascade_attention)."""
+        that base (rows, P) marks, read once for all rows (cascade_attention); base's flag: every row reads all of
+        them (no mask needed)."""
         model = self.model.model
         rows, tokens = ids.shape
         x = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(x, rotary)
-        base_mask = None if base is None or bool(base.all()) else base  # every row reads all of it: no mask
+        base_mask = None if base is None or base[1] else base[0]
         written = real if read_cache is not None and real is not None else None
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn

@@ -47,16 +47,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from workers.batch import Finished, halved, is_out_of_memory, out_of_memory_alone
 from workers.kv_cache import KVCache
 from workers.llama import LlamaRunner
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Row, RunningBatch
-from workers.speculation import Plan, SpeculationPolicy, SpeculationStats
+from workers.speculation import SpeculationPolicy, SpeculationStats, plan_step, verify_step
 from workers.types import Sample
 
 log = logging.getLogger(__name__)
@@ -70,20 +71,23 @@ MIN_SHARED = 4 * BLOCK
 
 
 @dataclass
-class Finished:
-    """A row that left the batch: its Sample, or why it failed."""
+class Admission:
+    """The rows that join at one admission, and where each one's K/V come from (Scheduler._plan_admission)."""
 
-    row: Row
-    sample: Sample | None
-    error: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    """Each joining row's positions preloaded into its slot (from the prefix cache)."""
+    offsets: list[int] = field(default_factory=list)
+    """Each joining row's positions read from the base."""
+    keys: list[list[BlockKey]] = field(default_factory=list)
+    """Each joining row's block keys (prefix cache on)."""
+    budget: int = 0
+    """The scheduler's budget once they have joined."""
 
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator failing to get memory."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    message = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    @property
+    def cached(self) -> list[int]:
+        """Each joining row's prompt tokens it does not compute (prefix cache and base)."""
+        return [start + offset for start, offset in zip(self.starts, self.offsets)]
 
 
 def slot_length(n: int) -> int:
@@ -145,6 +149,14 @@ class Scheduler:
         return len(self.batch)
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.batch.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: frozenset[int]) -> None:
+        self.batch.eos_ids = ids
+
+    @property
     def slots(self) -> int:
         """Rows the current cache shape lets run at once."""
         return self._slots_for(self.cache.capacity if self.cache is not None else MIN_CAPACITY)
@@ -196,12 +208,13 @@ class Scheduler:
         assert self.cache is not None
         rows = len(self.batch)
         started = time.perf_counter()  # drafting counts: a draft model's passes are part of what speculation costs
-        plan = self._plan()
+        plan = plan_step(self.speculation, self.batch.states) if self.speculation is not None else None
         if plan is None:
             logits = self.runner.decode(self.cache, self.batch.last_tokens())
             ended = self.batch.sample(logits)
         else:
-            ended = self._verify(plan)
+            assert self.speculation is not None
+            ended = verify_step(plan, self.runner, self.cache, self.batch, self.speculation, self.speculated)
         if self.speculation is not None:
             self.speculation.record_step(rows, 1 if plan is None else plan.width, time.perf_counter() - started)
         return ended
@@ -247,37 +260,6 @@ class Scheduler:
                 self.cache.rebase(slot, offset)
                 state.row.offset = offset
                 self.budget -= offset
-
-    def _plan(self) -> Plan | None:
-        policy = self.speculation
-        if policy is None:
-            return None
-        states = self.batch.states
-        rates = [state.acceptance.rate(policy.prior) for state in states]
-        if not policy.costly_drafts:
-            return policy.plan([state.draft(policy.max_tokens, policy.drafter) for state in states], rates)
-        ahead = policy.plan_ahead([state.draft_limit(policy.max_tokens) for state in states], rates)
-        if ahead is None:
-            return None
-        drafts = [state.draft(len(draft), policy.drafter) if draft else [] for state, draft in zip(states, ahead.drafts)]
-        return Plan(drafts) if any(drafts) else None
-
-    def _verify(self, plan: Plan) -> list[Sample | None]:
-        """Feed every row its last token and its draft in one pass; keep what matches what the row draws."""
-        assert self.cache is not None and self.speculation is not None
-        chunks = [[state.generated[-1]] + draft for state, draft in zip(self.batch.states, plan.drafts)]
-        before = self.cache.lengths[: len(chunks)].tolist()
-        logits = self.runner.verify(self.cache, chunks)
-        ended, taken = self.batch.accept(logits, plan.drafts)
-        proposed = kept = 0
-        for slot, (chunk, count) in enumerate(zip(chunks, taken)):
-            if count < len(chunk):
-                self.cache.truncate(slot, before[slot] + count)  # the rejected drafts' K/V
-            if len(chunk) > 1:
-                proposed, kept = proposed + len(chunk) - 1, kept + count - 1
-        self.speculated.add(proposed, kept)
-        self.speculation.record_verify(proposed, kept)
-        return ended
 
     # --- admission and retirement ---------------------------------------------------------------------
 
@@ -325,37 +307,38 @@ class Scheduler:
         self.cache = cache.reshaped(max(slots, self.runner.min_rows), cache.capacity)
 
     def _admit(self, finished: list[Finished]) -> None:
+        """Waiting rows join the batch when enough of them fit (see the module docstring): one prefill for the group."""
+        admission = self._plan_admission()
+        if admission is not None:
+            self._join(admission, finished)
+
+    def _plan_admission(self) -> Admission | None:
+        """Which waiting rows join now (taken off the queue), and where their K/V come from; None: none yet."""
         if not self.waiting:
-            return
+            return None
         self._choose_base()
         room = (self.slots if self.cache is not None else self.rows_limit) - self.running
         coming_rows = itertools.islice(self.waiting, max(1, room))
         if not self._fit(max(row.need - self._base_offset(row) for row in coming_rows)):
-            return
+            return None
         assert self.cache is not None
         limit = self._slots_for(self.cache.capacity)
         free = limit - self.running
         admit_at = max(1, limit // 8) if self.admit_at is None else self.admit_at
         if free <= 0 or not (free >= admit_at or not self.running or len(self.waiting) <= free):
-            return
-        group: list[Row] = []
-        starts: list[int] = []
-        """Each joining row's positions preloaded into its slot (from the prefix cache)."""
-        offsets: list[int] = []
-        """Each joining row's positions read from the base."""
-        keys_of: list[list[BlockKey]] = []
-        """Each joining row's block keys (prefix cache on)."""
+            return None
+        admission = Admission(budget=self.budget)
         later: list[Row] = []
         coming: set[int] = set()
         """Keys of the blocks this group's prefill will store in the prefix cache."""
-        budget, longest = self.budget, 0
-        while self.waiting and len(group) < free:
+        longest = 0
+        while self.waiting and len(admission.rows) < free:
             row = self.waiting[0]
             offset = self._base_offset(row)
             slot_need = row.need - offset
             if slot_need > self.cache.capacity:
                 break  # the next step reshapes the cache for it
-            if (self.running or group) and budget + slot_need > self.max_tokens:
+            if (self.running or admission.rows) and admission.budget + slot_need > self.max_tokens:
                 break
             cached, keys = 0, []
             if self.prefix is not None:
@@ -368,35 +351,39 @@ class Scheduler:
                 coming.update(key for key, _ in keys[held : self.prefix.max_blocks])
                 cached = held * BLOCK
             rest = self.runner.aligned(len(row.prompt_ids) - cached)
-            if group and (len(group) + 1) * max(longest, rest) > PREFILL_TOKENS:
+            if admission.rows and (len(admission.rows) + 1) * max(longest, rest) > PREFILL_TOKENS:
                 break
-            group.append(self.waiting.popleft())
+            admission.rows.append(self.waiting.popleft())
             row.offset = offset
-            starts.append(cached - offset)
-            offsets.append(offset)
-            keys_of.append(keys)
-            budget += slot_need
+            admission.starts.append(cached - offset)
+            admission.offsets.append(offset)
+            admission.keys.append(keys)
+            admission.budget += slot_need
             longest = max(longest, rest)
         self.waiting.extendleft(reversed(later))
-        if not group:
-            return
+        return admission if admission.rows else None
+
+    def _join(self, admission: Admission, finished: list[Finished]) -> None:
+        """The admitted rows take slots, copy their cached K/V, are prefilled together and draw their first token."""
+        group = admission.rows
         try:
             self._grow(self.running + len(group))
         except BaseException:
             self.waiting.extendleft(reversed(group))  # out of memory: the group waits again (step recovers)
             raise
-        self.budget = budget
-        cached_of = [start + offset for start, offset in zip(starts, offsets)]
+        assert self.cache is not None
+        self.budget = admission.budget
+        cached_of = admission.cached
         for row, cached in zip(group, cached_of):
             row.cached_tokens = cached
         self.batch.add(group)
-        first = self.cache.admit(starts, offsets)
+        first = self.cache.admit(admission.starts, admission.offsets)
         if self.prefix is not None:
-            for slot, (keys, cached, offset) in enumerate(zip(keys_of, cached_of, offsets), start=first):
+            for slot, (keys, cached, offset) in enumerate(zip(admission.keys, cached_of, admission.offsets), start=first):
                 self.prefix.load(self.cache, slot, keys[: cached // BLOCK], offset // BLOCK)
         logits = self.runner.extend(self.cache, first, [row.prompt_ids[cached:] for row, cached in zip(group, cached_of)])
         if self.prefix is not None:
-            for slot, (row, keys, cached) in enumerate(zip(group, keys_of, cached_of), start=first):
+            for slot, (row, keys, cached) in enumerate(zip(group, admission.keys, cached_of), start=first):
                 self.prefix.store(self.cache, slot, keys)
                 self.prefix.count(len(row.prompt_ids), cached)
         self._retire(finished, [None] * first + self.batch.sample(logits, first))
@@ -432,9 +419,8 @@ class Scheduler:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(rows) <= 1:
-            row = rows[0] if rows else self.waiting.popleft()
-            finished.append(Finished(row, None, f"out of memory with a batch of one row: {exc}"))
+            finished.append(out_of_memory_alone(rows[0] if rows else self.waiting.popleft(), exc))
             return
-        self.rows_limit = max(1, min(self.rows_limit, len(rows)) // 2)
+        self.rows_limit = halved(self.rows_limit, len(rows))
         log.warning("out of memory with %d rows running; retrying with at most %d rows", len(rows), self.rows_limit)
         self.waiting.extendleft(reversed(rows))

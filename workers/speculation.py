@@ -17,17 +17,24 @@ rows and extra positions, recent steps weighing most) and, for each step, picks 
 expected tokens per second, given each row's recent acceptance rate. With many rows on a CPU, extra positions
 cost nearly what rows do and speculation stays off; with few rows (a job's tail, a small job) it pays.
 
-In order: NgramDrafter -> Acceptance -> StepCost -> SpeculationPolicy -> SpeculationStats.
+In order: NgramDrafter -> Acceptance -> StepCost -> SpeculationPolicy -> SpeculationStats -> plan_step (the drafts
+of one step) -> verify_step (feed them, keep what matches).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy
 
 from contract.settings import Settings
+
+if TYPE_CHECKING:  # the scheduler's parts; they import this module
+    from workers.kv_cache import KVCache
+    from workers.llama import LlamaRunner
+    from workers.rows import RowState, RunningBatch
+    from workers.types import Sample
 
 SPECULATIVE_TOKENS: int = Settings.model_fields["speculative_tokens"].default
 """Most draft tokens one row proposes in one step (the speculative_tokens setting; 0 turns speculation off)."""
@@ -239,3 +246,35 @@ class SpeculationStats:
     def add(self, proposed: int, kept: int) -> None:
         self.proposed += proposed
         self.kept += kept
+
+
+def plan_step(policy: SpeculationPolicy, states: list[RowState]) -> Plan | None:
+    """The drafts the running rows (states, in slot order) feed this step; None: a plain decode step."""
+    rates = [state.acceptance.rate(policy.prior) for state in states]
+    if not policy.costly_drafts:
+        return policy.plan([state.draft(policy.max_tokens, policy.drafter) for state in states], rates)
+    ahead = policy.plan_ahead([state.draft_limit(policy.max_tokens) for state in states], rates)
+    if ahead is None:
+        return None
+    drafts = [state.draft(len(draft), policy.drafter) if draft else [] for state, draft in zip(states, ahead.drafts)]
+    return Plan(drafts) if any(drafts) else None
+
+
+def verify_step(
+    plan: Plan, runner: LlamaRunner, cache: KVCache, batch: RunningBatch, policy: SpeculationPolicy, stats: SpeculationStats
+) -> list[Sample | None]:
+    """Feed every row its last token and its draft in one pass, keep what matches what the row draws, and truncate
+    the rejected drafts' K/V; each row's Sample if it finished. Proposed and kept tokens are added to stats."""
+    chunks = [[state.generated[-1]] + draft for state, draft in zip(batch.states, plan.drafts)]
+    before = cache.host_lengths[: len(chunks)]
+    logits = runner.verify(cache, chunks)
+    ended, taken = batch.accept(logits, plan.drafts)
+    proposed = kept = 0
+    for slot, (chunk, count) in enumerate(zip(chunks, taken)):
+        if count < len(chunk):
+            cache.truncate(slot, before[slot] + count)  # the rejected drafts' K/V
+        if len(chunk) > 1:
+            proposed, kept = proposed + len(chunk) - 1, kept + count - 1
+    stats.add(proposed, kept)
+    policy.record_verify(proposed, kept)
+    return ended

@@ -1,17 +1,27 @@
 """Static batches on transformers' own forward: the decode path of architectures workers.llama does not run.
 
+StaticScheduler has the continuous scheduler's interface (workers.batch): each step() takes every waiting row,
+sorts the rows by prompt length and cuts them into batches of at most max_rows rows and max_tokens positions.
 Each batch is prefilled together (left-padded) and decoded until its last row ends; a finished row leaves the
 batch (its cache rows are dropped). Sampling goes through the same RunningBatch as the continuous path, so every
 per-row feature (seeds, filters, repetition and OpenAI penalties, logprobs, stop strings) behaves the same.
+
+In order: KVBatch -> left_pad -> decode_batch -> StaticScheduler.
 """
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from workers.batch import Finished, halved, is_out_of_memory, out_of_memory_alone
 from workers.rows import Row, RunningBatch
 from workers.types import Sample
+
+log = logging.getLogger(__name__)
 
 
 class KVBatch:
@@ -73,7 +83,6 @@ def left_pad(rows: list[Row], pad_id: int, device: torch.device) -> tuple[Tensor
     return input_ids.to(device), attention_mask.to(device)
 
 
-
 def decode_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -108,3 +117,89 @@ def decode_batch(
         logits = kv.step(batch.last_tokens())
     assert all(sample is not None for sample in samples)
     return samples  # type: ignore[return-value]
+
+
+class StaticScheduler:
+    """Waiting rows decoded in static batches by decode_batch; add(rows), step() -> finished rows (workers.batch)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        device: torch.device,
+        max_rows: int,
+        max_tokens: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.device = device
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.rows_limit = max_rows
+        self.waiting: list[Row] = []
+        self.on_step: Callable[[int, int], None] | None = None
+        """Unused: a static batch runs to its end inside one step()."""
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting
+
+    @property
+    def running(self) -> int:
+        return 0  # rows run only inside step()
+
+    def add(self, rows: list[Row]) -> None:
+        self.waiting += rows
+
+    def drop_waiting(self, unwanted: Callable[[Row], bool]) -> list[Row]:
+        dropped = [row for row in self.waiting if unwanted(row)]
+        self.waiting = [row for row in self.waiting if not unwanted(row)]
+        return dropped
+
+    def clear(self) -> list[Row]:
+        rows, self.waiting = self.waiting, []
+        return rows
+
+    def step(self) -> list[Finished]:
+        """Every waiting row, in batches; on out of memory a batch's halves run on their own."""
+        rows, self.waiting = self.waiting, []
+        finished: list[Finished] = []
+        for batch in self._batches(rows):
+            self._decode(batch, finished)
+        return finished
+
+    def _decode(self, batch: list[Row], finished: list[Finished]) -> None:
+        try:
+            samples = decode_batch(self.model, self.tokenizer, batch, self.eos_ids, self.device)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                finished.append(out_of_memory_alone(batch[0], exc))
+                return
+            log.warning("out of memory with a batch of %d rows; splitting it", len(batch))
+            self.rows_limit = halved(self.rows_limit, len(batch))
+            half = len(batch) // 2
+            self._decode(batch[:half], finished)
+            self._decode(batch[half:], finished)
+            return
+        finished += [Finished(row, sample) for row, sample in zip(batch, samples)]
+
+    def _batches(self, rows: list[Row]) -> list[list[Row]]:
+        """Rows sorted by prompt length, cut into batches of at most rows_limit rows and max_tokens positions."""
+        batches: list[list[Row]] = []
+        batch: list[Row] = []
+        longest = 0
+        for row in sorted(rows, key=lambda r: len(r.prompt_ids)):
+            if batch and (len(batch) == self.rows_limit or (len(batch) + 1) * max(longest, row.need) > self.max_tokens):
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(row)
+            longest = max(longest, row.need)
+        if batch:
+            batches.append(batch)
+        return batches
