@@ -9,6 +9,7 @@ import time
 import pytest
 
 from producer import interrupt
+from tests.helpers import wait_until
 
 
 class PressedDuringFinalizer:
@@ -54,7 +55,7 @@ def test_a_caller_s_own_handler_is_left_alone() -> None:
     try:
         with interrupt.remembering():
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            wait_until(lambda: seen, 5, "the caller's handler to run")
             interrupt.check()
         assert seen == [signal.SIGINT]
     finally:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from sqlalchemy import Engine, func, select
 
-from models.db import make_engine, session_factory
-from models.store import claim_requests
+from models.db import make_engine, session_factory, utcnow
+from models.store import claim_requests, lease_lapsed
 from models.tables import Request
 from tests.helpers import ROOT, WorkerProcess, env_for, free_port, producer, wait_for_job, wait_until, write_jsonl
 from workers import metrics
@@ -90,6 +90,12 @@ class Reconciler:
         return self.log.read()
 
 
+def lapsed(db: Engine, job_id: int) -> int:
+    """How many of the job's requests the store now counts as under a lapsed lease."""
+    with session_factory(db)() as session:
+        return session.scalar(select(func.count()).select_from(Request).where(Request.job_id == job_id, lease_lapsed(utcnow()))) or 0
+
+
 def test_reconciler_metrics_follow_lapsed_leases_lost_messages_and_the_queue(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
     """Queue depth, lapsed leases and re-sends on the reconciler's endpoint; the restarted requests on the worker's."""
     reconciler_port, worker_port = free_port(), free_port()
@@ -107,8 +113,8 @@ def test_reconciler_metrics_follow_lapsed_leases_lost_messages_and_the_queue(sql
         ids = list(session.scalars(select(Request.id).where(Request.job_id == job_id).order_by(Request.id).limit(3)))
         claimed = claim_requests(session, job_id, ids, "gone:1", lease_s=0.2)
     assert claimed is not None and len(claimed.requests) == 3
+    wait_until(lambda: lapsed(db, job_id) == 3, 30, "the three leases to lapse (the store's lease_lapsed)")
     db.dispose()
-    time.sleep(0.5)
 
     depth = ("bulkgen_queue_depth", (("model", "stand-in"),))
     reconciler = Reconciler(env)

@@ -18,7 +18,7 @@ import redis
 
 from contract.messages import queue_name
 from contract.redis_acl import PASSWORD_ENV, USERS, check_passwords, password_hash, render
-from tests.helpers import TINY, RedisServer, WorkerProcess, env_for, producer, wait_for_job, write_jsonl
+from tests.helpers import TINY, RedisServer, WorkerProcess, env_for, free_port, producer, wait_for_job, wait_until, write_jsonl
 
 PASSWORDS = {
     "submitter": "submitter-" + hashlib.sha256(b"s").hexdigest()[:24],
@@ -294,9 +294,10 @@ def test_worker_restores_unacked_messages(acl_redis: AclRedis) -> None:
         channel = worker.channel()
         message = queue(channel).get(no_ack=False)
         assert message is not None
-        time.sleep(1.5)
-        channel.qos.restore_visible(num=10)
         with acl_redis.client() as observer:
+            # the sweep kombu runs now and then, until the message has passed the visibility timeout and is back
+            wait_until(lambda: channel.qos.restore_visible(num=10, interval=1) or observer.llen(QUEUE) == 1, 30,
+                       "the sweep to restore the message unacknowledged past the visibility timeout")
             assert observer.llen(QUEUE) == 1 and observer.hlen("unacked") == 0
         again = queue(channel).get(no_ack=False)
         assert again is not None and again.payload == {"n": 1}
@@ -333,6 +334,36 @@ class FlowerLike(threading.Thread):
         self.join(15)
 
 
+def stale_requests(database_url: str, job_id: int, grace_s: float) -> int:
+    """How many of the job's queued requests the reconciler would now find last enqueued more than grace_s ago."""
+    from datetime import timedelta
+
+    from models.db import make_engine, session_factory, utcnow
+    from models.store import iter_stale_queued, open_jobs
+
+    db = make_engine(database_url)
+    try:
+        with session_factory(db)() as session:
+            job = next(job for job in open_jobs(session) if job.id == job_id)
+        return sum(len(ids) for ids in iter_stale_queued(db, job, utcnow() - timedelta(seconds=grace_s)))
+    finally:
+        db.dispose()
+
+
+def reconciler_sweeps(port: int) -> float:
+    """The sweeps a reconciler has run (done or skipped), from its metrics endpoint; 0 before it serves."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0
+    return sum(sample.value for family in text_string_to_metric_families(body) for sample in family.samples
+               if sample.name == "bulkgen_reconciler_sweeps_total")
+
+
 @pytest.mark.slow
 def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
     from contract.broker import make_app
@@ -349,6 +380,7 @@ def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
             BULKGEN_RECONCILE_INTERVAL_S="2",
             BULKGEN_RECONCILE_GRACE_S="1",
             BULKGEN_METRICS_PORT="0",
+            BULKGEN_RECONCILER_METRICS_PORT=str(reconciler_port := free_port()),  # its sweeps, counted
         )
         monitor_app = make_app(server.url_for("monitor"))
         watcher = FlowerLike(monitor_app)
@@ -362,7 +394,8 @@ def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
         # then the workers' own reconciler as the worker
         with server.client() as observer:
             assert observer.delete(QUEUE) == 1
-        time.sleep(1.5)  # past reconcile_grace_s
+        wait_until(lambda: stale_requests(sqlite_url, job_id, grace_s=1) == len(rows), 30,
+                   "the job's requests to be last enqueued more than reconcile_grace_s ago")
         swept = producer(["reconcile"], env, check=True)
         assert f"{len(rows)} requests re-enqueued" in swept.stdout, swept.stdout
         with server.client() as observer:
@@ -379,7 +412,9 @@ def test_job_end_to_end_with_acl_users(tmp_path: Path, sqlite_url: str) -> None:
         assert replies and all(reply == {"ok": "pong"} for reply in replies.values())
         with monitor_app.connection_for_read() as connection:
             assert connection.default_channel.client.llen(QUEUE) == 0
-        time.sleep(5)  # the worker's own reconciler sweeps and restore checks run meanwhile
+        # the worker's own reconciler sweeps (and kombu's restore checks run) twice more meanwhile
+        swept_so_far = reconciler_sweeps(reconciler_port)
+        wait_until(lambda: reconciler_sweeps(reconciler_port) >= swept_so_far + 2, 60, "two more sweeps of the worker's reconciler")
         watcher.stop()
         worker.stop()
         log = worker.output()

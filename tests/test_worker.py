@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from models.db import make_engine, session_factory, utcnow
+from models.db import make_engine, session_factory
+from models.store import lease_lapsed
 from models.tables import Job, Request, Result
 from producer.export import flat_records, iter_request_results, openai_line
 from producer.stats import collect
 from tests.test_engine import cache_dir, engine  # noqa: F401
+from tests.helpers import wait_until
 from tests.test_lifecycle import job_row, make_job, requests_of
 from workers.engine import Engine
 from contract.settings import Settings
@@ -95,6 +97,16 @@ def gated_worker(sqlite_url: str, lease_s: int) -> tuple[Worker, Gate]:
     return Worker(gated, session_factory(make_engine(sqlite_url)), STANDIN, "cpu", "test:1", settings), gated
 
 
+def lapsed_at(url: str, job_id: int, now: datetime) -> int:
+    """How many of the job's requests the store counts as under a lapsed lease at the moment `now`."""
+    db = make_engine(url)
+    try:
+        with session_factory(db)() as session:
+            return session.scalar(select(func.count()).select_from(Request).where(Request.job_id == job_id, lease_lapsed(now))) or 0
+    finally:
+        db.dispose()
+
+
 def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_url: str) -> None:
     worker, gated = gated_worker(sqlite_url, lease_s=2)
     job_id, ids = make_job(sqlite_url, 12)
@@ -103,8 +115,11 @@ def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_ur
             worker.handle(job_id, ids[start : start + 4])  # room for 16 waiting: each returns at once
         assert gated.entered.wait(10)
         assert sorted(worker.held_ids) == sorted(ids)
-        time.sleep(3.5)  # beyond the 2 s lease: only renewals keep it
-        now = utcnow()
+        claimed = requests_of(sqlite_url, job_id)
+        # beyond the 2 s lease: only renewals keep it (the store's lease_lapsed, asked about that moment)
+        now = max(claimed[i].started_at for i in ids).replace(tzinfo=timezone.utc) + timedelta(seconds=3.5)
+        wait_until(lambda: lapsed_at(sqlite_url, job_id, now) == 0, 30,
+                   lambda: f"renewals to carry every lease past {now}: {[r.lease_until for r in requests_of(sqlite_url, job_id).values()]}")
         rows = requests_of(sqlite_url, job_id)
         assert all(rows[i].status == "running" and rows[i].worker == "test:1" for i in ids)
         assert all(rows[i].lease_until.replace(tzinfo=now.tzinfo) > now for i in ids), [rows[i].lease_until for i in ids]
