@@ -7,6 +7,13 @@ take the argmax of the penalised logits, as transformers' greedy search does.
 A sampled row's randomness is one uniform number per step from that row's own torch.Generator, turned into a
 token by inverse-CDF lookup in vocabulary order. No draw depends on the other rows, so a request with a given
 seed yields the same tokens alone or inside any batch.
+
+Two ways to find what top-k and top-p keep, with the same result: on a CPU, rank a few best candidates
+(top_candidates: cheap there, but how many it ranks depends on the logits, so it reads them back); on a GPU,
+without sorting or reading anything back (kept_by_threshold: a fixed number of bisection passes over the
+vocabulary, each one compare and one sum, which a GPU does in microseconds and which a CUDA graph can hold).
+Which rows are greedy, filtered or plain is known on the host from their parameters (SamplingGroups), so that
+no step asks the device.
 """
 from __future__ import annotations
 
@@ -54,6 +61,40 @@ class RowParams:
         return RowParams(self.temperature[index], self.top_k[index], self.top_p[index], self.repetition_penalty[index])
 
 
+@dataclass(frozen=True)
+class SamplingGroups:
+    """Which rows of a batch are greedy, filtered (top-k or top-p) or plain samples, as index tensors on the
+    logits' device (None: no such row), and what the filtered rows need: built on the host from the rows'
+    parameters, so that choosing a path never reads the device."""
+
+    greedy: Tensor | None
+    filtered: Tensor | None
+    plain: Tensor | None
+    max_top_k: int
+    """The largest top_k of the filtered rows (0: none has one)."""
+    some_without_k: bool
+    """Some filtered row has top-p without top-k."""
+
+    @classmethod
+    def of(cls, temperature: list[float], top_k: list[int], top_p: list[float], device: torch.device) -> SamplingGroups:
+        greedy = [i for i, t in enumerate(temperature) if t == 0]
+        filtered = [i for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)) if t != 0 and (k > 0 or p < 1.0)]
+        plain = [i for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)) if t != 0 and k <= 0 and p >= 1.0]
+
+        def index(rows: list[int]) -> Tensor | None:
+            return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
+
+        return cls(
+            index(greedy), index(filtered), index(plain), max((top_k[i] for i in filtered), default=0),
+            any(top_k[i] <= 0 for i in filtered),
+        )
+
+    @classmethod
+    def of_params(cls, params: RowParams) -> SamplingGroups:
+        """From the parameter tensors themselves (reads them back: for tests and one-off calls, not for steps)."""
+        return cls.of(params.temperature.tolist(), params.top_k.tolist(), params.top_p.tolist(), params.temperature.device)
+
+
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
     """For tokens already in the row (seen, bool (rows, vocab)): logit / p if logit > 0, else logit * p."""
     p = penalty[:, None]
@@ -62,7 +103,8 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 
 
 def top_candidates(
-    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES
+    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES,
+    groups: SamplingGroups | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What top-k and then top-p keep of each row of logits / temperature, as transformers' warpers keep it.
 
@@ -77,26 +119,76 @@ def top_candidates(
     Sorting a vocabulary is slow (120 ms for 40 rows on one core), so only the `candidates` best tokens are
     ranked, and all of them again 16 times wider while some row keeps tokens beyond them. What is kept depends on
     each row's own logits and parameters only, never on `candidates` or on the other rows.
+
+    groups (of these rows): what the host knows of their top_k, so that fewer questions go to the device (this
+    path reads it anyway: the CPU's).
     """
     rows, vocab = logits.shape
     k = top_k.clamp(max=vocab)
     no_k = k == 0
+    some_without_k = bool(no_k.any()) if groups is None else groups.some_without_k
+    max_k = int(k.max()) if groups is None else min(groups.max_top_k, vocab)
     log_z_all = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
-    if bool(no_k.any()):  # top-p without top-k: probabilities over the whole row
+    if some_without_k:  # top-p without top-k: probabilities over the whole row
         log_z_all[no_k] = (logits[no_k] / temperature[no_k, None]).logsumexp(dim=-1)
-    width = min(vocab, max(candidates, int(k.max()) + 1))
+    width = min(vocab, max(candidates, max_k + 1))
     while True:
         values, index = logits.topk(width, dim=-1)
         values = values / temperature[:, None]
         in_k = no_k[:, None] | (torch.arange(width, device=logits.device)[None, :] < k[:, None])
         log_z = torch.where(no_k, log_z_all, values.masked_fill(~in_k, -math.inf).logsumexp(dim=-1))
         probs = (values - log_z[:, None]).exp().masked_fill(~in_k, 0.0)
-        last = (in_k & (probs.cumsum(dim=-1) - probs < top_p[:, None])).sum(dim=-1, keepdim=True) - 1
+        # top_p 1.0 filters nothing (as transformers skips it): a running sum that reaches 1.0 early drops no tail
+        below = (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p >= 1.0)[:, None]
+        last = (in_k & below).sum(dim=-1, keepdim=True) - 1
         kept = values >= values.gather(-1, last)
         # Complete when the list goes on past the kept tokens (ties included): nothing kept lies beyond it.
         if width == vocab or bool(kept[:, -1].logical_not().all()):
             return values, index, kept
         width = min(vocab, width * 16)
+
+
+def ordered_keys(x: Tensor) -> Tensor:
+    """float32 x as int64 keys in the same order (-0.0 and 0.0 alike, -inf lowest): bisection over them finds any
+    value exactly in 33 halvings."""
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+BISECTIONS = 33
+"""Halvings that narrow a range of int64 keys of float32 values (at most 2**33 wide) to one key."""
+
+
+def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """What top-k and then top-p keep of each row of scaled logits (logits / temperature), as a bool (rows, vocab)
+    mask: the same tokens top_candidates keeps, found without sorting and without reading the device.
+
+    Top-k keeps the tokens at or above the k-th largest value: the largest key t with count(keys >= t) >= k.
+    Top-p keeps a token while the probability of the tokens strictly above it is below top_p (ties kept alike):
+    the tokens at or above the smallest key a with mass(keys > a) < top_p. Both are found by bisection over the
+    keys (ordered_keys), BISECTIONS passes of one compare and one sum each; rows without top-k (0) or top-p (1.0)
+    keep everything for that filter. Sums are in float32 in another order than top_candidates' running sum, so a
+    token whose cut-off falls within rounding of top_p may be decided the other way (never a different law).
+    """
+    rows, vocab = scaled.shape
+    keys = ordered_keys(scaled)
+    low, high = keys.min(dim=-1).values, keys.max(dim=-1).values
+    k = top_k.clamp(max=vocab)
+    # top-k: invariant count(keys >= lo) >= k > count(keys >= hi)
+    lo, hi = low, high + 1
+    for _ in range(BISECTIONS):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        enough = (keys >= mid[:, None]).sum(dim=-1) >= k
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+    kept = (keys >= lo[:, None]) | (k <= 0)[:, None]
+    probs = scaled.float().masked_fill(~kept, -math.inf).softmax(dim=-1)
+    # top-p: invariant mass(keys > lo) >= top_p > mass(keys > hi)
+    lo, hi = low - 1, high
+    for _ in range(BISECTIONS):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        below = probs.masked_fill(keys <= mid[:, None], 0.0).sum(dim=-1) < top_p
+        lo, hi = torch.where(below, lo, mid), torch.where(below, mid, hi)
+    return kept & ((keys >= hi[:, None]) | (top_p >= 1.0)[:, None])
 
 
 def sample_candidates(values: Tensor, index: Tensor, kept: Tensor, uniform: Tensor) -> Tensor:
@@ -139,33 +231,45 @@ def sample(logits: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
 
 
 def draw_uniforms(generators: list[torch.Generator | None], device: torch.device) -> Tensor:
-    """One uniform number per row from that row's generator; 0 for rows without one (greedy rows)."""
-    draws = [float(torch.rand((), generator=g, dtype=torch.float64)) if g is not None else 0.0 for g in generators]
-    return torch.tensor(draws, dtype=torch.float64, device=device)
+    """One uniform number per row from that row's generator; 0 for rows without one (greedy rows). Drawn on the
+    host (the generators are CPU generators, so a seed gives the same text on every device) and sent, never read."""
+    draws = torch.zeros(len(generators), dtype=torch.float64)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            draws[i] = torch.rand((), generator=generator, dtype=torch.float64)
+    return draws.to(device, non_blocking=True)
 
 
-def next_tokens(logits: Tensor, params: RowParams, seen: Tensor | None, uniform: Tensor) -> Tensor:
+def next_tokens(
+    logits: Tensor, params: RowParams, seen: Tensor | None, uniform: Tensor, groups: SamplingGroups | None = None,
+    sort_free: bool = False,
+) -> Tensor:
     """The next token of every row: the argmax for greedy rows (temperature 0), a sample for the others.
 
     seen: bool (rows, vocab) of the tokens already in each row, or None when no row has a repetition penalty.
-    Rows with top-k or top-p draw among their few kept candidates; only rows without either touch the whole
-    vocabulary.
+    groups: which rows take which path (None: read from params). Rows with top-k or top-p draw among the tokens
+    they keep: found by ranking a few candidates (top_candidates), or, sort_free, by kept_by_threshold and an
+    inverse-CDF draw over the vocabulary (nothing sorted, nothing read back: what a GPU step wants).
     """
+    groups = SamplingGroups.of_params(params) if groups is None else groups
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    greedy = params.temperature == 0
-    filtered = ~greedy & ((params.top_k > 0) | (params.top_p < 1.0))
-    plain = ~greedy & ~filtered
-    if bool(greedy.any()):
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
-    if bool(filtered.any()):
-        rows = filtered.nonzero().squeeze(-1)
+    if groups.greedy is not None:
+        tokens.index_copy_(0, groups.greedy, logits.index_select(0, groups.greedy).argmax(dim=-1))
+    if groups.filtered is not None:
+        rows = groups.filtered
         p = params.select(rows)
-        values, index, kept = top_candidates(logits[rows], p.temperature, p.top_k, p.top_p)
-        tokens[rows] = sample_candidates(values, index, kept, uniform[rows])
-    if bool(plain.any()):
-        rows = plain.nonzero().squeeze(-1)
-        tokens[rows] = sample(logits[rows] / params.temperature[rows, None], uniform[rows])
+        if sort_free:
+            scaled = logits.index_select(0, rows) / p.temperature[:, None]
+            kept = kept_by_threshold(scaled, p.top_k, p.top_p)
+            drawn = sample(scaled.masked_fill(~kept, -math.inf), uniform.index_select(0, rows))
+        else:
+            values, index, kept = top_candidates(logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, groups=groups)
+            drawn = sample_candidates(values, index, kept, uniform.index_select(0, rows))
+        tokens.index_copy_(0, rows, drawn)
+    if groups.plain is not None:
+        rows = groups.plain
+        tokens.index_copy_(0, rows, sample(logits.index_select(0, rows) / params.temperature[rows, None], uniform.index_select(0, rows)))
     return tokens
