@@ -1,0 +1,55 @@
+"""bench.gpu's code path on the CPU (`--small`: tiny shapes), since CI has no GPU; and its profile arithmetic."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gpu import union_seconds, verdicts
+from tests.test_engine import _smollm2_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    assert union_seconds([(0, 10), (5, 20), (30, 40)]) == pytest.approx(30e-6)
+    assert union_seconds([(0, 100), (10, 20)]) == pytest.approx(100e-6)
+    assert union_seconds([]) == 0
+
+
+def test_the_summary_judges_only_what_was_measured():
+    records = [{"step": "tput", "shape": "1b", "rows": 256, "tok_s": 41_000.0},
+               {"step": "hf", "shape": "1b", "rows": 256, "tok_s": 5_000.0},
+               {"step": "tput", "shape": "8b", "rows": 256, "error": "OutOfMemoryError: ..."},
+               {"step": "profile", "shape": "1b", "rows": 256, "gpu_busy_fraction": 0.5, "syncs_per_step": 1.0}]
+    table = {target: (figure, verdict) for target, figure, verdict in verdicts(records, small=False)}
+    assert table["1b at 256 rows ≥ 40,000 tokens/s"] == ("41,000 tokens/s; generate 5,000", "met")
+    assert table["8b at 256 rows ≥ 20,000 tokens/s"][1] == "not measured"
+    assert table["GPU busy ≥ 85% of decode wall time (1b at 256 rows)"] == ("50%", "not met")
+    assert table["≤ 1 host synchronisation per decode step (1b at 256 rows)"] == ("1.00", "met")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="the tokenizer comes from the bundled SmolLM2 GGUF, which is not installed")
+def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--small", "--device", "cpu", "--shapes", "1b", "--steps", "tput,hf,profile", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {r["step"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"tput", "hf", "profile"}
+    assert all("error" not in r for r in records.values()), [r.get("error") for r in records.values()]
+    assert records["tput"]["tok_s"] > 0 and records["tput"]["every_row_full"]
+    assert records["tput"]["tokens"] == records["hf"]["tokens"] == 16 * 8  # every request exactly --new-tokens tokens
+    assert records["hf"]["tok_s"] > 0
+    profile = records["profile"]
+    assert profile["steps"] == 8 and profile["rows_at_end"] == 8 and profile["plain_wall_s"] > 0
+    assert profile["gpu_busy_fraction"] is None and profile["syncs_per_step"] is None  # no GPU: its fields say so
+    assert records["tput"]["device"] == "cpu" and records["tput"]["command"].startswith("python -m bench.gpu --small")
+    assert "| 1b at 256 rows ≥ 40,000 tokens/s | – | not measured (--small) |" in done.stdout
