@@ -347,6 +347,16 @@ class Recorder:
             free_memory()
 
 
+def card(device: str) -> dict[str, Any]:
+    """The card's measured bf16 8192^3 matmul rate and its free memory (CUDA only)."""
+    if not device.startswith("cuda"):
+        raise SkipStep("no CUDA device")
+    from bench.measure import matmul_rate
+
+    return dict(bf16_matmul_tflops=round(matmul_rate(device, "bfloat16", 8192, 8192, 8192) / 1e3, 1),
+                free_gib=round(torch.cuda.mem_get_info(device)[0] / 2**30, 1))
+
+
 def context(device: str, command: str, small: bool) -> dict[str, Any]:
     import transformers
 
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     lines = workload(args.prompts, args.requests, args.new_tokens)
     rec = Recorder(args.out, context(args.device, command, args.small))
+    rec.attempt("env", lambda: card(args.device))
     for name in args.shapes:
         run_shape(name, args, tokenizer, lines, rec)
     print()
