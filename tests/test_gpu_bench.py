@@ -43,7 +43,8 @@ def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     records = {r["step"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(records) == {"tput", "hf", "profile"}
+    assert set(records) == {"env", "tput", "hf", "profile"}
+    assert records["env"]["skipped"] == "no CUDA device"
     assert all("error" not in r for r in records.values()), [r.get("error") for r in records.values()]
     assert records["tput"]["tok_s"] > 0 and records["tput"]["every_row_full"]
     assert records["tput"]["tokens"] == records["hf"]["tokens"] == 16 * 8  # every request exactly --new-tokens tokens
