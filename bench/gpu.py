@@ -55,8 +55,9 @@ TOKENS_TARGETS = {("1b", 256): 40_000, ("8b", 256): 20_000}
 BUSY_TARGET = 0.85
 SYNCS_TARGET = 1.0
 
-LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
-SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+"""CUDA runtime/driver calls, matched by prefix (cudaLaunchKernelExC, versioned names)."""
 WINDOW = "bench.gpu decode steps"
 
 
@@ -111,9 +112,11 @@ def sync(device: str) -> None:
 
 
 def free_memory() -> None:
+    """Between steps: drop what the last one held, and start the next one's peak-memory count afresh."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 # --- the steps ---------------------------------------------------------------------------------------------------
@@ -221,20 +224,22 @@ def event_counts(events: list[Any], steps: int, plain_wall: float, cuda: bool) -
     """Per-step counts from the profiler's events; on CUDA the GPU-busy time and its share of the plain wall time.
 
     The share is of the unprofiled steps' wall time: the profiler slows the host, not the kernels."""
-    window = next(e.time_range for e in events if e.name == WINDOW)
-    in_window = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and window.start <= e.time_range.start <= window.end]
+    cpu_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    window = next(e.time_range for e in cpu_events if e.name == WINDOW)  # its GPU-side twin (an annotation) is no kernel
+    in_window = [e for e in cpu_events if window.start <= e.time_range.start <= window.end]
     out: dict[str, Any] = dict(aten_ops_per_step=round(sum(e.name.startswith("aten::") for e in in_window) / steps, 1))
     if not cuda:
         return out | dict(gpu_busy_s=None, gpu_busy_fraction=None, kernels_per_step=None, launches_per_step=None,
                           syncs_per_step=None, memcpy_dtoh_per_step=None, sync_calls=None)
-    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != WINDOW
+                     and not getattr(e, "is_user_annotation", False)]
     kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
     busy = union_seconds([(e.time_range.start, e.time_range.end) for e in kernels])
-    calls = {name: sum(e.name == name for e in in_window) for name in SYNC_CALLS}
+    calls = {name: sum(e.name.startswith(name) for e in in_window) for name in SYNC_CALLS}
     return out | dict(
-        gpu_busy_s=round(busy, 4), gpu_busy_fraction=round(min(1.0, busy / plain_wall), 3),
+        gpu_busy_s=round(busy, 6), gpu_busy_fraction=round(min(1.0, busy / plain_wall), 3),
         kernels_per_step=round(len(kernels) / steps, 1),
-        launches_per_step=round(sum(e.name in LAUNCH_CALLS for e in in_window) / steps, 1),
+        launches_per_step=round(sum(e.name.startswith(LAUNCH_CALLS) for e in in_window) / steps, 1),
         syncs_per_step=round(sum(calls.values()) / steps, 2),
         memcpy_dtoh_per_step=round(sum(e.name.startswith("Memcpy DtoH") for e in device_events) / steps, 2),
         sync_calls={k: v for k, v in calls.items() if v},
@@ -292,7 +297,7 @@ def measure_vllm(layers: dict[str, Any], tokenizer: PreTrainedTokenizerBase, lin
         raise SkipStep(f"vllm is not installed here ({exc})") from None
     folder = Path(tempfile.mkdtemp(prefix="bulkgen-gpu-vllm-"))
     LlamaConfig(**layers, vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16").save_pretrained(folder)
+                eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     new_tokens = lines[0]["max_new_tokens"]
     prompts = [{"prompt_token_ids": prompt_ids(tokenizer, r)} for r in to_requests(lines)]

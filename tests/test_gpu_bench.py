@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu import union_seconds, verdicts
+from types import SimpleNamespace
+
+import torch
+
+from bench.gpu import WINDOW, event_counts, union_seconds, verdicts
 from tests.test_engine import _smollm2_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +23,28 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert union_seconds([(0, 10), (5, 20), (30, 40)]) == pytest.approx(30e-6)
     assert union_seconds([(0, 100), (10, 20)]) == pytest.approx(100e-6)
     assert union_seconds([]) == 0
+
+
+def event(name: str, start: float, end: float, cuda: bool = False) -> SimpleNamespace:
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(name=name, device_type=kind, time_range=SimpleNamespace(start=start, end=end), is_user_annotation=False)
+
+
+def test_profile_counts_come_from_the_decode_window_and_the_kernels():
+    events = [
+        event("cudaLaunchKernel", 0, 1),  # before the window: not a decode step's
+        event(WINDOW, 10, 100), event(WINDOW, 10, 100, cuda=True),  # the annotation, and its GPU-side twin
+        event("aten::mm", 11, 20), event("cudaLaunchKernel", 12, 13), event("cudaLaunchKernelExC", 14, 15),
+        event("cudaStreamSynchronize", 30, 40), event("cudaMemcpyAsync", 29, 30),
+        event("gemm_kernel", 20, 60, cuda=True), event("softmax_kernel", 50, 70, cuda=True),
+        event("Memcpy DtoH (Device -> Pageable)", 70, 75, cuda=True),
+    ]
+    counts = event_counts(events, steps=2, plain_wall=100e-6, cuda=True)
+    assert counts["gpu_busy_s"] == pytest.approx(50e-6) and counts["gpu_busy_fraction"] == 0.5  # kernels 20-70, not the copy
+    assert counts["kernels_per_step"] == 1 and counts["launches_per_step"] == 1 and counts["aten_ops_per_step"] == 0.5
+    assert counts["syncs_per_step"] == 0.5 and counts["sync_calls"] == {"cudaStreamSynchronize": 1}
+    assert counts["memcpy_dtoh_per_step"] == 0.5
+    assert event_counts(events, steps=2, plain_wall=1.0, cuda=False)["syncs_per_step"] is None  # no GPU: not measured
 
 
 def test_the_summary_judges_only_what_was_measured():
