@@ -383,11 +383,12 @@ def verdicts(records: list[dict[str, Any]], small: bool) -> list[tuple[str, str,
 
     out = []
     for (shape, rows), target in TOKENS_TARGETS.items():
-        ours, hf, probe = find("tput", shape=shape, rows=rows), find("hf", shape=shape, rows=rows), find("probe", shape=shape, rows=rows)
+        ours = find("tput", shape=shape, rows=rows)
         value = ours["tok_s"] if ours else None
         figure = "–" if value is None else f"{value:,.0f} tokens/s"
-        figure += f"; generate {hf['tok_s']:,.0f}" if hf else ""
-        figure += f"; graph_probe {probe['tok_s']:,.0f}" if probe else ""
+        for step, label in (("hf", "generate"), ("probe", "graph_probe"), ("vllm", "vLLM")):
+            other = find(step, shape=shape, rows=rows)
+            figure += f"; {label} {other['tok_s']:,.0f}" if other else ""
         out.append((f"{shape} at {rows} rows ≥ {target:,} tokens/s", figure, judged(value, value is not None and value >= target)))
     for r in (r for r in records if r["step"] == "profile" and "error" not in r and "skipped" not in r):
         busy, syncs = r.get("gpu_busy_fraction"), r.get("syncs_per_step")
