@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick services clean bench bench-peers soak
+.PHONY: install demo test test-quick services clean bench bench-peers soak gpu-carry
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ bench-peers: install
 	@if test -f $(PEERS_MODEL)/config.json; then echo "$(PEERS_MODEL): already exported"; else \
 		HF_HUB_OFFLINE=1 $(PY) -m bench.peer_model --out $(PEERS_MODEL); \
 	fi
+
+# What a CUDA machine lacks to run `python -m bench.gpu` (SmolLM2's tokenizer, the workload, ~21 MiB of wheels),
+# in the git-ignored gpu/; prints the command to run there. docs/benchmarks.md, "GPU", says more.
+gpu-carry: install
+	PY=$(PY) bench/gpu_carry.sh
 
 clean:
 	rm -rf .demo bulkgen.db .pytest_cache

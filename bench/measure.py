@@ -6,7 +6,6 @@ bench.run starts each in its own process so that its peak RSS is its own. KIND i
   engine    (c) Engine.generate on every request at once, in --dtype/--quantize; then the quality guard
   aodynamic     as engine, with torch.ao's dynamic int8 (measured to choose int8; the engine does not offer it)
   pipeline  (d) producer submit -> Redis -> a real `workers start` process -> SQLite, submit to last result
-  gpu           a random ~1B Llama in bfloat16 on CUDA, fixed output lengths, vs the GPU's bf16 matmul rate
   matmul        this machine's float32/bfloat16 matrix-product rate, at the shapes of a decode step
 Each writes one JSON object to --out.
 """
@@ -378,7 +377,7 @@ def free_port_block(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
-# --- GPU and matmul rates -----------------------------------------------------------------------------------------
+# --- matmul rates -----------------------------------------------------------------------------------------------
 
 
 def matmul_rate(device: str, dtype_name: str, m: int, k: int, n: int, seconds: float = 1.0) -> float:
@@ -414,59 +413,9 @@ def matmul_mode() -> dict[str, Any]:
     return dict(flop_per_token=flop_per_token, gflops=rates)
 
 
-def gpu_run(device: str, layers: dict[str, int], lines: list[dict[str, Any]], max_batch_rows: int) -> dict[str, Any]:
-    """A random Llama of the given shape in bfloat16 on device, every request max_new_tokens long (EOS ignored)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from workers.engine import Engine
-    from workers.loader import load_gguf_tokenizer
-    from workers.registry import resolve
-
-    spec = resolve(MODEL)
-    tokenizer = load_gguf_tokenizer(spec.path, spec.gguf_file)
-    tokenizer.padding_side = "left"
-    config = LlamaConfig(**layers, vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=max_batch_rows)
-    engine.eos_ids = frozenset()  # fixed output lengths: every row runs to max_new_tokens
-    requests = to_requests(lines)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    engine.generate(to_requests(lines[:4]))
-    sync()
-    started = time.perf_counter()
-    results = engine.generate(requests)
-    sync()
-    seconds = time.perf_counter() - started
-    tokens = sum(s.completion_tokens for r in results for s in r.samples)
-    parameters = sum(p.numel() for p in model.parameters())
-    flop_per_token = 2 * (parameters - model.model.embed_tokens.weight.numel())
-    return dict(requests=len(requests), tokens=tokens, seconds=seconds, parameters=parameters,
-                flop_per_token=flop_per_token, precision="bfloat16", quantize="none")
-
-
-GPU_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
-"""TinyLlama-1.1B's shape (1.2B parameters with this vocabulary)."""
-
-
-def gpu_mode(lines: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return dict(skipped="no CUDA device on this machine")
-    out = gpu_run("cuda", GPU_1B, lines, max_batch_rows=256)
-    out["device"] = torch.cuda.get_device_name(0)
-    out["matmul_gflops"] = matmul_rate("cuda", "bfloat16", 8192, 8192, 8192)
-    out["fraction_of_matmul"] = out["tokens"] / out["seconds"] * out["flop_per_token"] / (out["matmul_gflops"] * 1e9)
-    out["rss_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["naive", "static", "engine", "aodynamic", "pipeline", "fleet", "gpu", "matmul"])
+    parser.add_argument("kind", choices=["naive", "static", "engine", "aodynamic", "pipeline", "fleet", "matmul"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompts", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=None, help="Only the first N requests.")
@@ -514,8 +463,6 @@ def main() -> None:
         prompts = Path(tempfile.mkdtemp(prefix="bulkgen-bench-")) / "fleet.jsonl"
         prompts.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "custom_id"}) + "\n" for line in many))
         result = pipeline_mode(prompts, args.dtype, args.quantize, args.broker, args.timeout, processes=2)
-    elif args.kind == "gpu":
-        result = gpu_mode(lines)
     else:
         result = matmul_mode()
     args.out.write_text(json.dumps(result))

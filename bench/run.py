@@ -10,7 +10,7 @@ parameters and seeds) it measures, each in a process of its own (so that peak RS
   (d) the whole pipeline: `producer submit` -> local Redis (an empty database index) -> a real `workers start`
       -> a temporary SQLite file, from the submit command to the last committed result, in the fastest engine
       mode that passes the quality guard
-and, where CUDA exists, a random ~1B Llama in bfloat16 on the GPU. Prefix caching: on ../shared/bench/fewshot.jsonl
+(The GPU benchmark is `python -m bench.gpu`, run apart.) Prefix caching: on ../shared/bench/fewshot.jsonl
 (192 chat requests sharing a system prompt of ~600 tokens, 64 new tokens each) the engine in bfloat16 with its prefix
 cache, without it, and vLLM's CPU build (its automatic prefix caching on); and the bench workload in bfloat16 without
 the prefix cache, against (c) with it. It prints a table and writes docs/benchmarks.md.
@@ -148,7 +148,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
     base_ppl = results.get("engine float32", {}).get("perplexity")
     rows = []
     for key, result in results.items():
-        if key in ("matmul", "gpu", FLEET) or key.startswith(("fewshot", "rewrite")) or not result or "skipped" in result:
+        if key in ("matmul", FLEET) or key.startswith(("fewshot", "rewrite")) or not result or "skipped" in result:
             continue
         if "error" in result:
             rows.append([key] + ["–"] * (len(HEADER) - 2) + [f"error: {result['error']}"])
@@ -536,22 +536,12 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
     lines += occupancy_section(results, pipeline_key)
     lines += ["## What bounds each figure, and what would move it", "", *analysis(results, verdicts, best), ""]
     lines += ["## Seeded sampling and batches", "", DETERMINISM, ""]
-    gpu = results.get("gpu", {})
-    lines += ["## GPU", ""]
-    if "skipped" in gpu or not gpu:
-        lines += [f"Not run: {gpu.get('skipped', 'no result')}. Where CUDA exists the same command runs a random Llama of",
-                  "TinyLlama's shape (1.2B parameters with this vocabulary) in bfloat16, every request exactly 128 tokens",
-                  "(EOS ignored), and reports tokens/s and the fraction of the card's measured bfloat16 8192² matmul rate.",
-                  "No GPU figures exist for this engine yet; its CUDA int8/int4 paths are written but have not been run.", ""]
-    elif "error" in gpu:
-        lines += [f"Failed: {gpu['error']}", ""]
-    else:
-        lines += [f"{gpu['device']}: random Llama with {gpu['parameters'] / 1e9:.2f}B parameters, bfloat16, "
-                  f"{gpu['requests']} requests x 128 tokens: {gpu['tokens'] / gpu['seconds']:.0f} tokens/s; "
-                  f"measured bf16 matmul {gpu['matmul_gflops'] / 1000:.0f} TFLOP/s; the engine reaches "
-                  f"{gpu['fraction_of_matmul']:.1%} of it; peak GPU memory {gpu['rss_mib']:.0f} MiB.", ""]
+    lines += ["## GPU", "", GPU_NOTE, ""]
     return "\n".join(lines)
 
+
+GPU_NOTE = ("Not part of `make bench`: the GPU benchmark is `python -m bench.gpu` on a CUDA machine (see \"GPU\" under "
+            "*Measured apart from `make bench`* below).")
 
 BY_HAND = "<!-- measured apart from bench.run: it keeps everything below this line when it writes the report -->"
 
@@ -573,7 +563,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, static-path, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul, gpu (comma-separated).")
+                        "naive, static, static-path, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -646,7 +636,6 @@ def main() -> None:
         d = results[best]
         results[FLEET] = child("fleet", tmp, prompts, "--dtype", d["precision"], "--quantize", d["quantize"], "--broker", args.broker)
     results["matmul"] = {} if "matmul" in skip else child("matmul", tmp, prompts)
-    results["gpu"] = {"skipped": "--skip gpu"} if "gpu" in skip else child("gpu", tmp, prompts, requests=args.requests)
     wall = time.perf_counter() - started
 
     print()

@@ -1,17 +1,13 @@
-"""The benchmark's own logic: token counting, transformers' arguments, targets, the report, the GPU mode's code path
-(run here on the CPU with a tiny shape, since no GPU is at hand)."""
+"""The benchmark's own logic: token counting, transformers' arguments, targets, the report (bench.gpu: test_gpu_bench)."""
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest
-
 from bench import run
-from bench.measure import gpu_run, hf_kwargs
+from bench.measure import hf_kwargs
 from bench.workload import real_tokens, to_requests
-from tests.test_engine import _smollm2_available, cache_dir  # noqa: F401
 from workers.types import SamplingParams
 
 LINES = [
@@ -49,7 +45,6 @@ def test_targets_are_judged_on_ratios_within_the_run():
         "naive": {"tokens": 40, "seconds": 1.0, "requests": 32},
         "static": {"tokens": 100, "seconds": 1.0},
         "pipeline bfloat16": {"tokens": 800, "seconds": 1.0, "rss_mib": 2100, "precision": "bfloat16", "quantize": "none"},
-        "gpu": {"skipped": "no CUDA device on this machine"},
     }
     verdicts = {target: met for _, target, met, _ in run.judge(results, "engine bfloat16", "pipeline bfloat16")}
     assert verdicts["engine float32 ≥ 1.5× (b)"] is True  # 3.0x
@@ -61,17 +56,8 @@ def test_targets_are_judged_on_ratios_within_the_run():
     text = run.report(results, {"cpu": "AMD EPYC", "cpus": "2", "simd": "avx512_bf16", "torch": "2.13", "cuda": "none"},
                       "python -m bench.run", "engine bfloat16", "pipeline bfloat16", 60.0)
     assert "| engine bfloat16 | bfloat16 | none |" in text and "**missed**" in text
-    assert "Not run: no CUDA device on this machine" in text
+    assert "the GPU benchmark is `python -m bench.gpu`" in text
     assert "(d) vs (c)" in text and "Peak RSS" in text  # the missed targets are explained
-
-
-def test_the_gpu_modes_code_runs_with_fixed_output_lengths(cache_dir):  # noqa: F811
-    if not _smollm2_available():
-        pytest.skip("the random model takes its tokenizer from the bundled SmolLM2 GGUF, which is not installed")
-    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    out = gpu_run("cpu", tiny, LINES, max_batch_rows=4)
-    assert out["tokens"] == 6 + 9 + 4  # every row runs to max_new_tokens, EOS or not
-    assert out["flop_per_token"] < 2 * out["parameters"]
 
 
 def test_the_pipeline_is_compared_with_the_engine_runs_before_and_after_it():

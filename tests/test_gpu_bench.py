@@ -1,0 +1,82 @@
+"""bench.gpu's code path on the CPU (`--small`: tiny shapes), since CI has no GPU; and its profile arithmetic."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from types import SimpleNamespace
+
+import torch
+
+from bench.gpu import WINDOW, event_counts, union_seconds, verdicts
+from tests.test_engine import _smollm2_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    assert union_seconds([(0, 10), (5, 20), (30, 40)]) == pytest.approx(30e-6)
+    assert union_seconds([(0, 100), (10, 20)]) == pytest.approx(100e-6)
+    assert union_seconds([]) == 0
+
+
+def event(name: str, start: float, end: float, cuda: bool = False) -> SimpleNamespace:
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(name=name, device_type=kind, time_range=SimpleNamespace(start=start, end=end), is_user_annotation=False)
+
+
+def test_profile_counts_come_from_the_decode_window_and_the_kernels():
+    events = [
+        event("cudaLaunchKernel", 0, 1),  # before the window: not a decode step's
+        event(WINDOW, 10, 100), event(WINDOW, 10, 100, cuda=True),  # the annotation, and its GPU-side twin
+        event("aten::mm", 11, 20), event("cudaLaunchKernel", 12, 13), event("cudaLaunchKernelExC", 14, 15),
+        event("cudaStreamSynchronize", 30, 40), event("cudaMemcpyAsync", 29, 30),
+        event("gemm_kernel", 20, 60, cuda=True), event("softmax_kernel", 50, 70, cuda=True),
+        event("Memcpy DtoH (Device -> Pageable)", 70, 75, cuda=True),
+    ]
+    counts = event_counts(events, steps=2, plain_wall=100e-6, cuda=True)
+    assert counts["gpu_busy_s"] == pytest.approx(50e-6) and counts["gpu_busy_fraction"] == 0.5  # kernels 20-70, not the copy
+    assert counts["kernels_per_step"] == 1 and counts["launches_per_step"] == 1 and counts["aten_ops_per_step"] == 0.5
+    assert counts["syncs_per_step"] == 0.5 and counts["sync_calls"] == {"cudaStreamSynchronize": 1}
+    assert counts["memcpy_dtoh_per_step"] == 0.5
+    assert event_counts(events, steps=2, plain_wall=1.0, cuda=False)["syncs_per_step"] is None  # no GPU: not measured
+
+
+def test_the_summary_judges_only_what_was_measured():
+    records = [{"step": "tput", "shape": "1b", "rows": 256, "tok_s": 41_000.0},
+               {"step": "hf", "shape": "1b", "rows": 256, "tok_s": 5_000.0},
+               {"step": "tput", "shape": "8b", "rows": 256, "error": "OutOfMemoryError: ..."},
+               {"step": "profile", "shape": "1b", "rows": 256, "gpu_busy_fraction": 0.5, "syncs_per_step": 1.0}]
+    table = {target: (figure, verdict) for target, figure, verdict in verdicts(records, small=False)}
+    assert table["1b at 256 rows ≥ 40,000 tokens/s"] == ("41,000 tokens/s; generate 5,000", "met")
+    assert table["8b at 256 rows ≥ 20,000 tokens/s"][1] == "not measured"
+    assert table["GPU busy ≥ 85% of decode wall time (1b at 256 rows)"] == ("50%", "not met")
+    assert table["≤ 1 host synchronisation per decode step (1b at 256 rows)"] == ("1.00", "met")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="the tokenizer comes from the bundled SmolLM2 GGUF, which is not installed")
+def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--small", "--device", "cpu", "--shapes", "1b", "--steps", "tput,hf,profile", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {r["step"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"env", "tput", "hf", "profile"}
+    assert records["env"]["skipped"] == "no CUDA device"
+    assert all("error" not in r for r in records.values()), [r.get("error") for r in records.values()]
+    assert records["tput"]["tok_s"] > 0 and records["tput"]["every_row_full"]
+    assert records["tput"]["tokens"] == records["hf"]["tokens"] == 16 * 8  # every request exactly --new-tokens tokens
+    assert records["hf"]["tok_s"] > 0
+    profile = records["profile"]
+    assert profile["steps"] == 8 and profile["rows_at_end"] == 8 and profile["plain_wall_s"] > 0
+    assert profile["gpu_busy_fraction"] is None and profile["syncs_per_step"] is None  # no GPU: its fields say so
+    assert records["tput"]["device"] == "cpu" and records["tput"]["command"].startswith("python -m bench.gpu --small")
+    assert "| 1b at 256 rows ≥ 40,000 tokens/s | – | not measured (--small) |" in done.stdout
