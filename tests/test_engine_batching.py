@@ -211,3 +211,13 @@ def test_smollm2_float32_seeded_requests_give_the_same_text_alone_and_in_a_batch
     assert max(recorder.decodes) == 64
     for i in (0, 13, 37, 62):  # sampled with each filter, and greedy
         assert engine.generate([requests[i]])[0] == together[i], i
+
+
+def test_an_engine_can_be_cleared_outside_inference_mode(engine: Engine):  # noqa: F811
+    """A worker clears its engine after an error, from plain code: the cache's inference tensors must not refuse it."""
+    busy = fresh(engine)
+    busy.submit("a", GenerationRequest(greedy(20), prompt=PROMPTS[0]))
+    busy.step()
+    assert busy.running_rows == 1
+    assert busy.clear() == ["a"] and busy.idle and busy.running_rows == 0
+    assert busy.generate([GenerationRequest(greedy(3), prompt=PROMPTS[1])])[0].error is None

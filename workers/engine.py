@@ -267,6 +267,7 @@ class Engine:
             self._row_gone(row.request)
         self._ready = [(key, result) for key, result in self._ready if key not in keys]
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors: zeroing them needs the same mode
     def clear(self) -> list[Hashable]:
         """Forget everything submitted (after an error the caller hands it all back); returns the keys."""
         keys = list(self._flights) + [key for key, _ in self._ready]
