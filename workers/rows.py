@@ -20,8 +20,9 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.finish import finish
 from workers.prefix_cache import BlockKey
-from workers.sampling import RowParams, draw_uniforms, next_tokens
+from workers.sampling import RowParams, SamplingGroups, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
+from workers.syncs import host_read
 from workers.types import Sample, SamplingParams
 
 SEED_LIMIT = 2**31
@@ -118,14 +119,26 @@ class RunningBatch:
     Per-row parameters are (rows,) tensors; the repetition-penalty mask (bool) and the generated-token counts
     (float) are (rows, vocab) tensors, allocated only while some row needs them. Rows join with add() and
     leave with keep(order), which follows the cache's own compaction.
+
+    A draw asks the device once (workers.syncs.host_read) for its tokens and logprobs; each row's latest token
+    stays on the device too (last), for the next decode step to feed. sort_free (default: on CUDA) finds what
+    top-k and top-p keep without sorting or reading the device (workers.sampling.kept_by_threshold).
     """
 
-    def __init__(self, vocab: int, device: torch.device, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int]) -> None:
+    def __init__(
+        self, vocab: int, device: torch.device, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int],
+        sort_free: bool | None = None,
+    ) -> None:
         self.vocab = vocab
         self.device = device
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.sort_free = device.type == "cuda" if sort_free is None else sort_free
         self.states: list[RowState] = []
+        self.last = torch.zeros(0, dtype=torch.long, device=device)
+        """Each row's latest token (rows,), on the device."""
+        self._groups: SamplingGroups | None = None
+        """Which rows sample how, for the whole batch (rebuilt when rows come or go)."""
         self.params = RowParams.build([], [], [], [], device)
         self.frequency = torch.zeros(0, dtype=torch.float32, device=device)
         self.presence = torch.zeros(0, dtype=torch.float32, device=device)
@@ -142,6 +155,8 @@ class RunningBatch:
         states = [start_row(row) for row in rows]
         first = len(self.states)
         self.states += states
+        self.last = torch.cat([self.last, self.last.new_zeros(len(rows))])
+        self._groups = None
         added = RowParams.build(
             [r.params.temperature for r in rows], [r.params.top_k for r in rows], [r.params.top_p for r in rows],
             [r.params.repetition_penalty for r in rows], self.device,
@@ -168,6 +183,8 @@ class RunningBatch:
             return
         index = torch.tensor(order, dtype=torch.long, device=self.device)
         self.states = [self.states[i] for i in order]
+        self.last = self.last[index]
+        self._groups = None
         self.params = self.params.select(index)
         self.frequency, self.presence = self.frequency[index], self.presence[index]
         if self.seen is not None:
@@ -177,6 +194,8 @@ class RunningBatch:
 
     def clear(self) -> None:
         self.states = []
+        self.last = self.last[:0]
+        self._groups = None
         self.params = RowParams.build([], [], [], [], self.device)
         self.frequency = self.frequency[:0]
         self.presence = self.presence[:0]
@@ -221,6 +240,7 @@ class RunningBatch:
         each row's Sample if it is done (None if not)."""
         states = [self.states[slot] for slot in slots]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        whole = contiguous and slots[0] == 0 and len(slots) == len(self.states)
         at: slice | Tensor = (
             slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, dtype=torch.long, device=self.device)
         )
@@ -231,15 +251,22 @@ class RunningBatch:
             logits = logits - penalty.to(logits.dtype)
         params = RowParams(*(t[at] for t in _fields(self.params)))
         seen = self.seen[at] if self.seen is not None else None
-        tokens = next_tokens(logits, params, seen, draw_uniforms([s.generator for s in states], self.device))
-        at = torch.tensor(slots, dtype=torch.long, device=self.device)
+        groups = self.groups if whole else self._groups_of(states)
+        uniform = draw_uniforms([s.generator for s in states], self.device)
+        tokens = next_tokens(logits, params, seen, uniform, groups, self.sort_free)
+        index = torch.tensor(slots, dtype=torch.long, device=self.device) if not isinstance(at, Tensor) else at
         if self.seen is not None:
-            self.seen[at, tokens] = True
+            self.seen[index, tokens] = True
         if self.counts is not None:
-            self.counts[at, tokens] += 1
-        self._record_logprobs(raw, tokens, states)
+            self.counts[index, tokens] += 1
+        self.last[at] = tokens
+        wanted = [i for i, s in enumerate(states) if s.row.params.logprobs]
+        host = host_read(tokens, *self._logprobs(raw, tokens, wanted, states))
+        generated = host[0]
+        if wanted:
+            self._record_logprobs(generated, host[1:], wanted, states)
         finished: list[Sample | None] = []
-        for state, token in zip(states, tokens.tolist()):
+        for state, token in zip(states, generated):
             state.generated.append(token)
             sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
             if sample is not None and state.row.params.logprobs:
@@ -247,32 +274,50 @@ class RunningBatch:
             finished.append(sample)
         return finished
 
+    @property
+    def groups(self) -> SamplingGroups:
+        """Which rows of the whole batch sample how (built on the host once per change of rows)."""
+        if self._groups is None:
+            self._groups = self._groups_of(self.states)
+        return self._groups
+
+    def _groups_of(self, states: list[RowState]) -> SamplingGroups:
+        params = [s.row.params for s in states]
+        return SamplingGroups.of(
+            [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params], self.device
+        )
+
     def last_tokens(self) -> Tensor:
-        """Each running row's latest token (rows,): what the next decode step feeds."""
-        return torch.tensor([s.generated[-1] for s in self.states], dtype=torch.long, device=self.device)
+        """Each running row's latest token (rows,): what the next decode step feeds (on the device, never read)."""
+        return self.last
 
     def _tensor(self, values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def _record_logprobs(self, raw: Tensor, tokens: Tensor, states: list[RowState]) -> None:
-        """For rows that ask: the chosen token's log-probability and the top_logprobs most likely tokens, under the
-        model's own distribution (raw logits, before penalties, temperature and filters, as vLLM reports them)."""
-        wanted = [i for i, s in enumerate(states) if s.row.params.logprobs]
+    @staticmethod
+    def _logprobs(raw: Tensor, tokens: Tensor, wanted: list[int], states: list[RowState]) -> list[Tensor]:
+        """For the rows at `wanted` (positions in raw): the chosen token's log-probability, and the values and ids of
+        the most likely tokens (as many as the most any of them asks), under the model's own distribution (raw
+        logits, before penalties, temperature and filters, as vLLM reports them); nothing when no row asks."""
         if not wanted:
-            return
+            return []
         index = torch.tensor(wanted, dtype=torch.long, device=raw.device)
-        logprobs = raw[index].float().log_softmax(dim=-1)
-        chosen = logprobs.gather(-1, tokens[index][:, None]).squeeze(-1).tolist()
+        logprobs = raw.index_select(0, index).float().log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, tokens.index_select(0, index)[:, None]).squeeze(-1)
         width = max(states[i].row.params.top_logprobs for i in wanted)
-        top = logprobs.topk(width, dim=-1) if width else None
+        top = logprobs.topk(width, dim=-1)
+        return [chosen, top.values, top.indices]
+
+    def _record_logprobs(self, tokens: list[int], read: list[Any], wanted: list[int], states: list[RowState]) -> None:
+        """Append each asking row's logprobs entry, from what _logprobs computed (read back as lists)."""
+        chosen, top_values, top_ids = read
         decode = self.tokenizer.decode
         for j, i in enumerate(wanted):
             state = states[i]
             keep = state.row.params.top_logprobs
-            entry: dict[str, Any] = {"token": decode([int(tokens[i])]), "logprob": chosen[j], "top_logprobs": []}
-            if top is not None and keep:
-                for value, candidate in zip(top.values[j, :keep].tolist(), top.indices[j, :keep].tolist()):
-                    entry["top_logprobs"].append({"token": decode([candidate]), "logprob": value})
+            entry: dict[str, Any] = {"token": decode([tokens[i]]), "logprob": chosen[j], "top_logprobs": []}
+            for value, candidate in zip(top_values[j][:keep], top_ids[j][:keep]):
+                entry["top_logprobs"].append({"token": decode([candidate]), "logprob": value})
             state.logprobs.append(entry)
 
 
