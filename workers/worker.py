@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.errors import WrongModel
 from contract.logs import about
 from contract.policy import RELEASE_WITHIN_S, STORE_REFUSED, TransientError, storable, with_store_retry
 from models.db import utcnow
@@ -211,7 +212,7 @@ class Worker:
                             self.settings.max_attempts, extra=about(job_id, claimed.gave_up))
             if claimed.model != self.model:
                 self._release([r.id for r in claimed.requests], f"this worker holds model {self.model!r}")
-                raise RuntimeError(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
+                raise WrongModel(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
             self._accept(claimed)
             claimed_count += len(claimed.requests)
             log.info("job %d: claimed %d requests", job_id, len(claimed.requests),
