@@ -38,7 +38,7 @@ from contract.errors import WrongModel
 from contract.logs import about
 from contract.policy import RELEASE_WITHIN_S, STORE_REFUSED, TransientError, storable, with_store_retry
 from models.db import utcnow
-from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
+from models.store import Claim, Outcome, ResultRow, claim_requests, record_outcomes, release_requests, renew_leases
 from models.tables import Request
 from workers import metrics
 from contract.settings import Settings
@@ -519,34 +519,34 @@ class Worker:
         if result.error is not None:
             return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, error=result.error)
         occupancy = self._mean_occupancy(h)
-        rows = []
+        rows: list[ResultRow] = []
         for index, sample in enumerate(result.samples):
             params = h.generation.params.to_dict() | {"seed": sample.seed}
             rows.append(
-                {
-                    "request_id": h.request.id,
-                    "job_id": h.job_id,
-                    "sample_index": index,
-                    "text": storable(sample.text),
-                    "finish_reason": sample.finish_reason,
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": sample.completion_tokens,
-                    "params": params,
-                    "seed": sample.seed,
-                    "model": self.model,
-                    "dtype": self.engine.dtype,
-                    "quantization": self.engine.quantize,
-                    "worker_host": self.worker,
-                    "device": self.device,
-                    "started_at": h.started_at or h.claimed_at,
-                    "finished_at": finished_at,
-                    "generation_seconds": seconds,
-                    "logprobs": sample.logprobs,
-                    "batch_occupancy": occupancy,
-                    "cached_prompt_tokens": sample.cached_tokens,
-                    "draft_tokens": sample.draft_tokens,
-                    "accepted_draft_tokens": sample.accepted_tokens,
-                }
+                ResultRow(
+                    request_id=h.request.id,
+                    job_id=h.job_id,
+                    sample_index=index,
+                    text=storable(sample.text),
+                    finish_reason=sample.finish_reason,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=sample.completion_tokens,
+                    params=params,
+                    seed=sample.seed,
+                    model=self.model,
+                    dtype=self.engine.dtype,
+                    quantization=self.engine.quantize,
+                    worker_host=self.worker,
+                    device=self.device,
+                    started_at=h.started_at or h.claimed_at,
+                    finished_at=finished_at,
+                    generation_seconds=seconds,
+                    logprobs=sample.logprobs,
+                    batch_occupancy=occupancy,
+                    cached_prompt_tokens=sample.cached_tokens,
+                    draft_tokens=sample.draft_tokens,
+                    accepted_draft_tokens=sample.accepted_tokens,
+                )
             )
         metrics.GENERATION.labels(self.model).observe(seconds)
         return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, results=rows)
