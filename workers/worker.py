@@ -253,7 +253,7 @@ class Worker:
             try:
                 self.engine = self._wrap(self._load())
                 self.engine.on_step(self._observe_step)  # type: ignore[attr-defined]
-            except BaseException as exc:  # the process cannot work without its model: init_process re-raises it
+            except BaseException as exc:  # the process cannot work without its model: wait_loaded re-raises it
                 self._load_error = exc
                 return
             finally:
