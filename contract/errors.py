@@ -85,6 +85,10 @@ class ResumeRefused(BulkgenError):
     """`submit --resume JOB` was given another input than the job's, or the job cannot be resumed."""
 
 
+class WrongModel(BulkgenError, RuntimeError):
+    """A message's job wants another model than the one this worker holds (its requests are handed back)."""
+
+
 class EnqueueInterrupted(BulkgenError):
     """The job is stored but sending its messages stopped; `producer submit FILE --resume JOB` finishes it."""
 

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from contract.errors import BulkgenError
+
 GENERATE_TASK = "bulkgen.generate"
 """The name of the one task; only the name travels, so both sides must run the same code."""
 
@@ -23,7 +25,7 @@ def queue_name(model: str) -> str:
     return "gen." + re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/"))
 
 
-class BadMessage(ValueError):
+class BadMessage(BulkgenError, ValueError):
     """A message that is not a well-formed bulkgen.generate envelope."""
 
 

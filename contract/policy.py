@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from contract.errors import BulkgenError
+
 log = logging.getLogger("bulkgen.policy")
 T = TypeVar("T")
 
@@ -57,7 +59,7 @@ def storable(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
-class TransientError(Exception):
+class TransientError(BulkgenError):
     """The store stayed unreachable for the whole retry window (1): the work is handed back, never failed."""
 
 

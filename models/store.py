@@ -6,10 +6,10 @@ so a redelivered message never duplicates a row or double-counts a token.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
@@ -21,7 +21,7 @@ from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatu
 OPEN_JOB_STATES = (JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING)
 
 
-def insert_ignore(connection: Connection | Session, table: Any, rows: Sequence[dict[str, Any]], keys: list[str]) -> None:
+def insert_ignore(connection: Connection | Session, table: Any, rows: Sequence[Mapping[str, Any]], keys: list[str]) -> None:
     """INSERT ... ON CONFLICT (keys) DO NOTHING, on SQLite and PostgreSQL alike."""
     if not rows:
         return
@@ -226,13 +226,41 @@ def release_requests(session: Session, request_ids: Sequence[int], worker: str, 
     return ids
 
 
+class ResultRow(TypedDict):
+    """One sample of a request as it is written to `results`: models.tables.Result's columns but its id."""
+
+    request_id: int
+    job_id: int
+    sample_index: int
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    params: dict[str, Any]
+    """The sampling parameters actually used, with this sample's seed."""
+    seed: int | None
+    model: str
+    dtype: str
+    quantization: str
+    worker_host: str
+    device: str
+    started_at: datetime
+    finished_at: datetime
+    generation_seconds: float
+    logprobs: list[dict[str, Any]] | None
+    batch_occupancy: float | None
+    cached_prompt_tokens: int | None
+    draft_tokens: int | None
+    accepted_draft_tokens: int | None
+
+
 @dataclass
 class Outcome:
     """What one request produced: its result rows, or the reason it failed."""
 
     request_id: int
     prompt_tokens: int = 0
-    results: list[dict[str, Any]] = field(default_factory=list)
+    results: list[ResultRow] = field(default_factory=list)
     error: str | None = None
 
 

@@ -126,6 +126,15 @@ def test_what_the_sender_puts_in_redis_decodes_there(broker_url: str) -> None:
 
 # --- errors: raised by the library, one clean line from the CLI -------------------------------------
 
+def test_the_errors_raised_on_purpose_outside_contract_errors_are_bulkgen_errors_too() -> None:
+    from contract.errors import BulkgenError, WrongModel
+    from contract.policy import TransientError
+
+    assert issubclass(TransientError, BulkgenError) and issubclass(WrongModel, BulkgenError)
+    assert issubclass(BadMessage, BulkgenError) and issubclass(BadMessage, ValueError)  # decode_kombu catches ValueError
+    assert issubclass(WrongModel, RuntimeError)  # what the worker raised before
+
+
 def test_an_unreachable_broker_is_one_line_without_its_password(sqlite_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.helpers import free_port
 

@@ -1,7 +1,7 @@
 """The reconciler in the workers: one sweep (contract.reconcile) per interval across the fleet.
 
-Each worker's main process runs a FleetReconciler thread; per interval, the worker that takes the Redis
-lock sweeps. The sweep itself, and what `producer reconcile` runs, is contract.reconcile.
+Each worker's main process runs a FleetReconciler thread (its workers.runner.WorkerProcess starts it); per
+interval, the worker that takes the Redis lock sweeps. The sweep itself, and what `producer reconcile` runs, is contract.reconcile.
 
 Every reconciler (each worker's, and `producer reconcile --loop`) serves its metrics (workers.metrics'
 contract.reconcile_metrics) on BULKGEN_RECONCILER_METRICS_PORT (+ N for a worker on cuda:N): what its sweeps did,
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from contract import reconcile_metrics
 from contract.reconcile import sweep, take_lock
-from contract.settings import Settings, get_settings
+from contract.settings import Settings
 from models.db import make_engine
 
 if TYPE_CHECKING:
@@ -66,20 +66,3 @@ class FleetReconciler(threading.Thread):
 def gpu_offset(device: str) -> int:
     """N for cuda:N, else 0: the offset of a worker's reconciler metrics port, as of its pool's."""
     return int(device.split(":")[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0
-
-
-_fleet: FleetReconciler | None = None
-
-
-def start_fleet_reconciler(app: Celery) -> None:
-    global _fleet
-    settings = get_settings()
-    if settings.reconcile_interval_s <= 0 or _fleet is not None:
-        return
-    _fleet = FleetReconciler(app, settings)
-    _fleet.start()
-
-
-def stop_fleet_reconciler() -> None:
-    if _fleet is not None:
-        _fleet.stopping.set()

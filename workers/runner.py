@@ -1,5 +1,6 @@
-"""A worker process's start: load the model once, connect to the store, make its one Worker (workers.worker).
-What is retried and for how long is contract.policy's."""
+"""A worker process's part of the worker, one WorkerProcess per process (`this_process()`): in a pool child, its
+one Worker (workers.worker), made after fork: load the model once, connect to the store; in the main process,
+the fleet's reconciler thread (workers.reconcile). What is retried and for how long is contract.policy's."""
 from __future__ import annotations
 
 import logging
@@ -14,51 +15,99 @@ from contract import registry
 from models.store import record_outcomes
 from workers import faults, metrics
 from contract.settings import Settings, get_settings
+from workers.reconcile import FleetReconciler
 from workers.worker import Worker
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from workers.engine import Engine
     from workers.standin import StandInEngine
 
 log = logging.getLogger("bulkgen.worker")
-__all__ = ["TransientError", "init_process", "run_batch", "shutdown_process"]
-
-_worker: Worker | None = None
+__all__ = ["TransientError", "WorkerProcess", "this_process"]
 
 
-def init_process() -> Worker:
-    """Load the model and connect to the store; runs once per worker process, after fork.
+class WorkerProcess:
+    """What one process of a worker holds: its Worker (a pool child's, or a solo pool's) and its fleet reconciler
+    (the main process's). Made once per process by this_process(); workers.tasks' hooks drive it."""
 
-    The store's engine is created here, in the pool child, never inherited from the parent.
-    """
-    global _worker
-    if _worker is not None:
-        return _worker
-    settings = get_settings()
-    db = make_engine(settings.database_url)
-    with_store_retry(lambda: check_schema(db), within_s=min(settings.db_retry_s, 120))
-    spec = registry.resolve(settings.model)
-    started = time.perf_counter()
-    hooks = {}
-    if faults.wanted():  # tests/faults/ only: the production path holds no test code
-        hooks = {"wrap_engine": faults.FaultyEngine, "record": faults.crashing_after_commit(record_outcomes)}
-    worker = Worker(
-        engine=None,
-        sessions=session_factory(db),
-        model=spec.name,
-        device=settings.device,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
-        settings=settings,
-        load=lambda: _load_engine(spec, settings),
-        **hooks,
-    )
-    worker.wait_loaded()  # the model is loaded before the process takes a task
-    load_s = time.perf_counter() - started
-    log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, load_s)
-    metrics.MODEL_LOAD.labels(spec.name, settings.device).set(load_s)
-    metrics.serve(settings.metrics_port, _metrics_offset(settings.device))
-    _worker = worker
-    return _worker
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        """The process it belongs to: a child forked later inherits the object, and makes its own."""
+        self.worker: Worker | None = None
+        """None until start_worker has loaded the model (and always in a prefork pool's main process)."""
+        self.reconciler: FleetReconciler | None = None
+        """The fleet reconciler thread, once start_reconciler has started it."""
+
+    @property
+    def model(self) -> str:
+        """The model this process's Worker holds; "unknown" before it has one (the start found the store down)."""
+        return self.worker.model if self.worker is not None else "unknown"
+
+    def start_worker(self) -> Worker:
+        """Load the model and connect to the store, once; runs in each pool child, after fork.
+
+        The store's engine is created here, in the pool child, never inherited from the parent.
+        """
+        if self.worker is not None:
+            return self.worker
+        settings = get_settings()
+        db = make_engine(settings.database_url)
+        with_store_retry(lambda: check_schema(db), within_s=min(settings.db_retry_s, 120))
+        spec = registry.resolve(settings.model)
+        started = time.perf_counter()
+        hooks = {}
+        if faults.wanted():  # tests/faults/ only: the production path holds no test code
+            hooks = {"wrap_engine": faults.FaultyEngine, "record": faults.crashing_after_commit(record_outcomes)}
+        worker = Worker(
+            engine=None,
+            sessions=session_factory(db),
+            model=spec.name,
+            device=settings.device,
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+            settings=settings,
+            load=lambda: _load_engine(spec, settings),
+            **hooks,
+        )
+        worker.wait_loaded()  # the model is loaded before the process takes a task
+        load_s = time.perf_counter() - started
+        log.info("loaded model %s on %s (%s) in %.1fs", spec.name, settings.device, settings.dtype, load_s)
+        metrics.MODEL_LOAD.labels(spec.name, settings.device).set(load_s)
+        metrics.serve(settings.metrics_port, _metrics_offset(settings.device))
+        self.worker = worker
+        return worker
+
+    def run_batch(self, job_id: int, request_ids: list[int]) -> int:
+        """The task's body: hand one message's requests to this process's Worker; how many it claimed."""
+        return self.start_worker().handle(job_id, request_ids)
+
+    def shutdown_worker(self) -> None:
+        """The pool process is exiting: finish and record what its Worker holds."""
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    def start_reconciler(self, app: Celery) -> None:
+        """Start the fleet reconciler thread, once; none when reconcile_interval_s is 0."""
+        settings = get_settings()
+        if settings.reconcile_interval_s <= 0 or self.reconciler is not None:
+            return
+        self.reconciler = FleetReconciler(app, settings)
+        self.reconciler.start()
+
+    def stop_reconciler(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stopping.set()
+
+
+def this_process() -> WorkerProcess:
+    """This process's WorkerProcess, held by the worker's Celery app; made on first use in each process."""
+    from workers.app import app
+
+    held: WorkerProcess | None = getattr(app, "worker_process", None)
+    if held is None or held.pid != os.getpid():
+        held = app.worker_process = WorkerProcess()  # type: ignore[attr-defined]
+    return held
 
 
 def _metrics_offset(device: str) -> int:
@@ -88,14 +137,3 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
         speculative_tokens=settings.speculative_tokens,
         draft_spec=registry.resolve(settings.draft_model) if settings.draft_model else None,
     )
-
-
-def run_batch(job_id: int, request_ids: list[int]) -> int:
-    """The task's body: hand one message's requests to this process's Worker; how many it claimed."""
-    return init_process().handle(job_id, request_ids)
-
-
-def shutdown_process() -> None:
-    """The pool process is exiting: finish and record what its Worker holds."""
-    if _worker is not None:
-        _worker.shutdown()

@@ -1,7 +1,7 @@
 """The Celery task: thin. Claim the message's requests and hand them to the process's Worker (workers.worker).
 
-Also the worker's life-cycle hooks: each pool child loads the model after fork; the main process runs
-the fleet's reconciler thread (workers.reconcile) while it consumes.
+Also the worker's life-cycle hooks, each on its process's workers.runner.WorkerProcess: each pool child loads
+the model after fork; the main process runs the fleet's reconciler thread (workers.reconcile) while it consumes.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def generate(self, *envelope: Any) -> int:  # type: ignore[no-untyped-def]
 
     message = decode(envelope)
     try:
-        return runner.run_batch(message.job_id, message.request_ids)
+        return runner.this_process().run_batch(message.job_id, message.request_ids)
     except TransientError as exc:
         # contract.policy, 1a: the store stayed unreachable; the message comes again later, never failed.
         # (Should this send fail too, the requests' leases lapse and the reconciler sends them again.)
@@ -34,7 +34,7 @@ def _load_model_in_child(**_: Any) -> None:
     """Each pool child loads the model once, after fork, before it takes a task."""
     from workers import runner
 
-    runner.init_process()
+    runner.this_process().start_worker()
 
 
 @worker_process_shutdown.connect
@@ -43,26 +43,25 @@ def _finish_what_the_child_holds(**_: Any) -> None:
     were acknowledged when they were claimed (workers.worker)."""
     from workers import runner
 
-    runner.shutdown_process()
+    runner.this_process().shutdown_worker()
 
 
 @worker_ready.connect
 def _start_reconciler(**_: Any) -> None:
-    from workers import reconcile
+    from workers import runner
 
-    reconcile.start_fleet_reconciler(app)
+    runner.this_process().start_reconciler(app)
 
 
 @worker_shutdown.connect
 def _stop_reconciler(**_: Any) -> None:
-    from workers import reconcile
+    from workers import runner
 
-    reconcile.stop_fleet_reconciler()
+    runner.this_process().stop_reconciler()
 
 
 def _count_retry(requests: int) -> None:
     """A message is retried by Celery: its requests count as retries (reason store_unreachable)."""
     from workers import metrics, runner
 
-    model = runner._worker.model if runner._worker is not None else "unknown"  # None: the start itself found the store down
-    metrics.RETRIES.labels(model, "store_unreachable").inc(requests)
+    metrics.RETRIES.labels(runner.this_process().model, "store_unreachable").inc(requests)

@@ -6,9 +6,9 @@ Three threads share it:
   quarter of a batch waiting, so that the next message arrives before the batch has room for it;
 - the engine thread moves claims from the inbox into the engine (engine.submit) and steps it; each
   request's result goes to the outbox as soon as its last row finishes;
-- the recorder thread writes the outbox in one transaction per job (the same idempotent writes and job
-  counters as ever) and only then lets go of the requests.
-A lease keeper renews the lease of every request the worker holds (claimed, not yet recorded).
+- the recorder thread (workers.recorder) writes the outbox in one transaction per job (the same idempotent
+  writes and job counters as ever) and only then lets go of the requests.
+A lease keeper (workers.leases) renews the lease of every request the worker holds (claimed, not yet recorded).
 
 When a message is acknowledged (docs/reliability.md): once each of its requests is settled in the store or
 held by this worker under a lease it renews. From then on the lease, not the broker, carries the work: a
@@ -17,8 +17,9 @@ them back on the queue; nothing is lost, and the first write of a result wins, s
 
 A request started before (its claim says one_by_one) runs alone: the worker finishes and records everything
 it holds, takes nothing else meanwhile, and only then admits it; the next such request is claimed only once
-this one is recorded. So a request that kills its worker takes no other request, and no other attempt, with it. When the engine raises, every request it holds is handed back and each is claimed again,
-alone; the one that keeps failing ends failed after max_attempts.
+this one is recorded. So a request that kills its worker takes no other request, and no other attempt, with it.
+When the engine raises, every request it holds is handed back and each is claimed again, alone; the one that
+keeps failing ends failed after max_attempts.
 """
 from __future__ import annotations
 
@@ -27,28 +28,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.errors import WrongModel
 from contract.logs import about
-from contract.policy import RELEASE_WITHIN_S, STORE_REFUSED, TransientError, storable, with_store_retry
-from models.db import utcnow
-from models.store import Claim, Outcome, claim_requests, record_outcomes, release_requests, renew_leases
-from models.tables import Request
-from workers import metrics
+from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
 from contract.settings import Settings
+from models.db import utcnow
+from models.store import Claim, claim_requests, record_outcomes, release_requests
+from workers import metrics
+from workers.held import Held, Work
+from workers.leases import LeaseKeeper
+from workers.recorder import Finished, Record, Recorder
+from workers.standin import WholeBatches
 from workers.types import GenerationRequest, GenerationResult, resolve_params
 
-if TYPE_CHECKING:
-    from workers.standin import StandInEngine
-
 log = logging.getLogger("bulkgen.worker")
-RENEW_CHUNK = 5000
-"""Request ids per lease-renewing UPDATE (SQLite takes at most 32,766 bound parameters)."""
 
 
 class SteppedEngine(Protocol):
@@ -68,70 +66,6 @@ class SteppedEngine(Protocol):
     def running_rows(self) -> int: ...
 
 
-class WholeBatches:
-    """An engine with generate() only (the stand-in), driven like the scheduler: each step generates
-    everything submitted since the last one."""
-
-    def __init__(self, engine: StandInEngine | Any) -> None:
-        self.inner = engine
-        self.dtype = getattr(engine, "dtype", "none")
-        self.quantize = getattr(engine, "quantize", "none")
-        self.pending: list[tuple[Hashable, GenerationRequest]] = []
-
-    def submit(self, key: Hashable, request: GenerationRequest) -> None:
-        self.pending.append((key, request))
-
-    def step(self) -> list[tuple[Hashable, GenerationResult]]:
-        batch = list(self.pending)
-        results = self.inner.generate([request for _, request in batch]) if batch else []
-        del self.pending[: len(batch)]  # only once generated: after a failure, clear() hands them all back
-        return [(key, result) for (key, _), result in zip(batch, results)]
-
-    def clear(self) -> list[Hashable]:
-        keys = [key for key, _ in self.pending]
-        self.pending = []
-        return keys
-
-    def on_step(self, callback: Any) -> None:
-        """No decode steps to report."""
-
-    @property
-    def idle(self) -> bool:
-        return not self.pending
-
-    @property
-    def waiting_rows(self) -> int:
-        return len(self.pending)
-
-    @property
-    def running_rows(self) -> int:
-        return 0
-
-
-@dataclass
-class Held:
-    """A request this worker claimed and has not recorded yet."""
-
-    job_id: int
-    request: Request
-    generation: GenerationRequest
-    claimed_at: datetime
-    started_at: datetime | None = None
-    """When it entered the engine."""
-    occupancy_mark: tuple[float, int] = (0.0, 0)
-    """The worker's (occupancy sum, decode steps) when the request entered the engine."""
-
-
-@dataclass
-class Work:
-    """An inbox item: a claim's requests, to run with the others or alone; or ids to claim again one by one."""
-
-    job_id: int
-    held: list[Held] = field(default_factory=list)
-    alone: bool = False
-    reclaim: list[int] = field(default_factory=list)
-
-
 class Worker:
     """Claims, generates and records for one worker process (see the module's docstring)."""
 
@@ -145,7 +79,7 @@ class Worker:
         settings: Settings,
         load: Callable[[], Any] | None = None,
         wrap_engine: Callable[[SteppedEngine], SteppedEngine] | None = None,
-        record: Callable[[Session, int, list[Outcome]], Any] = record_outcomes,
+        record: Record = record_outcomes,
     ) -> None:
         """engine: a loaded engine; or None and load, which the engine thread calls first. On a CPU, every torch
         operation must run in the thread that loaded the model: a second OpenMP thread pool in the same process
@@ -154,7 +88,6 @@ class Worker:
         assert (engine is None) != (load is None), "give a loaded engine or a way to load one"
         self._load = load
         self._wrap_engine = wrap_engine
-        self._record = record
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self.engine: SteppedEngine = WholeBatches(None) if engine is None else self._wrap(engine)
@@ -174,6 +107,8 @@ class Worker:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._occupancy = (0.0, 0)
+        self._recorder = Recorder(self, sessions, model, device, worker, record)
+        self._lease_keeper = LeaseKeeper(self, sessions, worker, settings.lease_s)
         if engine is not None:
             self.engine.on_step(self._observe_step)  # type: ignore[attr-defined]
             self._loaded.set()
@@ -211,7 +146,7 @@ class Worker:
                             self.settings.max_attempts, extra=about(job_id, claimed.gave_up))
             if claimed.model != self.model:
                 self._release([r.id for r in claimed.requests], f"this worker holds model {self.model!r}")
-                raise RuntimeError(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
+                raise WrongModel(f"job {job_id} wants model {claimed.model!r}, this worker holds {self.model!r}")
             self._accept(claimed)
             claimed_count += len(claimed.requests)
             log.info("job %d: claimed %d requests", job_id, len(claimed.requests),
@@ -275,7 +210,8 @@ class Worker:
         with self._lock:
             if self._threads:
                 return
-            for target, name in ((self._engine_loop, "bulkgen-engine"), (self._record_loop, "bulkgen-recorder"), (self._lease_loop, "bulkgen-lease")):
+            threads = ((self._engine_loop, "bulkgen-engine"), (self._recorder.run, "bulkgen-recorder"), (self._lease_keeper.run, "bulkgen-lease"))
+            for target, name in threads:
                 thread = threading.Thread(target=target, name=name, daemon=True)
                 self._threads.append(thread)
                 thread.start()
@@ -317,7 +253,7 @@ class Worker:
             try:
                 self.engine = self._wrap(self._load())
                 self.engine.on_step(self._observe_step)  # type: ignore[attr-defined]
-            except BaseException as exc:  # the process cannot work without its model: init_process re-raises it
+            except BaseException as exc:  # the process cannot work without its model: wait_loaded re-raises it
                 self._load_error = exc
                 return
             finally:
@@ -459,114 +395,33 @@ class Worker:
         then_total, then_steps = h.occupancy_mark
         return round((total - then_total) / (steps - then_steps), 4) if steps > then_steps else None
 
-    # --- the recorder thread ---------------------------------------------------------------------
+    # --- what the recorder and the lease keeper take ----------------------------------------------
 
-    def _record_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._outbox:
-                    self._lock.wait(timeout=1.0)
-                if self._stopping and not self._outbox:
-                    return
-                batch, self._outbox = self._outbox, []
-                self._recording = True
-            by_job: dict[int, list[Outcome]] = {}
-            for h, result, finished_at, seconds in batch:
-                by_job.setdefault(h.job_id, []).append(self._outcome(h, result, finished_at, seconds))
-            for job_id, outcomes in by_job.items():
-                try:
-                    written = self._write(job_id, outcomes)
-                except Exception:  # never let the recorder die: the requests' leases lapse and they are redone
-                    log.exception("job %d: %d results could not be recorded", job_id, len(outcomes),
-                                  extra=about(job_id, [o.request_id for o in outcomes]))
-                    continue
-                _count_outcomes(self.model, written)
-                log.info("job %d: recorded %d requests", job_id, len(written), extra=about(job_id, [o.request_id for o in written]))
-            with self._lock:
-                for h, *_ in batch:
-                    self._held.pop(h.request.id, None)
-                self._recording = False
-                self._lock.notify_all()
+    def take_finished(self) -> list[Finished] | None:
+        """The requests finished since the last call, once there are any; None once stopping with none left.
+        Until let_go, nothing runs alone: they are being recorded."""
+        with self._lock:
+            while not self._stopping and not self._outbox:
+                self._lock.wait(timeout=1.0)
+            if self._stopping and not self._outbox:
+                return None
+            batch, self._outbox = self._outbox, []
+            self._recording = True
+        return [Finished(h, result, finished_at, seconds, self._mean_occupancy(h)) for h, result, finished_at, seconds in batch]
 
-    def _write(self, job_id: int, outcomes: list[Outcome]) -> list[Outcome]:
-        """Record outcomes in one transaction, waiting out a store that is down (contract.policy, 1b); when the
-        store refuses the write itself, each outcome alone, and one it still refuses ends its request failed with
-        the store's reason (contract.policy, 7). Returns what was recorded."""
+    def let_go(self, batch: list[Finished]) -> None:
+        """The recorder is done with batch (recorded, or left to lapse): this worker no longer holds it."""
+        with self._lock:
+            for finished in batch:
+                self._held.pop(finished.held.request.id, None)
+            self._recording = False
+            self._lock.notify_all()
 
-        def record() -> None:
-            with metrics.STORE_WRITE.labels(self.model).time(), self.sessions() as session:
-                self._record(session, job_id, outcomes)
-
-        while True:
-            try:
-                with_store_retry(record)
-                return outcomes
-            except TransientError:  # keep the results and keep trying: the first write still wins
-                log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id,
-                            len(outcomes), extra=about(job_id, [o.request_id for o in outcomes]))
-            except DBAPIError as exc:
-                if len(outcomes) > 1:
-                    return [written for outcome in outcomes for written in self._write(job_id, [outcome])]
-                (outcome,) = outcomes
-                if outcome.error is not None and outcome.error.startswith(STORE_REFUSED):
-                    raise
-                reason = f"{STORE_REFUSED}{type(exc.orig or exc).__name__}: {str(exc.orig or exc).splitlines()[0]}"[:2000]
-                log.error("job %d: request %d failed: %s", job_id, outcome.request_id, reason, extra=about(job_id, [outcome.request_id]))
-                return self._write(job_id, [Outcome(outcome.request_id, outcome.prompt_tokens, error=reason)])
-
-    def _outcome(self, h: Held, result: GenerationResult, finished_at: datetime, seconds: float) -> Outcome:
-        if result.error is not None:
-            return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, error=result.error)
-        occupancy = self._mean_occupancy(h)
-        rows = []
-        for index, sample in enumerate(result.samples):
-            params = h.generation.params.to_dict() | {"seed": sample.seed}
-            rows.append(
-                {
-                    "request_id": h.request.id,
-                    "job_id": h.job_id,
-                    "sample_index": index,
-                    "text": storable(sample.text),
-                    "finish_reason": sample.finish_reason,
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": sample.completion_tokens,
-                    "params": params,
-                    "seed": sample.seed,
-                    "model": self.model,
-                    "dtype": self.engine.dtype,
-                    "quantization": self.engine.quantize,
-                    "worker_host": self.worker,
-                    "device": self.device,
-                    "started_at": h.started_at or h.claimed_at,
-                    "finished_at": finished_at,
-                    "generation_seconds": seconds,
-                    "logprobs": sample.logprobs,
-                    "batch_occupancy": occupancy,
-                    "cached_prompt_tokens": sample.cached_tokens,
-                    "draft_tokens": sample.draft_tokens,
-                    "accepted_draft_tokens": sample.accepted_tokens,
-                }
-            )
-        metrics.GENERATION.labels(self.model).observe(seconds)
-        return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, results=rows)
-
-    # --- the lease keeper ------------------------------------------------------------------------
-
-    def _lease_loop(self) -> None:
-        every_s = max(0.5, self.settings.lease_s / 4)
-        while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._stopping, timeout=every_s)
-                if self._stopping:
-                    return
-                ids = list(self._held)
-            for start in range(0, len(ids), RENEW_CHUNK):
-                chunk = ids[start : start + RENEW_CHUNK]
-                try:
-                    with self.sessions() as session:
-                        renew_leases(session, chunk, self.worker, self.settings.lease_s)
-                except Exception as exc:  # the store is down: the lease may lapse, and the work is then redone
-                    log.warning("cannot renew the lease of %d requests (%s)", len(chunk), type(exc).__name__)
+    def wait_held(self, timeout: float) -> list[int] | None:
+        """After timeout seconds, the ids this worker holds; None as soon as it stops."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._stopping, timeout=timeout)
+            return None if self._stopping else list(self._held)
 
 
 def _observe_queue_wait(model: str, claimed: Claim, now: datetime) -> None:
@@ -580,18 +435,3 @@ def _as_utc(moment: datetime | None) -> datetime | None:
     if moment is not None and moment.tzinfo is None:  # SQLite gives naive UTC datetimes back
         return moment.replace(tzinfo=timezone.utc)
     return moment
-
-
-def _count_outcomes(model: str, outcomes: list[Outcome]) -> None:
-    for outcome in outcomes:
-        if outcome.error is not None:
-            metrics.REQUESTS.labels(model, "failed").inc()
-            continue
-        metrics.REQUESTS.labels(model, "done").inc()
-        metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
-        if outcome.results:  # the request's prompt once, as prompt_tokens: its first sample's share from the cache
-            metrics.CACHED_PROMPT_TOKENS.labels(model).inc(outcome.results[0]["cached_prompt_tokens"] or 0)
-        # every sample's own, as completion tokens: each sample decodes (and drafts) on its own
-        metrics.DRAFT_TOKENS.labels(model).inc(sum(row["draft_tokens"] or 0 for row in outcome.results))
-        metrics.ACCEPTED_DRAFT_TOKENS.labels(model).inc(sum(row["accepted_draft_tokens"] or 0 for row in outcome.results))
-        metrics.TOKENS.labels(model).inc(sum(row["completion_tokens"] for row in outcome.results))
