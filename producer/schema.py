@@ -12,52 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from contract.sampling import RANGES
+from contract.sampling import ONE_INPUT, RANGES, combination_problems, json_type, show
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 16
 MAX_CUSTOM_ID = 512
 """The width of requests.custom_id in the store."""
-
-_SHOW_LIMIT = 40
-_SAMPLING_OFF = {"temperature": 0, "top_p": 1, "top_k": 0}
-"""The value of each sampling knob that turns it off, which beam search requires."""
-_NOT_WITH_BEAMS = ("frequency_penalty", "presence_penalty", "logprobs")
-"""Set to anything but their off value, these apply to sampled rows only; beam search refuses them."""
-ONE_INPUT = "exactly one of 'prompt' and 'messages' is required"
-
-
-def show(value: Any) -> str:
-    """A value as it looks in JSON, shortened, for the `got ...` part of a message."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float):
-        text = repr(value)
-        text = text[:-2] if text.endswith(".0") else text
-    elif isinstance(value, int):
-        text = str(value) if value.bit_length() < 128 else f"an integer of {len(str(abs(value)))} digits"
-    elif isinstance(value, str):
-        text = repr(value if len(value) <= _SHOW_LIMIT else value[:_SHOW_LIMIT] + "...")
-    else:
-        text = json_type(value)
-    return text
-
-
-def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
 
 def _check(ok: Callable[[Any], bool], rule: str) -> AfterValidator:
     def validate(value: Any) -> Any:
@@ -177,35 +137,14 @@ class PromptLine(_JobSampling):
         return self.model_dump(exclude_none=True, exclude={"prompt", "messages", "custom_id", "metadata"})
 
     def check_against(self, defaults: Mapping[str, Any], context_length: int) -> list[str]:
-        """Cross-field rules; those that need the job (beam search) use the effective values (line, else job default)."""
+        """Cross-field rules (contract.sampling), on the effective values: the line's, else the job default's."""
         errors = []
         if self.max_new_tokens is not None and self.max_new_tokens > context_length:
             errors.append(_too_long(self.max_new_tokens, context_length))
-        if self.top_logprobs and not self.logprobs:
-            got = "not given" if self.logprobs is None else show(self.logprobs)
-            errors.append(f"top_logprobs: needs logprobs set to true, got top_logprobs={self.top_logprobs}, logprobs {got}")
-        beams, _ = self._effective("num_beams", defaults)
-        if beams is None or beams <= 1:
-            return errors
-        unsupported = [name for name in _NOT_WITH_BEAMS if getattr(self, name)]
-        if unsupported:
-            errors.append(f"num_beams: beam search cannot be combined with {', '.join(unsupported)}, got num_beams={beams}")
-        n, n_from = self._effective("n", defaults)
-        if n is not None and n > beams:
-            errors.append(f"n: must be <= num_beams for beam search, got n={n}{n_from}, num_beams={beams}")
-        effective = {name: self._effective(name, defaults) for name in _SAMPLING_OFF}
-        sampling = {name: vs for name, vs in effective.items() if vs[0] is not None and vs[0] != _SAMPLING_OFF[name]}
-        if sampling:
-            got = ", ".join(f"{name}={show(value)}{source}" for name, (value, source) in sampling.items())
-            fix = " and ".join(f"{name} to {_SAMPLING_OFF[name]}" for name in sampling)
-            errors.append(
-                f"num_beams: beam search cannot be combined with sampling, got num_beams={beams}, {got} "
-                f"(set {fix}, or num_beams to 1)"
-            )
-        return errors
+        return errors + combination_problems(lambda name: self._effective(name, defaults))
 
     def _effective(self, name: str, defaults: Mapping[str, Any]) -> tuple[Any, str]:
-        value = getattr(self, name)
+        value = getattr(self, name, None)
         if value is not None:
             return value, ""
         value = defaults.get(name)

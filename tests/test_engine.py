@@ -210,6 +210,19 @@ def test_sample_in_blocks_equals_one_float64_cumulative_sum():
     assert edges[1] < 500  # never a zero-probability token, even at the top of [0, 1)
 
 
+def warped_draw(logits: torch.Tensor, params: RowParams, row: int, uniform: float) -> int:
+    """The token of row `row` that transformers' temperature, top-k and top-p warpers and an inverse-CDF lookup in
+    token order give for this uniform number."""
+    x = logits[row : row + 1] / params.temperature[row]
+    k, p = int(params.top_k[row]), float(params.top_p[row])
+    if k:
+        x = TopKLogitsWarper(k)(None, x)
+    if p < 1:
+        x = TopPLogitsWarper(p)(None, x)
+    cdf = x.softmax(dim=-1).double().cumsum(dim=-1)
+    return int(torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True))
+
+
 def test_next_tokens_draws_what_warpers_and_an_inverse_cdf_in_token_order_draw():
     torch.manual_seed(4)
     logits = torch.randn(8, 300) * 3
@@ -219,15 +232,7 @@ def test_next_tokens_draws_what_warpers_and_an_inverse_cdf_in_token_order_draw()
         uniform = torch.rand(8, dtype=torch.float64)
         got = next_tokens(logits, params, None, uniform)
         for row in range(8):
-            x = logits[row : row + 1] / params.temperature[row]
-            k, p = int(params.top_k[row]), float(params.top_p[row])
-            if k:
-                x = TopKLogitsWarper(k)(None, x)
-            if p < 1:
-                x = TopPLogitsWarper(p)(None, x)
-            cdf = x.softmax(dim=-1).double().cumsum(dim=-1)
-            expected = torch.searchsorted(cdf, (uniform[row] * cdf[:, -1])[:, None], right=True)
-            assert int(got[row]) == int(expected), (trial, row)
+            assert int(got[row]) == warped_draw(logits, params, row, float(uniform[row])), (trial, row)
 
 
 def test_next_tokens_mixes_greedy_and_sampled_rows():
@@ -513,3 +518,20 @@ def test_smollm2_writes_english_and_counts_its_tokens(cache_dir: Path):
     (sample,) = told.samples
     assert sample.finish_reason == "length" and sample.completion_tokens == 24
     assert len(engine.tokenizer(sample.text, add_special_tokens=False).input_ids) == sample.completion_tokens
+
+
+def test_the_engine_refuses_what_the_producer_refuses_between_fields(engine: Engine, tmp_path: Path):
+    """One statement of the rules between fields (contract.sampling): a request that reaches the engine some other
+    way than a checked file is refused with the producer's message."""
+    from producer.schema import validate_line
+
+    cases = [
+        dict(num_beams=2, temperature=0.7),
+        dict(num_beams=2, n=3, temperature=0),
+        dict(num_beams=3, temperature=0, logprobs=True),
+        dict(temperature=0.5, top_logprobs=2, logprobs=False),
+    ]
+    for values in cases:
+        _, expected = validate_line(dict(prompt="x", **values), {}, context_length=8192)
+        (result,) = engine.generate([GenerationRequest(SamplingParams(max_new_tokens=2, **values), prompt="x")])
+        assert expected and result.error == expected[0], values

@@ -7,6 +7,7 @@ import math
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from tests.test_engine import warped_draw
 from workers.sampling import RowParams, SamplingGroups, kept_by_threshold, next_tokens, ordered_keys, top_candidates
 
 
@@ -90,15 +91,7 @@ def test_a_sort_free_draw_is_the_inverse_cdf_of_the_warped_distribution_in_token
         got = next_tokens(logits, params, None, uniform, groups, sort_free=True)
         ranked = next_tokens(logits, params, None, uniform, groups)
         for row in range(8):
-            x = logits[row : row + 1] / params.temperature[row]
-            k, p = int(params.top_k[row]), float(params.top_p[row])
-            if k:
-                x = TopKLogitsWarper(k)(None, x)
-            if p < 1:
-                x = TopPLogitsWarper(p)(None, x)
-            cdf = x.softmax(dim=-1).double().cumsum(dim=-1)
-            expected = torch.searchsorted(cdf, (uniform[row] * cdf[:, -1])[:, None], right=True)
-            assert int(got[row]) == int(expected) == int(ranked[row]), (trial, row)
+            assert int(got[row]) == warped_draw(logits, params, row, float(uniform[row])) == int(ranked[row]), (trial, row)
 
 
 def test_a_flat_distribution_under_top_p_needs_no_wider_ranking():

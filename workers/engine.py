@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from contract.sampling import ONE_INPUT, combination_problems
 from workers.batch import BatchScheduler, Finished, is_out_of_memory
 from workers.beam import beam_search
 from workers.finish import complete_greedy, eos_token_ids
@@ -308,14 +309,13 @@ class Engine:
     # --- checks ---------------------------------------------------------------------
 
     def _check_request(self, request: GenerationRequest) -> str | None:
-        params = request.params
-        if params.num_beams > 1 and (params.frequency_penalty or params.presence_penalty or params.logprobs):
-            return "frequency_penalty, presence_penalty and logprobs are not available with beam search"
+        """The first rule between fields the request breaks (contract.sampling, as the producer checks them)."""
         if (request.prompt is None) == (request.messages is None):
-            return "a request needs exactly one of prompt and messages"
+            return ONE_INPUT
         if request.messages is not None and not request.messages:
-            return "messages must not be empty"
-        return None
+            return "messages: must not be empty"
+        problems = combination_problems(lambda name: (getattr(request.params, name), ""))
+        return problems[0] if problems else None
 
     def _check_length(self, prompt_tokens: int, params: SamplingParams) -> str | None:
         if prompt_tokens == 0:

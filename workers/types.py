@@ -34,14 +34,13 @@ class SamplingParams:
         """The first out-of-range parameter, in vLLM's message pattern; None when every one is in range.
 
         The ranges are RANGES, which the producer's schema checks too (with the line number, before anything is
-        stored); this guards every other way into the engine.
+        stored); this guards every other way into the engine. The rules between fields are the engine's
+        _check_request (contract.sampling.combination_problems).
         """
         for name, (ok, rule) in RANGES.items():
             value = getattr(self, name)
             if value is not None and not ok(value):
                 return f"{name} must be {rule}, got {value}."
-        if self.num_beams > 1 and self.n > self.num_beams:
-            return f"n must not exceed num_beams for beam search, got n={self.n} and num_beams={self.num_beams}."
         return None
 
     @property
