@@ -180,11 +180,11 @@ def measure_hf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, devi
 
 def fill_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
                 rows: int, steps: int):  # -> Engine
-    """An engine with `rows` rows running and none waiting, each with tokens left for 2 x steps more decode steps."""
+    """An engine with `rows` rows running and none waiting, each with tokens left for 3 x steps more decode steps."""
     engine = engine_of(model, tokenizer, device, rows)
-    if engine.scheduler is None:
+    if not engine.continuous:
         raise RuntimeError("the engine runs this model on static batches: no decode steps to profile")
-    for i, request in enumerate(to_requests([dict(line, max_new_tokens=2 * steps + 200) for line in lines[:rows]])):
+    for i, request in enumerate(to_requests([dict(line, max_new_tokens=3 * steps + 200) for line in lines[:rows]])):
         engine.submit(i, request)
     for _ in range(1000):
         if not engine.scheduler.waiting and engine.running_rows == rows:
@@ -195,8 +195,11 @@ def fill_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, dev
 
 def profile_decode(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
                    rows: int, steps: int) -> dict[str, Any]:
-    """`steps` decode steps timed plainly, then `steps` more under torch.profiler; per-step counts from its events."""
+    """`steps` decode steps timed plainly, `steps` more counting the host's reads of device values (count_syncs), then
+    `steps` more under torch.profiler; per-step counts from its events."""
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    from workers.syncs import count_syncs
 
     engine = fill_engine(model, tokenizer, device, lines, rows, steps)
     for _ in range(3):
@@ -207,6 +210,10 @@ def profile_decode(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, 
         engine.step()
     sync(device)
     plain = time.perf_counter() - started
+    with count_syncs() as counted:  # the code paths' reads of device values, on any device (workers.syncs)
+        for _ in range(steps):
+            engine.step()
+    reads = dict(host_reads_per_step=round(counted.total / steps, 2), host_reads=counted.calls)
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -217,7 +224,7 @@ def profile_decode(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, 
         sync(device)
         profiled = time.perf_counter() - started
     return dict(steps=steps, rows_at_end=engine.running_rows, plain_wall_s=round(plain, 4), profiled_wall_s=round(profiled, 4),
-                step_ms=round(plain / steps * 1e3, 2), **event_counts(prof.events(), steps, plain, cuda))
+                step_ms=round(plain / steps * 1e3, 2), **reads, **event_counts(prof.events(), steps, plain, cuda))
 
 
 def event_counts(events: list[Any], steps: int, plain_wall: float, cuda: bool) -> dict[str, Any]:

@@ -78,5 +78,6 @@ def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path
     profile = records["profile"]
     assert profile["steps"] == 8 and profile["rows_at_end"] == 8 and profile["plain_wall_s"] > 0
     assert profile["gpu_busy_fraction"] is None and profile["syncs_per_step"] is None  # no GPU: its fields say so
+    assert profile["host_reads_per_step"] >= 1 and "host_read" in profile["host_reads"]  # counted on any device
     assert records["tput"]["device"] == "cpu" and records["tput"]["command"].startswith("python -m bench.gpu --small")
     assert "| 1b at 256 rows ≥ 40,000 tokens/s | – | not measured (--small) |" in done.stdout

@@ -95,3 +95,30 @@ def test_sort_free_sampling_gives_results_like_the_ranked_path(engine: Engine): 
     for i in (0, 8):  # the greedy requests
         assert got[i].samples[0].text == ranked[i].samples[0].text
     assert [len(r.samples) for r in got] == [len(r.samples) for r in ranked]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_decode_step_makes_no_synchronising_call_but_its_one_read(engine: Engine):  # noqa: F811
+    """torch's own sync debug mode, on a GPU: nothing in a decode step synchronises except host_read's event."""
+    import copy
+    import warnings
+
+    model = copy.deepcopy(engine.model).to("cuda")
+    busy = Engine(model, engine.tokenizer, "cuda", engine.model_name, engine.dtype, max_batch_rows=16, speculative_tokens=0,
+                  batch_invariant=False)
+    busy.eos_ids = frozenset()
+    for i, request in enumerate(mixed_requests()):
+        busy.submit(i, request)
+    with torch.inference_mode():
+        while busy.scheduler.waiting:
+            busy.step()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            while not busy.idle:
+                with warnings.catch_warnings(record=True) as caught, count_syncs() as counted:
+                    warnings.simplefilter("always")
+                    busy.step()
+                assert counted.calls == {"host_read": 1}
+                assert not [w for w in caught if "synchroniz" in str(w.message)], [str(w.message) for w in caught]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
