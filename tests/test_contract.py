@@ -1,6 +1,6 @@
 """The contract between producer and workers has one owner (contract/), and the producer stays torch-free:
-every module of producer/ and contract/ imports in a fresh interpreter without torch, transformers or any
-module of workers/, builds no Celery app and connects no worker signal handler."""
+every module of producer/, contract/ and reconciler/ imports in a fresh interpreter without torch, transformers
+or any module of workers/, builds no Celery app and connects no worker signal handler."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import contract
 import producer
+import reconciler
 from contract.broker import Sender, connect, make_app
 from contract.errors import BrokerUnreachable
 from contract.messages import GENERATE_TASK, BadMessage, decode, decode_kombu, encode, queue_name
@@ -27,7 +28,7 @@ def _modules(package) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
 
 
-MODULES = ["producer", "contract", *_modules(producer), *_modules(contract)]
+MODULES = ["producer", "contract", "reconciler", *_modules(producer), *_modules(contract), *_modules(reconciler)]
 
 PROBE = """
 import importlib, json, sys
@@ -49,7 +50,7 @@ print(json.dumps({{"loaded": loaded, "receivers": receivers, "apps": apps}}))
 def test_the_walk_finds_every_module() -> None:
     """The list below is walked, not written: it must hold the modules this test was written against."""
     assert {"producer.api", "producer.cli", "producer.inputs", "producer.commands.submit", "contract.broker",
-            "contract.messages", "contract.reconcile", "contract.registry", "contract.settings", "contract.errors"} <= set(MODULES)
+            "contract.messages", "reconciler.sweep", "reconciler.metrics", "contract.registry", "contract.settings", "contract.errors"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", MODULES)
