@@ -57,7 +57,7 @@ def settings_for(database_url: str | None = None, broker_url: str | None = None,
 
 def open_store(settings: Settings) -> Engine:
     """The store's engine, its schema checked (StoreUnreachable, SchemaBehind)."""
-    from models.db import open_store as open_checked
+    from migrations.schema import open_store as open_checked
 
     return open_checked(settings.database_url)
 
