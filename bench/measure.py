@@ -74,7 +74,7 @@ def hf_generate(lines: list[dict[str, Any]], batch_size: int, dtype: str) -> dic
 
     from workers.finish import eos_token_ids
     from workers.loader import load_model
-    from workers.registry import resolve
+    from contract.registry import resolve
 
     model, tokenizer = load_model(resolve(MODEL), "cpu", dtype)
     eos = sorted(eos_token_ids(model, tokenizer))
@@ -182,7 +182,7 @@ def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, referenc
     """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
     transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
-    from workers.registry import resolve
+    from contract.registry import resolve
 
     more = {} if prefix_cache_tokens is None else {"prefix_cache_tokens": prefix_cache_tokens}
     if speculative_tokens is not None:
@@ -201,7 +201,7 @@ def aodynamic_mode(lines: list[dict[str, Any]], reference: Path) -> dict[str, An
 
     from workers.engine import Engine
     from workers.loader import load_model
-    from workers.registry import resolve
+    from contract.registry import resolve
 
     model, tokenizer = load_model(resolve(MODEL), "cpu", "float32")
     torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -403,7 +403,7 @@ def matmul_rate(device: str, dtype_name: str, m: int, k: int, n: int, seconds: f
 
 def matmul_mode() -> dict[str, Any]:
     from workers.loader import load_model
-    from workers.registry import resolve
+    from contract.registry import resolve
 
     model, _ = load_model(resolve(MODEL), "cpu", "float32")
     flop_per_token = 2 * sum(m.weight.numel() for m in model.modules() if m.__class__.__name__ == "Linear")

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from workers.loader import load_model
-from workers.registry import SMOLLM2, resolve
+from contract.registry import SMOLLM2, resolve
 
 
 def export(out: Path, model_name: str = SMOLLM2) -> Path:

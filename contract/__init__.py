@@ -1,6 +1,8 @@
 """What the producer and the workers share, with one owner: settings, errors, the message and its queue, the
-broker (app factory, connect, the one sender), model lookup, sampling ranges and the reconciler's sweep.
+broker (app factory, connect, the one sender), model lookup, sampling ranges, the failure policy, the log format and
+the Redis users' rights.
 
-Torch-free and cheap to import: nothing here loads torch or transformers, builds a Celery app at import, or
-imports a module of producer/ or workers/ (docs/architecture.md, "Who may import whom").
+A leaf: it imports no module of models/, producer/, workers/, migrations/ or reconciler/ (docs/architecture.md,
+"Who may import whom"; tests/test_contract.py holds it). Torch-free and cheap to import: nothing here loads
+torch or transformers or builds a Celery app at import.
 """

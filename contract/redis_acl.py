@@ -39,7 +39,7 @@ PASSWORD_ENV = {user: f"REDIS_{user.upper()}_PASSWORD" for user in USERS}
 MIN_PASSWORD = 16
 
 LOCK_KEY = "bulkgen:reconcile:lock"
-"""contract.reconcile.LOCK_KEY (kept here too so that this module imports nothing)."""
+"""The reconciler's fleet lock (reconciler.sweep.take_lock): one owner, here, so that the roles below name it."""
 
 CONNECTION = ("+ping", "+hello", "+auth", "+client", "+quit", "+reset")
 """What redis-py sends on every connection (HELLO 3 AUTH ..., CLIENT SETINFO lib-name/lib-ver, PING). All of

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from contract.settings import Settings
 
-    from contract.reconcile import SweepReport
+    from reconciler.sweep import SweepReport
 
 KEEP_ERRORS = 1000
 """Bad rows an InvalidInput carries (it counts them all)."""
@@ -57,7 +57,7 @@ def settings_for(database_url: str | None = None, broker_url: str | None = None,
 
 def open_store(settings: Settings) -> Engine:
     """The store's engine, its schema checked (StoreUnreachable, SchemaBehind)."""
-    from models.db import open_store as open_checked
+    from migrations.schema import open_store as open_checked
 
     return open_checked(settings.database_url)
 
@@ -303,7 +303,7 @@ def resume(
     from sqlalchemy.orm import Session
 
     from contract.broker import connect
-    from contract.reconcile import enqueue_missing
+    from reconciler.sweep import enqueue_missing
     from contract.registry import context_length
     from models.tables import Job as JobRow
     from models.tables import JobStatus, Request
@@ -378,7 +378,7 @@ def retry(job_id: int, *, database_url: str | None = None, broker_url: str | Non
     """Send again the failed and the missing requests of a job, and only those; returns how many were sent.
     `report`, when given, receives the counts of failed and cancelled requests reopened."""
     from contract.broker import connect
-    from contract.reconcile import enqueue_missing
+    from reconciler.sweep import enqueue_missing
     from models.db import session_factory
     from models.store import reopen_job
 
@@ -399,9 +399,9 @@ def retry(job_id: int, *, database_url: str | None = None, broker_url: str | Non
 
 def reconcile(job_ids: list[int] | None = None, *, database_url: str | None = None, broker_url: str | None = None,
               settings: Settings | None = None) -> SweepReport:
-    """One pass of the reconciler (contract.reconcile.sweep) over every open job, or only job_ids."""
+    """One pass of the reconciler (reconciler.sweep.sweep) over every open job, or only job_ids."""
     from contract.broker import connect
-    from contract.reconcile import sweep
+    from reconciler.sweep import sweep
 
     settings = settings_for(database_url, broker_url, settings)
     db = open_store(settings)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.db import upgrade_schema
+from migrations.schema import upgrade_schema
 from tests.helpers import RedisServer, create_pg_database, drop_pg_database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,8 +1,9 @@
 """The contract between producer and workers has one owner (contract/), and the producer stays torch-free:
-every module of producer/ and contract/ imports in a fresh interpreter without torch, transformers or any
-module of workers/, builds no Celery app and connects no worker signal handler."""
+every module of producer/, contract/ and reconciler/ imports in a fresh interpreter without torch, transformers
+or any module of workers/, builds no Celery app and connects no worker signal handler."""
 from __future__ import annotations
 
+import importlib
 import json
 import pkgutil
 import subprocess
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 import contract
 import producer
+import reconciler
 from contract.broker import Sender, connect, make_app
 from contract.errors import BrokerUnreachable
 from contract.messages import GENERATE_TASK, BadMessage, decode, decode_kombu, encode, queue_name
@@ -27,7 +29,7 @@ def _modules(package) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
 
 
-MODULES = ["producer", "contract", *_modules(producer), *_modules(contract)]
+MODULES = ["producer", "contract", "reconciler", *_modules(producer), *_modules(contract), *_modules(reconciler)]
 
 PROBE = """
 import importlib, json, sys
@@ -49,7 +51,7 @@ print(json.dumps({{"loaded": loaded, "receivers": receivers, "apps": apps}}))
 def test_the_walk_finds_every_module() -> None:
     """The list below is walked, not written: it must hold the modules this test was written against."""
     assert {"producer.api", "producer.cli", "producer.inputs", "producer.commands.submit", "contract.broker",
-            "contract.messages", "contract.reconcile", "contract.registry", "contract.settings", "contract.errors"} <= set(MODULES)
+            "contract.messages", "reconciler.sweep", "reconciler.metrics", "contract.registry", "contract.settings", "contract.errors"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -86,6 +88,49 @@ def test_starting_the_api_or_a_command_loads_nothing_heavy(what: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout or what.startswith("import")
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- who may import whom (docs/architecture.md) -------------------------------------------------------
+
+OURS = ("contract", "models", "reconciler", "migrations", "producer", "workers")
+MAY_LOAD = {
+    "contract": {"contract"},  # a leaf
+    "models": {"models", "contract"},  # the tables, the store's queries; contract.policy (why a request gave up)
+    "reconciler": {"reconciler", "contract", "models"},  # the sweep reads and marks requests through models/
+}
+"""Which of our packages importing each module of a package may load: anything else breaks the import rule."""
+STACK = ("pydantic", "pydantic_settings", "celery", "kombu", "redis", "alembic", "prometheus_client", "torch")
+"""Libraries that importing a module of models/ loads none of: it needs SQLAlchemy alone."""
+RULE_MODULES = [name for package in MAY_LOAD for name in (package, *_modules(importlib.import_module(package)))]
+
+RULE_PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {ours} | {stack})))
+""".format(ours=set(OURS), stack=set(STACK))
+
+
+def test_the_import_rule_covers_every_package_it_names() -> None:
+    assert {"contract.policy", "contract.redis_acl", "models.db", "models.store", "models.tables", "reconciler.sweep",
+            "reconciler.metrics"} <= set(RULE_MODULES)
+    assert (ROOT / "migrations" / "schema.py").is_file() and not (ROOT / "contract" / "reconcile.py").exists()
+
+
+@pytest.mark.parametrize("module", RULE_MODULES)
+def test_each_package_loads_only_what_the_import_rule_allows(module: str) -> None:
+    """contract/ is a leaf: it loads no module of models/, producer/, workers/, migrations/ or reconciler/. models/
+    loads only contract/ (and SQLAlchemy: none of the stack above it), never producer/, workers/, migrations/ (whose
+    env.py imports models/) or reconciler/. reconciler/ loads contract/ and models/, never producer/ or workers/."""
+    done = subprocess.run([sys.executable, "-c", RULE_PROBE, module], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    package = module.split(".")[0]
+    ours = {m for m in loaded if m.split(".")[0] in OURS}
+    beyond = sorted(m for m in ours if m.split(".")[0] not in MAY_LOAD[package])
+    assert beyond == [], f"importing {module} loads {beyond}"
+    if package == "models":
+        stack = sorted({m.split(".")[0] for m in loaded} - set(OURS))
+        assert stack == [], f"importing {module} loads {stack}"
 
 
 def test_the_worker_app_is_where_celery_looks_for_it() -> None:

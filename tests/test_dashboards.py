@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from contract import reconcile_metrics
+from reconciler import metrics as reconcile_metrics
 from contract.settings import Settings
 from workers import metrics
 

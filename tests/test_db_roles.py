@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from models.db import upgrade_schema
+from migrations.schema import upgrade_schema
 from tests.helpers import PG_ADMIN_URL, create_pg_database, drop_pg_database, env_for, producer
 
 

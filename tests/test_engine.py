@@ -15,7 +15,7 @@ from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from workers import loader
 from workers.engine import Engine
-from workers.registry import SMOLLM2, TINY, ModelNotFound, resolve
+from contract.registry import SMOLLM2, TINY, ModelNotFound, resolve
 from workers.sampling import (
     RowParams,
     apply_repetition_penalty,
@@ -289,7 +289,7 @@ def test_loader_caches_the_converted_tokenizer(engine: Engine, cache_dir: Path):
 
 def test_tiny_model_weights_are_the_same_in_every_process(engine: Engine, cache_dir: Path):
     code = (
-        "import torch; from workers.loader import load_model; from workers.registry import resolve;"
+        "import torch; from workers.loader import load_model; from contract.registry import resolve;"
         "m, _ = load_model(resolve('tiny-random-llama'));"
         "print(repr(sum(p.double().abs().sum().item() for p in m.parameters())))"
     )

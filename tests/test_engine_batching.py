@@ -21,7 +21,7 @@ from tests.test_engine import (  # noqa: F401
 )
 from workers import static_batches
 from workers.engine import Engine
-from workers.registry import SMOLLM2, resolve
+from contract.registry import SMOLLM2, resolve
 from workers.types import GenerationRequest, SamplingParams
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from workers.engine import Engine
-from workers.registry import TINY, resolve
+from contract.registry import TINY, resolve
 from workers.types import GenerationRequest, SamplingParams
 
 

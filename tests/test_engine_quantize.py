@@ -14,7 +14,7 @@ from tests.test_engine import PROMPTS, _smollm2_available, cache_dir, greedy, ne
 from workers import cli
 from workers.engine import Engine
 from workers.quantize import check_combination
-from workers.registry import SMOLLM2, TINY, resolve
+from contract.registry import SMOLLM2, TINY, resolve
 from workers.types import GenerationRequest, SamplingParams
 
 

@@ -34,7 +34,7 @@ from tests.helpers import WorkerProcess, env_for, producer, wait_for_job, write_
 from contract import policy
 from contract.broker import make_app
 from contract.messages import GENERATE_TASK, queue_name
-from contract.reconcile import broker, carried_ids, enqueue_missing, sweep
+from reconciler.sweep import broker, carried_ids, enqueue_missing, sweep
 from contract.settings import url_secrets
 from workers.app import SecretFilter, delivery_problems
 from contract.settings import Settings

@@ -142,7 +142,7 @@ def test_real_model_end_to_end(pg_url: str, broker_url: str, tmp_path: Path) -> 
     import torch
 
     from workers.engine import Engine
-    from workers.registry import SMOLLM2, resolve
+    from contract.registry import SMOLLM2, resolve
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     lines = [

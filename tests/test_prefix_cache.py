@@ -154,7 +154,7 @@ def test_a_tiny_prefix_cache_evicts_and_still_gives_the_same_text(engine: Engine
 def test_the_real_model_gives_the_same_greedy_text_with_a_cached_system_prompt(cache_dir) -> None:  # noqa: F811
     """SmolLM2 in float32 (the tiny random model barely looks at its context): every request after the first
     copies the shared system prompt, and the texts are those computed from scratch."""
-    from workers.registry import SMOLLM2, resolve
+    from contract.registry import SMOLLM2, resolve
 
     real = Engine.load(resolve(SMOLLM2), max_batch_rows=4)
     requests = [chat(q, max_new_tokens=16) for q in QUESTIONS]

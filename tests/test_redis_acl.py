@@ -241,7 +241,7 @@ def test_binding_sweep_runs_as_consumers_of_expiring_queues(acl_redis: AclRedis,
 def test_reconciler_reads_redis_as_the_submitter(acl_redis: AclRedis, sqlite_url: str) -> None:
     """What `producer reconcile` / retry / submit --resume read through kombu, and its --loop lock."""
     from contract.broker import Sender, connect
-    from contract.reconcile import broker, carried_ids, take_lock
+    from reconciler.sweep import broker, carried_ids, take_lock
     from contract.settings import Settings
 
     acl_redis.reset_log()

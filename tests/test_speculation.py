@@ -174,7 +174,7 @@ def test_a_kept_draft_token_has_the_models_probability(engine: Engine) -> None: 
 @pytest.mark.slow
 def test_the_real_model_copies_its_prompt_in_fewer_steps_with_the_same_text(cache_dir) -> None:  # noqa: F811
     """SmolLM2 in float32 on rewriting prompts: the texts are those of plain decoding, and drafts are kept."""
-    from workers.registry import SMOLLM2, resolve
+    from contract.registry import SMOLLM2, resolve
 
     real = Engine.load(resolve(SMOLLM2), max_batch_rows=4, speculative_tokens=0)
     asks = [
@@ -277,7 +277,7 @@ def test_a_costly_drafter_is_not_run_when_the_policy_expects_no_gain() -> None:
 
 
 def test_the_worker_loads_its_draft_model_from_a_name(cache_dir) -> None:  # noqa: F811
-    from workers.registry import TINY, resolve
+    from contract.registry import TINY, resolve
 
     loaded = Engine.load(resolve(TINY), speculative_tokens=4, draft_spec=resolve(TINY))
     assert loaded.scheduler is not None and loaded.scheduler.speculation is not None

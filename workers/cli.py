@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from models.db import SchemaBehind, check_schema, make_engine
+from contract.errors import SchemaBehind
+from migrations.schema import check_schema
+from models.db import make_engine
 from contract import registry
 from workers.quantize import check_combination
 from contract.settings import ENV_PREFIX, Settings, redact

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from workers.registry import ModelSpec
+from contract.registry import ModelSpec
 
 try:  # transformers 5 can keep GGUF weights packed; it then warns that packed weights are fastest in float32
     from transformers import GgufConfig

@@ -4,7 +4,7 @@ Each pool child serves its own registry on its own port (port + index), so no mu
 with one child per GPU; scrape every port.
 
 The reconciler's metrics (queue depth per model, lapsed leases, re-sends) are another registry,
-contract.reconcile_metrics, served by the process that runs the reconciler.
+reconciler.metrics, served by the process that runs the reconciler.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""The reconciler in the workers: one sweep (contract.reconcile) per interval across the fleet.
+"""The reconciler in the workers: one sweep (reconciler.sweep) per interval across the fleet.
 
 Each worker's main process runs a FleetReconciler thread (its workers.runner.WorkerProcess starts it); per
-interval, the worker that takes the Redis lock sweeps. The sweep itself, and what `producer reconcile` runs, is contract.reconcile.
+interval, the worker that takes the Redis lock sweeps. The sweep itself, and what `producer reconcile` runs, is reconciler.sweep.
 
 Every reconciler (each worker's, and `producer reconcile --loop`) serves its metrics (workers.metrics'
-contract.reconcile_metrics) on BULKGEN_RECONCILER_METRICS_PORT (+ N for a worker on cuda:N): what its sweeps did,
+reconciler.metrics) on BULKGEN_RECONCILER_METRICS_PORT (+ N for a worker on cuda:N): what its sweeps did,
 and, every interval whether it swept or not, the depth of each open job's model queue (Redis LLEN).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import threading
 import uuid
 from typing import TYPE_CHECKING
 
-from contract import reconcile_metrics
-from contract.reconcile import sweep, take_lock
+from reconciler import metrics as reconcile_metrics
+from reconciler.sweep import sweep, take_lock
 from contract.settings import Settings
 from models.db import make_engine
 

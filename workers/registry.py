@@ -1,20 +1,5 @@
-"""Moved to contract.registry (model lookup is shared with the producer); kept for the engine's imports."""
-from contract.registry import (
-    SMOLLM2,
-    SMOLLM2_CONTEXT,
-    SMOLLM2_GGUF,
-    STANDIN,
-    TINY,
-    TINY_CONTEXT,
-    ModelNotFound,
-    ModelSpec,
-    context_length,
-    queue_name,
-    resolve,
-    smollm2_dir,
-)
+"""Moved to contract.registry (model lookup is shared with the producer): import it from there. Kept only while
+workers/engine.py, its last importer, still imports ModelSpec from here; delete this file with that line."""
+from contract.registry import ModelSpec
 
-__all__ = [
-    "SMOLLM2", "SMOLLM2_CONTEXT", "SMOLLM2_GGUF", "STANDIN", "TINY", "TINY_CONTEXT",
-    "ModelNotFound", "ModelSpec", "context_length", "queue_name", "resolve", "smollm2_dir",
-]
+__all__ = ["ModelSpec"]

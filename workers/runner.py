@@ -10,7 +10,8 @@ import time
 from typing import TYPE_CHECKING
 
 from contract.policy import TransientError, with_store_retry
-from models.db import check_schema, make_engine, session_factory
+from migrations.schema import check_schema
+from models.db import make_engine, session_factory
 from contract import registry
 from models.store import record_outcomes
 from workers import faults, metrics

@@ -43,7 +43,7 @@ from bench.scale.services import (
     env_for,
     machine_cpu,
 )
-from models.db import upgrade_schema
+from migrations.schema import upgrade_schema
 
 WINDOW = (0.10, 0.90)
 

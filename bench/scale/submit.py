@@ -47,7 +47,8 @@ from bench.scale.services import (
     env_for,
     run_measured,
 )
-from models.db import make_engine, upgrade_schema
+from migrations.schema import upgrade_schema
+from models.db import make_engine
 from contract.messages import queue_name
 from contract.settings import Settings
 

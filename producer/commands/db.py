@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from models.db import check_store, make_engine, schema_revisions, upgrade_schema
+from migrations.schema import check_store, schema_revisions, upgrade_schema
+from models.db import make_engine
 from contract.settings import get_settings, redact
 
 owner_database_option = click.option(

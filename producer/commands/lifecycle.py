@@ -70,7 +70,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     re-sends) on BULKGEN_RECONCILER_METRICS_PORT (9500; 0 = off).
     """
     from contract.broker import connect
-    from contract.reconcile import sweep, take_lock
+    from reconciler.sweep import sweep, take_lock
 
     settings = settings_with(database_url, broker_url)
     db = open_store(settings)
@@ -81,7 +81,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
         return
     if loop_s <= 0:
         raise click.BadParameter("must be > 0", param_hint="--loop")
-    from contract.reconcile_metrics import RECONCILER_SWEEPS, QueueDepth, observe_sweep, serve_metrics
+    from reconciler.metrics import RECONCILER_SWEEPS, QueueDepth, observe_sweep, serve_metrics
 
     port = serve_metrics(settings)  # BULKGEN_RECONCILER_METRICS_PORT: queue depth, lapsed leases, re-sends
     if port is not None:

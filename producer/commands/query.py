@@ -9,7 +9,8 @@ import click
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from models.db import SchemaBehind, check_schema
+from contract.errors import SchemaBehind
+from migrations.schema import check_schema
 from producer.context import say
 from producer.readonly import authorizer_of, read_only_engine, statement_head, write_rights
 from contract.settings import get_settings, redact

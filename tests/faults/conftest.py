@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.db import upgrade_schema
+from migrations.schema import upgrade_schema
 from tests.faults.harness import PostgresServer, postgres_bin
 from tests.helpers import RedisServer
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.db import upgrade_schema
+from migrations.schema import upgrade_schema
 from tests.faults.harness import FAULT_SETTINGS, Fleet, PostgresServer, Store, holder_pid, kill, pid_alive
 from tests.helpers import TINY, RedisServer, env_for, producer
 

@@ -3,7 +3,7 @@
 Served by the process that runs the reconciler: a worker's main process (workers.reconcile, on
 BULKGEN_RECONCILER_METRICS_PORT + the GPU index) or `producer reconcile --loop` (on BULKGEN_RECONCILER_METRICS_PORT).
 A registry of its own: pool children inherit it at fork and never serve it, so no series is exported twice with
-stale values. Torch-free and worker-free (contract/), since the producer's `reconcile --loop` serves it too.
+stale values. Torch-free and worker-free (reconciler/), since the producer's `reconcile --loop` serves it too.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from sqlalchemy import Engine
 
 from contract.messages import queue_name
-from contract.reconcile import broker
 from contract.settings import Settings
 from models.db import session_factory
 from models.store import open_jobs
+from reconciler.sweep import broker
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -50,7 +50,7 @@ RECONCILER_RESENT = Counter(
 
 
 def observe_sweep(report: Any) -> None:
-    """Count what one contract.reconcile.sweep did (its SweepReport)."""
+    """Count what one reconciler.sweep.sweep did (its SweepReport)."""
     RECONCILER_SWEEPS.labels("done").inc()
     RECONCILER_LAPSED.inc(report.expired)
     RECONCILER_GAVE_UP.inc(report.gave_up)

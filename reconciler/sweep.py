@@ -11,8 +11,8 @@ A sweep, for every job whose submit finished and that is not final:
 
 Duplicates are harmless (a claim skips finished and leased requests; result writes are idempotent),
 but sweeps avoid them: only what is missing from Redis is sent, and at most one worker of a fleet
-sweeps per interval (a Redis lock: take_lock). Torch-free: `producer reconcile`, `retry` and `submit --resume`
-run it; each worker's main process runs it every reconcile_interval_s (workers.reconcile.FleetReconciler).
+sweeps per interval (a Redis lock: take_lock). Torch-free and worker-free: `producer reconcile`, `retry` and
+`submit --resume` run it; each worker's main process runs it every reconcile_interval_s (workers.reconcile.FleetReconciler).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from sqlalchemy import Engine, select
 from contract.broker import Sender
 from contract.errors import JobNotFound
 from contract.messages import decode_kombu, queue_name
+from contract.redis_acl import LOCK_KEY
 from contract.settings import Settings, get_settings
 from models.db import session_factory, utcnow
 from models.store import (
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bulkgen.reconcile")
 
-LOCK_KEY = "bulkgen:reconcile:lock"
 PAGE = 1000
 """Messages read from a Redis list per LRANGE."""
 MARK_CHUNK = 5000
