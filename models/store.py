@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from contract.policy import gave_up_reason
+from contract.policy import gave_up_reason, gives_up
 from models.db import utcnow
 from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatus, Result
 
@@ -158,10 +158,7 @@ def claim_requests(
         return None
     now = utcnow()
     mine = and_(Request.job_id == job_id, Request.id.in_(list(request_ids)), takeable(worker, now))
-    spent = session.execute(
-        select(Request.id, Request.attempts, Request.error, Request.worker).where(mine, Request.attempts >= max_attempts)
-    ).all()
-    gave_up = settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
+    gave_up = _give_up(session, job_id, mine, max_attempts, now)
     start = {
         "status": RequestStatus.RUNNING,
         "attempts": Request.attempts + 1,
@@ -173,7 +170,7 @@ def claim_requests(
     one_by_one = False
     if not ids:
         first = session.scalar(
-            select(Request.id).where(mine, Request.attempts < max_attempts).order_by(Request.id).limit(1)
+            select(Request.id).where(mine, ~gives_up(Request.attempts, max_attempts)).order_by(Request.id).limit(1)
         )
         if first is not None:
             ids = _returning_ids(session, update(Request).where(mine, Request.id == first).values(**start))
@@ -186,6 +183,15 @@ def claim_requests(
     claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up, job.created_at)
     session.commit()
     return claim
+
+
+def _give_up(session: Session, job_id: int, among: ColumnElement[bool], max_attempts: int, now: datetime) -> list[int]:
+    """End failed, with the policy's reason, the requests among these that it does not start again (contract.policy,
+    4); returns their ids. No commit."""
+    spent = session.execute(
+        select(Request.id, Request.attempts, Request.error, Request.worker).where(among, gives_up(Request.attempts, max_attempts))
+    ).all()
+    return settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
 
 
 def _returning_ids(session: Session, statement: Any) -> list[int]:
@@ -402,12 +408,9 @@ def expire_leases(session: Session, job_id: int, max_attempts: int, now: datetim
     """
     now = now or utcnow()
     lapsed = and_(Request.job_id == job_id, lease_lapsed(now))
-    spent = session.execute(
-        select(Request.id, Request.attempts, Request.error, Request.worker).where(lapsed, Request.attempts >= max_attempts)
-    ).all()
-    failed = settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
+    failed = _give_up(session, job_id, lapsed, max_attempts, now)
     requeued = _returning_ids(
-        session, update(Request).where(lapsed, Request.attempts < max_attempts).values(status=RequestStatus.QUEUED, lease_until=None)
+        session, update(Request).where(lapsed, ~gives_up(Request.attempts, max_attempts)).values(status=RequestStatus.QUEUED, lease_until=None)
     )
     session.commit()
     return requeued, failed

@@ -18,7 +18,7 @@ them back on the queue; nothing is lost, and the first write of a result wins, s
 A request started before (its claim says one_by_one) runs alone: the worker finishes and records everything
 it holds, takes nothing else meanwhile, and only then admits it; the next such request is claimed only once
 this one is recorded. So a request that kills its worker takes no other request, and no other attempt, with it.
-When the engine raises, every request it holds is handed back and each is claimed again, alone; the one that
+When the engine raises (out of memory it handles itself: contract.policy, 3), every request it holds is handed back and each is claimed again, alone; the one that
 keeps failing ends failed after max_attempts.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Worker:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._occupancy = (0.0, 0)
-        self._recorder = Recorder(self, sessions, model, device, worker, record)
+        self._recorder = Recorder(self, sessions, model, device, worker, record, settings.db_retry_s)
         self._lease_keeper = LeaseKeeper(self, sessions, worker, settings.lease_s)
         if engine is not None:
             self.engine.on_step(self._observe_step)  # type: ignore[attr-defined]
@@ -166,7 +166,7 @@ class Worker:
                     session, job_id, ids, self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts
                 )
 
-        return with_store_retry(claim)
+        return with_store_retry(claim, within_s=self.settings.db_retry_s)
 
     def _accept(self, claimed: Claim) -> None:
         if claimed.one_by_one:
