@@ -241,11 +241,6 @@ class Worker:
             thread.join(timeout=10)
         self._threads = []
 
-    @property
-    def held_ids(self) -> list[int]:
-        with self._lock:
-            return list(self._held)
-
     # --- the engine thread -----------------------------------------------------------------------
 
     def _engine_loop(self) -> None:
