@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from contract.policy import gave_up_reason, gives_up
-from models.db import utcnow
+from models.db import as_utc, utcnow
 from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatus, Result
 
 OPEN_JOB_STATES = (JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING)
@@ -482,14 +482,9 @@ def not_enqueued_since(job_enqueued_at: datetime | None, before: datetime) -> Co
     """Requests last enqueued before `before`: by their own enqueued_at, or, where that is NULL (sent
     with the submit), by their job's; a job whose submit never finished counts as never enqueued."""
     own = and_(Request.enqueued_at.is_not(None), Request.enqueued_at < before)
-    if job_enqueued_at is None or _as_utc(job_enqueued_at) < before:
+    if job_enqueued_at is None or as_utc(job_enqueued_at) < before:
         return or_(Request.enqueued_at.is_(None), own)
     return own
-
-
-def _as_utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def iter_stale_queued(engine: Engine, job: OpenJob, before: datetime, chunk: int = 10_000) -> Iterator[list[int]]:

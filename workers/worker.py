@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,7 +37,7 @@ from contract.errors import WrongModel
 from contract.logs import about
 from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
 from contract.settings import Settings
-from models.db import utcnow
+from models.db import as_utc, utcnow
 from models.store import Claim, claim_requests, record_outcomes, release_requests
 from workers import metrics
 from workers.held import Held, Work
@@ -382,7 +382,7 @@ class Worker:
     @staticmethod
     def _seconds(h: Held, finished_at: datetime) -> float:
         """From entering the engine to its last row finishing."""
-        started = _as_utc(h.started_at or h.claimed_at)
+        started = as_utc(h.started_at or h.claimed_at)
         return max(0.0, (finished_at - started).total_seconds()) if started is not None else 0.0
 
     def _mean_occupancy(self, h: Held) -> float | None:
@@ -421,12 +421,6 @@ class Worker:
 
 def _observe_queue_wait(model: str, claimed: Claim, now: datetime) -> None:
     for request in claimed.requests:
-        since = _as_utc(request.enqueued_at or claimed.job_created_at)
+        since = as_utc(request.enqueued_at or claimed.job_created_at)
         if since is not None:
             metrics.QUEUE_WAIT.labels(model).observe(max(0.0, (now - since).total_seconds()))
-
-
-def _as_utc(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:  # SQLite gives naive UTC datetimes back
-        return moment.replace(tzinfo=timezone.utc)
-    return moment
