@@ -23,7 +23,6 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import IO, Any
 
 from sqlalchemy import Engine
@@ -39,6 +38,7 @@ from models.store import (
     set_job_totals,
 )
 from contract.messages import queue_name
+from contract.streams import batched
 from producer import interrupt
 from producer.inputs import Input
 from producer.reader import ValidRequest
@@ -210,7 +210,7 @@ def refresh_statistics(db: Engine) -> None:
 
 def _chunks_from_input(data: Input, defaults: dict[str, Any], context_length: int) -> Iterator[tuple[list[RequestRow], list[tuple[int, str]]]]:
     """The spool's chunks, read from the input again (when validate_file kept no spool)."""
-    for chunk in _chunks(iter(data.outcomes(defaults, context_length)), INSERT_CHUNK):
+    for chunk in batched(data.outcomes(defaults, context_length), INSERT_CHUNK):
         yield [_row(o.request) for o in chunk if o.request is not None], [
             (o.line_no, "; ".join(o.errors)) for o in chunk if o.request is None
         ]
@@ -228,11 +228,6 @@ def _interruptible(chunks: Iterator[list[RequestRow]]) -> Iterator[list[RequestR
         yield rows
 
 
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while chunk := list(islice(items, size)):
-        yield chunk
-
-
 # --- third step: enqueue ----------------------------------------------------------------------
 
 def enqueue_job(db: Engine, job_id: int, model: str, ids_per_message: int, send: Callable[[str, int, list[int]], None]) -> int:
@@ -242,7 +237,7 @@ def enqueue_job(db: Engine, job_id: int, model: str, ids_per_message: int, send:
     """
     queue = queue_name(model)
     messages = 0
-    for ids in _chunks(iter_request_ids(db, job_id), ids_per_message):
+    for ids in batched(iter_request_ids(db, job_id), ids_per_message):
         interrupt.check()
         send(queue, job_id, ids)
         messages += 1
