@@ -523,6 +523,12 @@ def mark_requests_enqueued(session: Session, request_ids: Sequence[int], now: da
 
 # --- reading ----------------------------------------------------------------------------------
 
+def known_custom_ids(session: Session, job_id: int, custom_ids: Sequence[str]) -> int:
+    """How many of these custom_ids the job has (`submit --resume` checks its input is the job's)."""
+    return session.scalar(
+        select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(list(custom_ids)))
+    ) or 0
+
 def request_counts(session: Session, job_id: int) -> dict[str, int]:
     """A job's requests by state, without reading the whole job: done and failed come from the job's counters
     (they move in the same transaction as the requests' states), running and cancelled from an index range

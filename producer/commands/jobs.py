@@ -6,7 +6,8 @@ import json
 import click
 
 from contract.errors import JobNotFound
-from producer.context import database_option, open_store, settings_with
+from models.db import open_store
+from producer.context import database_option, settings_with
 
 
 @click.command()
@@ -17,7 +18,7 @@ def jobs(limit: int, as_json: bool, database_url: str | None) -> None:
     """List the newest jobs with their progress."""
     from producer.views import job_rows, print_table
 
-    rows = job_rows(open_store(settings_with(database_url)), limit)
+    rows = job_rows(open_store(settings_with(database_url).database_url), limit)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, default=str))
@@ -33,7 +34,7 @@ def status(job_id: int, as_json: bool, database_url: str | None) -> None:
     """Show a job: its state, requests by state, token totals, throughput and failures."""
     from producer.views import job_status, print_status
 
-    info = job_status(open_store(settings_with(database_url)), job_id)
+    info = job_status(open_store(settings_with(database_url).database_url), job_id)
     if info is None:
         raise JobNotFound(job_id)
     if as_json:

@@ -8,7 +8,8 @@ import uuid
 import click
 
 from contract.settings import scrub
-from producer.context import broker_option, database_option, open_store, say, settings_with
+from models.db import open_store
+from producer.context import broker_option, database_option, say, settings_with
 
 
 @click.command()
@@ -73,7 +74,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     from contract.reconcile import sweep, take_lock
 
     settings = settings_with(database_url, broker_url)
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     app = connect(settings)
     only = job_ids or None
     if loop_s is None:

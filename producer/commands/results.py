@@ -8,7 +8,8 @@ import click
 from sqlalchemy.orm import Session
 
 from contract.errors import JobNotFound
-from producer.context import database_option, open_store, settings_with
+from models.db import open_store
+from producer.context import database_option, settings_with
 from producer.export import FORMATS, flat_records, write_csv, write_jsonl, write_openai, write_parquet
 
 
@@ -38,7 +39,7 @@ def results(ctx: click.Context, job_id: int, fmt: str, output: Path | None, tabl
     """
     from models.tables import Job
 
-    db = open_store(settings_with(database_url))
+    db = open_store(settings_with(database_url).database_url)
     with Session(db) as session:
         job = session.get(Job, job_id)
         if job is None:

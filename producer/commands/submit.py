@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from producer.context import broker_option, database_option, open_store, say, settings_with
+from models.db import open_store
+from producer.context import broker_option, database_option, say, settings_with
 
 if TYPE_CHECKING:
     from contract.settings import Settings
@@ -113,7 +114,7 @@ def _wait(job_id: int, settings: Settings, wait: bool) -> None:
     from models.tables import JobStatus
     from producer.progress import watch
 
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     try:
         status = watch(db, job_id)
     finally:
