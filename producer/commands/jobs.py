@@ -6,7 +6,6 @@ import json
 import click
 
 from contract.errors import JobNotFound
-from models.db import open_store
 from producer.context import database_option, settings_with
 
 
@@ -16,6 +15,7 @@ from producer.context import database_option, settings_with
 @database_option
 def jobs(limit: int, as_json: bool, database_url: str | None) -> None:
     """List the newest jobs with their progress."""
+    from models.db import open_store
     from producer.views import job_rows, print_table
 
     rows = job_rows(open_store(settings_with(database_url).database_url), limit)
@@ -32,6 +32,7 @@ def jobs(limit: int, as_json: bool, database_url: str | None) -> None:
 @database_option
 def status(job_id: int, as_json: bool, database_url: str | None) -> None:
     """Show a job: its state, requests by state, token totals, throughput and failures."""
+    from models.db import open_store
     from producer.views import job_status, print_status
 
     info = job_status(open_store(settings_with(database_url).database_url), job_id)

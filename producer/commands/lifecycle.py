@@ -8,7 +8,6 @@ import uuid
 import click
 
 from contract.settings import scrub
-from models.db import open_store
 from producer.context import broker_option, database_option, say, settings_with
 
 
@@ -72,6 +71,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     """
     from contract.broker import connect
     from contract.reconcile import sweep, take_lock
+    from models.db import open_store
 
     settings = settings_with(database_url, broker_url)
     db = open_store(settings.database_url)

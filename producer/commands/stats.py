@@ -6,7 +6,6 @@ import json
 import click
 
 from contract.errors import JobNotFound
-from models.db import open_store
 from producer.context import database_option, settings_with
 
 TOTALS_ONLY = ("draft_tokens", "accepted_draft_tokens")
@@ -22,6 +21,7 @@ def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
 
     Without JOB_ID: over every job in the store.
     """
+    from models.db import open_store
     from producer.stats import collect
 
     info = collect(open_store(settings_with(database_url).database_url), job_id)

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from models.db import open_store
 from producer.context import broker_option, database_option, say, settings_with
 
 if TYPE_CHECKING:
@@ -111,6 +110,7 @@ def _columns(prompt: str | None, messages: str | None, custom_id: str | None, pa
 def _wait(job_id: int, settings: Settings, wait: bool) -> None:
     if not wait:
         return
+    from models.db import open_store
     from models.tables import JobStatus
     from producer.progress import watch
 
