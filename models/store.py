@@ -529,6 +529,7 @@ def known_custom_ids(session: Session, job_id: int, custom_ids: Sequence[str]) -
         select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(list(custom_ids)))
     ) or 0
 
+
 def request_counts(session: Session, job_id: int) -> dict[str, int]:
     """A job's requests by state, without reading the whole job: done and failed come from the job's counters
     (they move in the same transaction as the requests' states), running and cancelled from an index range
