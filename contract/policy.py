@@ -13,9 +13,14 @@ Every worker, the reconciler and the store take their rule from here; the settin
    Any other store error (a constraint, a bug) is not retried: it propagates.
 2. A request the engine refuses (a prompt longer than the context, parameters the model cannot honour) ends
    `failed` at once with the engine's reason; retrying would give the same answer.
-3. The engine raises while generating a batch (out of memory, a runtime error): every request it held is handed
-   back (its attempt counted, the error kept as its last error) and claimed again alone (4), so that one bad
-   request cannot take a batch down twice.
+3. Out of memory is the engine's to handle, in process (workers.batch: `is_out_of_memory`, `halved`,
+   `out_of_memory_alone`): the scheduler drops what it was decoding and starts those rows again, from their
+   prompts, with at most half as many rows at once (`halved`; the lower limit holds for the scheduler's life);
+   static batches run the two halves of the batch on their own. A row out of memory alone ends its request
+   `failed` with "out of memory with a batch of one row: <error>". No request is handed back and no attempt is
+   counted for it. Any other error the engine raises while generating (a runtime error, a bug) hands back every
+   request it held (its attempt counted, the error kept as its last error), and each is claimed again alone (4),
+   so that one bad request cannot take a batch down twice.
 4. A request that was started and did not finish (its worker was killed, froze past its lease, or handed it back)
    is only ever started again alone (`one_by_one`), and at most `max_attempts` (3) starts in all; at the next
    start after that it ends `failed` with `gave_up_reason`: "gave up after N attempts; last: <its last error, or
@@ -37,9 +42,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from contract.errors import BulkgenError
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement
+    from sqlalchemy.orm import InstrumentedAttribute
 
 log = logging.getLogger("bulkgen.policy")
 T = TypeVar("T")
@@ -77,16 +86,13 @@ def store_wait_s(attempt: int, first_wait_s: float = STORE_FIRST_WAIT_S, max_wai
     return min(max_wait_s, first_wait_s * 2**attempt)
 
 
-def with_store_retry(action: Callable[[], T], *, within_s: float | None = None, first_wait_s: float = STORE_FIRST_WAIT_S,
+def with_store_retry(action: Callable[[], T], *, within_s: float, first_wait_s: float = STORE_FIRST_WAIT_S,
                      max_wait_s: float = STORE_MAX_WAIT_S) -> T:
-    """Run a store operation, waiting out a store that is unreachable (1); TransientError once within_s
-    (default: the db_retry_s setting) has passed. A store error that is not transient propagates at once."""
+    """Run a store operation, waiting out a store that is unreachable (1); TransientError once within_s (the
+    db_retry_s setting, or RELEASE_WITHIN_S for a release) has passed. A store error that is not transient
+    propagates at once."""
     from sqlalchemy.exc import DBAPIError
 
-    if within_s is None:
-        from contract.settings import get_settings
-
-        within_s = get_settings().db_retry_s
     deadline = time.monotonic() + within_s
     attempt = 0
     while True:
@@ -108,8 +114,13 @@ def message_retry_countdown(retries: int) -> int:
     return min(MESSAGE_RETRY_MAX_S, MESSAGE_RETRY_FIRST_S * 2 ** min(retries, 5))
 
 
-def gives_up(attempts: int, max_attempts: int) -> bool:
-    """A request started this many times is not started again (4)."""
+@overload
+def gives_up(attempts: int, max_attempts: int) -> bool: ...
+@overload
+def gives_up(attempts: InstrumentedAttribute[int], max_attempts: int) -> ColumnElement[bool]: ...
+def gives_up(attempts: int | InstrumentedAttribute[int], max_attempts: int) -> bool | ColumnElement[bool]:
+    """A request started this many times is not started again (4). Given the attempts column
+    (models.tables.Request.attempts), the same rule as a SQL condition; its negation (~) is "may start again"."""
     return attempts >= max_attempts
 
 

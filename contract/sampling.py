@@ -10,7 +10,9 @@ MAX_N = 128
 MAX_BEAMS = 64
 MAX_TOP_LOGPROBS = 20
 """OpenAI's limit for chat `top_logprobs`."""
-SEED_LIMIT = 2**63
+REQUEST_SEED_LIMIT = 2**63
+"""A seed a request gives must be below this (it fits a signed 64-bit integer). Not workers.rows.SEED_LIMIT
+(2**31), the bound of the seeds the engine picks itself for a request that gives none."""
 
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
@@ -18,7 +20,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 turns top-k off)"),
     "repetition_penalty": (lambda v: v > 0, "> 0"),
-    "seed": (lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**63)"),
+    "seed": (lambda v: 0 <= v < REQUEST_SEED_LIMIT, "in [0, 2**63)"),
     "n": (lambda v: 1 <= v <= MAX_N, f"in [1, {MAX_N}]"),
     "num_beams": (lambda v: 1 <= v <= MAX_BEAMS, f"in [1, {MAX_BEAMS}]"),
     "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),

@@ -3,6 +3,7 @@ migrations/, whose env.py imports models/)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import overload
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -10,6 +11,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+@overload
+def as_utc(moment: None) -> None: ...
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A datetime read from the store, timezone-aware: SQLite hands back naive datetimes for timezone-aware
+    columns, and they were written in UTC."""
+    return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
 
 
 def make_engine(url: str) -> Engine:

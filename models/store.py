@@ -6,16 +6,17 @@ so a redelivered message never duplicates a row or double-counts a token.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from contract.policy import gave_up_reason
-from models.db import utcnow
+from contract.policy import gave_up_reason, gives_up
+from models.db import as_utc, utcnow
 from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatus, Result
 
 OPEN_JOB_STATES = (JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING)
@@ -50,10 +51,57 @@ def create_job(connection: Connection, *, name: str | None, model: str, source: 
     ).scalar_one()
 
 
-def insert_requests(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert a chunk of request rows in one executemany."""
-    if rows:
-        connection.execute(insert(Request), list(rows))
+REQUEST_COLUMNS = ("job_id", "line_no", "custom_id", "prompt", "messages", "params", "metadata", "status", "attempts")
+"""The columns `insert_requests` fills; the others take their defaults (id from its sequence)."""
+
+RequestRow = tuple[int, str, str | None, str, str, str]
+"""A new request as `insert_requests` takes it: (line_no, custom_id, prompt, messages, params, metadata), the last
+three as JSON text (`request_row`). job_id, status (queued) and attempts (0) are the same for every row of a job."""
+
+
+def _json_encoder() -> Callable[[Any], str]:
+    """json.dumps with its defaults (the text SQLAlchemy's JSON type writes; None is JSON null), set up once.
+
+    json.dumps builds a new C encoder on every call; three calls a row made that a tenth of a submit.
+    The circular-reference check is off: values parsed from JSON cannot hold a cycle.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder().encode
+    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+dump_json = _json_encoder()
+
+
+def request_row(line_no: int, custom_id: str, prompt: str | None, messages: list[dict[str, Any]] | None,
+                params: dict[str, Any], metadata: dict[str, Any] | None) -> RequestRow:
+    """A new request's row for `insert_requests`."""
+    return (line_no, custom_id, prompt, dump_json(messages), dump_json(params), dump_json(metadata))
+
+
+def insert_requests(connection: Connection, job_id: int, chunks: Iterable[Sequence[RequestRow]]) -> None:
+    """Insert a job's new requests, queued with no attempt, chunk by chunk, in the caller's transaction: COPY on
+    PostgreSQL, one executemany per chunk on SQLite. The one writer of new requests (submit's, and the tests')."""
+    tail = (RequestStatus.QUEUED, 0)
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        cursor = connection.connection.driver_connection.cursor()  # psycopg 3, in this transaction
+        with cursor.copy(f"COPY requests ({', '.join(REQUEST_COLUMNS)}) FROM STDIN") as copy:
+            write_row = copy.write_row
+            for rows in chunks:
+                for row in rows:
+                    write_row((job_id, *row, *tail))
+        cursor.close()
+    elif dialect == "sqlite":
+        placeholders = ", ".join("?" * len(REQUEST_COLUMNS))
+        sql = f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({placeholders})"
+        for rows in chunks:
+            if rows:
+                connection.exec_driver_sql(sql, [(job_id, *row, *tail) for row in rows])
+    else:
+        raise NotImplementedError(f"no bulk insert for database dialect {dialect!r}")
 
 
 def insert_rejects(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -158,10 +206,7 @@ def claim_requests(
         return None
     now = utcnow()
     mine = and_(Request.job_id == job_id, Request.id.in_(list(request_ids)), takeable(worker, now))
-    spent = session.execute(
-        select(Request.id, Request.attempts, Request.error, Request.worker).where(mine, Request.attempts >= max_attempts)
-    ).all()
-    gave_up = settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
+    gave_up = _give_up(session, job_id, mine, max_attempts, now)
     start = {
         "status": RequestStatus.RUNNING,
         "attempts": Request.attempts + 1,
@@ -173,7 +218,7 @@ def claim_requests(
     one_by_one = False
     if not ids:
         first = session.scalar(
-            select(Request.id).where(mine, Request.attempts < max_attempts).order_by(Request.id).limit(1)
+            select(Request.id).where(mine, ~gives_up(Request.attempts, max_attempts)).order_by(Request.id).limit(1)
         )
         if first is not None:
             ids = _returning_ids(session, update(Request).where(mine, Request.id == first).values(**start))
@@ -186,6 +231,15 @@ def claim_requests(
     claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up, job.created_at)
     session.commit()
     return claim
+
+
+def _give_up(session: Session, job_id: int, among: ColumnElement[bool], max_attempts: int, now: datetime) -> list[int]:
+    """End failed, with the policy's reason, the requests among these that it does not start again (contract.policy,
+    4); returns their ids. No commit."""
+    spent = session.execute(
+        select(Request.id, Request.attempts, Request.error, Request.worker).where(among, gives_up(Request.attempts, max_attempts))
+    ).all()
+    return settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
 
 
 def _returning_ids(session: Session, statement: Any) -> list[int]:
@@ -402,12 +456,9 @@ def expire_leases(session: Session, job_id: int, max_attempts: int, now: datetim
     """
     now = now or utcnow()
     lapsed = and_(Request.job_id == job_id, lease_lapsed(now))
-    spent = session.execute(
-        select(Request.id, Request.attempts, Request.error, Request.worker).where(lapsed, Request.attempts >= max_attempts)
-    ).all()
-    failed = settle_failures(session, job_id, {r.id: gave_up_reason(r.attempts, r.error, r.worker) for r in spent}, now)
+    failed = _give_up(session, job_id, lapsed, max_attempts, now)
     requeued = _returning_ids(
-        session, update(Request).where(lapsed, Request.attempts < max_attempts).values(status=RequestStatus.QUEUED, lease_until=None)
+        session, update(Request).where(lapsed, ~gives_up(Request.attempts, max_attempts)).values(status=RequestStatus.QUEUED, lease_until=None)
     )
     session.commit()
     return requeued, failed
@@ -431,14 +482,9 @@ def not_enqueued_since(job_enqueued_at: datetime | None, before: datetime) -> Co
     """Requests last enqueued before `before`: by their own enqueued_at, or, where that is NULL (sent
     with the submit), by their job's; a job whose submit never finished counts as never enqueued."""
     own = and_(Request.enqueued_at.is_not(None), Request.enqueued_at < before)
-    if job_enqueued_at is None or _as_utc(job_enqueued_at) < before:
+    if job_enqueued_at is None or as_utc(job_enqueued_at) < before:
         return or_(Request.enqueued_at.is_(None), own)
     return own
-
-
-def _as_utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def iter_stale_queued(engine: Engine, job: OpenJob, before: datetime, chunk: int = 10_000) -> Iterator[list[int]]:
@@ -476,6 +522,13 @@ def mark_requests_enqueued(session: Session, request_ids: Sequence[int], now: da
 
 
 # --- reading ----------------------------------------------------------------------------------
+
+def known_custom_ids(session: Session, job_id: int, custom_ids: Sequence[str]) -> int:
+    """How many of these custom_ids the job has (`submit --resume` checks its input is the job's)."""
+    return session.scalar(
+        select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(list(custom_ids)))
+    ) or 0
+
 
 def request_counts(session: Session, job_id: int) -> dict[str, int]:
     """A job's requests by state, without reading the whole job: done and failed come from the job's counters

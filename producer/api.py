@@ -33,8 +33,6 @@ from contract.errors import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
     from contract.settings import Settings
 
     from reconciler.sweep import SweepReport
@@ -53,13 +51,6 @@ def settings_for(database_url: str | None = None, broker_url: str | None = None,
     broker_url = broker_url or settings.submitter_broker_url
     updates = {k: v for k, v in {"database_url": database_url, "broker_url": broker_url}.items() if v}
     return settings.model_copy(update=updates) if updates else settings
-
-
-def open_store(settings: Settings) -> Engine:
-    """The store's engine, its schema checked (StoreUnreachable, SchemaBehind)."""
-    from migrations.schema import open_store as open_checked
-
-    return open_checked(settings.database_url)
 
 
 @dataclass
@@ -126,9 +117,10 @@ class Job:
 
     def status(self) -> JobInfo:
         """The job's state now (JobNotFound when the store has no such job)."""
+        from migrations.schema import open_store
         from producer.views import job_status
 
-        db = open_store(self.settings)
+        db = open_store(self.settings.database_url)
         try:
             info = job_status(db, self.id)
         finally:
@@ -147,9 +139,10 @@ class Job:
     def wait(self, progress: bool = False, timeout: float | None = None, poll_s: float = 0.5) -> JobInfo:
         """Block until the job ends (completed, failed or cancelled) and return its final state; `progress`
         draws a live bar on stderr. Raises TimeoutError after `timeout` seconds (the job goes on)."""
+        from migrations.schema import open_store
         from producer.progress import follow
 
-        db = open_store(self.settings)
+        db = open_store(self.settings.database_url)
         try:
             follow(db, self.id, poll_s=poll_s, timeout=timeout, show=progress)
         finally:
@@ -161,9 +154,10 @@ class Job:
         counts, seed, error, metadata), in input order; a request without results (failed, cancelled or not
         done yet) gives one record with text None. Streamed from the store in pages: bounded memory for any
         job size. The store is released when the iteration ends (or the iterator is closed)."""
+        from migrations.schema import open_store
         from producer.export import flat_records
 
-        db = open_store(self.settings)
+        db = open_store(self.settings.database_url)
         try:
             yield from flat_records(db, self.id, logprobs=logprobs)
         finally:
@@ -174,9 +168,10 @@ class Job:
         memory: for a job too big for that, iterate results() or export to Parquet (`producer results`)."""
         import pyarrow as pa
 
+        from migrations.schema import open_store
         from producer.export import arrow_batches, arrow_schema
 
-        db = open_store(self.settings)
+        db = open_store(self.settings.database_url)
         try:
             return pa.Table.from_batches(list(arrow_batches(db, self.id)), schema=arrow_schema())
         finally:
@@ -240,6 +235,7 @@ def submit(
     """
     from contract.broker import Sender, connect
     from contract.registry import context_length
+    from migrations.schema import open_store
     from producer import interrupt
     from producer.inputs import open_input
     from producer.schema import validate_defaults
@@ -265,7 +261,7 @@ def submit(
                                rejected=validation.rejected_lines, unit=data.unit)
         if validation.valid == 0:
             raise EmptyInput(f"{data.name}: no valid request to submit")
-        db = open_store(settings)
+        db = open_store(settings.database_url)
         app = connect(settings)
     except BaseException:
         if validation.spool is not None:
@@ -299,19 +295,20 @@ def resume(
     """Finish job_id from the input it was submitted from: check it is that input, then send every request
     of the job that has no result yet and that no message carries (what also finishes a submit that was
     interrupted while it enqueued). Returns how many requests were sent."""
-    from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
     from contract.broker import connect
     from reconciler.sweep import enqueue_missing
     from contract.registry import context_length
+    from migrations.schema import open_store
+    from models.store import known_custom_ids
     from models.tables import Job as JobRow
-    from models.tables import JobStatus, Request
+    from models.tables import JobStatus
     from producer.inputs import open_input
 
     settings = settings_for(database_url, broker_url, settings)
     data = open_input(source, columns) if columns is not None else None
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     try:
         with Session(db) as session:
             job = session.get(JobRow, job_id)
@@ -330,10 +327,10 @@ def resume(
         with Session(db) as session:
 
             def check(ids: list[str]) -> None:
-                known = session.scalar(select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(ids)))
+                known = known_custom_ids(session, job_id, ids)
                 if known != len(ids):
                     raise ResumeRefused(f"{data.name} is not the input job {job_id} was submitted from: "
-                                        f"{len(ids) - (known or 0)} of its requests are not in the job")
+                                        f"{len(ids) - known} of its requests are not in the job")
 
             for outcome in data.outcomes(defaults, context):
                 if outcome.request is None:
@@ -359,10 +356,11 @@ def resume(
 def cancel(job_id: int, *, database_url: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """Cancel a job: its queued requests are dropped and it ends 'cancelled'; requests being generated
     finish. Returns {'changed', 'status', 'cancelled', 'running'}; raises JobNotFound."""
+    from migrations.schema import open_store
     from models.db import session_factory
     from models.store import cancel_job
 
-    db = open_store(settings_for(database_url, None, settings))
+    db = open_store(settings_for(database_url, None, settings).database_url)
     try:
         with session_factory(db)() as session:
             info = cancel_job(session, job_id)
@@ -379,11 +377,12 @@ def retry(job_id: int, *, database_url: str | None = None, broker_url: str | Non
     `report`, when given, receives the counts of failed and cancelled requests reopened."""
     from contract.broker import connect
     from reconciler.sweep import enqueue_missing
+    from migrations.schema import open_store
     from models.db import session_factory
     from models.store import reopen_job
 
     settings = settings_for(database_url, broker_url, settings)
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     try:
         app = connect(settings)
         with session_factory(db)() as session:
@@ -402,9 +401,10 @@ def reconcile(job_ids: list[int] | None = None, *, database_url: str | None = No
     """One pass of the reconciler (reconciler.sweep.sweep) over every open job, or only job_ids."""
     from contract.broker import connect
     from reconciler.sweep import sweep
+    from migrations.schema import open_store
 
     settings = settings_for(database_url, broker_url, settings)
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     try:
         return sweep(db, connect(settings), settings, job_ids or None)
     finally:

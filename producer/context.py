@@ -1,4 +1,4 @@
-"""What every producer command shares: settings with flag overrides, and opening the store.
+"""What every producer command shares: settings with flag overrides, notices, and the common options.
 
 Errors are raised as contract.errors (the CLI's group turns them into clean messages: producer.cli)."""
 from __future__ import annotations
@@ -10,8 +10,6 @@ import click
 from producer import api
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
     from contract.settings import Settings
 
 
@@ -19,11 +17,6 @@ def settings_with(database_url: str | None = None, broker_url: str | None = None
     """The settings a producer command runs with: a flag wins, then the submitter's own URLs
     (BULKGEN_SUBMITTER_DATABASE_URL, BULKGEN_SUBMITTER_BROKER_URL), then the shared ones."""
     return api.settings_for(database_url, broker_url)
-
-
-def open_store(settings: Settings) -> Engine:
-    """The store's engine, refusing a schema that is behind the code (SchemaBehind, StoreUnreachable)."""
-    return api.open_store(settings)
 
 
 def json_logs() -> bool:

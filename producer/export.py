@@ -9,12 +9,12 @@ import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timezone
 from itertools import groupby
 from typing import IO, Any
 
 from sqlalchemy import Engine
 
+from models.db import as_utc
 from models.store import iter_results
 from models.tables import Request, RequestStatus, Result
 
@@ -175,7 +175,7 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
     if predictions is not None:
         usage["completion_tokens_details"] = predictions
     finished = max(r.finished_at for r in item.results)
-    created = int((finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc)).timestamp())
+    created = int(as_utc(finished).timestamp())
     line["response"] = {
         "status_code": 200,
         "request_id": f"req_{request.id}",

@@ -7,17 +7,12 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session
 
+from models.db import as_utc
 from models.tables import Job, Request, RequestStatus, Result
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:  # SQLite returns naive UTC datetimes
-        return moment.replace(tzinfo=timezone.utc)
-    return moment
-
-
 def _rate(tokens: int, start: datetime | None, end: datetime | None) -> float | None:
-    start, end = _aware(start), _aware(end)
+    start, end = as_utc(start), as_utc(end)
     if start is None or end is None or end <= start:
         return None
     return round(tokens / (end - start).total_seconds(), 1)
@@ -84,8 +79,8 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
             ).all()
         ]
     end = finished if not open_jobs else datetime.now(timezone.utc)
-    started_aware = _aware(started)
-    elapsed = (_aware(end) - started_aware).total_seconds() if started_aware and end else None
+    started_aware = as_utc(started)
+    elapsed = (as_utc(end) - started_aware).total_seconds() if started_aware and end else None
     settled = by_state.get(RequestStatus.DONE, 0) + by_state.get(RequestStatus.FAILED, 0)
     remaining = max(0, int(total) - settled)
     eta = round(remaining * elapsed / settled, 1) if elapsed and settled and remaining else (0.0 if not remaining else None)

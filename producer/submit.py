@@ -18,51 +18,33 @@ be on the queue, and `submit --resume JOB` finishes it.
 """
 from __future__ import annotations
 
-import json
 import marshal
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
 from models.store import (
+    RequestRow,
     create_job,
     insert_rejects,
+    insert_requests,
     iter_request_ids,
     mark_enqueued,
+    request_row,
     set_job_totals,
 )
-from models.tables import RequestStatus
 from contract.messages import queue_name
+from contract.streams import batched
 from producer import interrupt
 from producer.inputs import Input
 from producer.reader import ValidRequest
 
 INSERT_CHUNK = 5_000
 """Rows per spool chunk and per executemany (SQLite)."""
-REQUEST_COLUMNS = ("job_id", "line_no", "custom_id", "prompt", "messages", "params", "metadata", "status", "attempts")
-"""The columns `store_job` fills; the others take their defaults (id from its sequence)."""
-
-
-
-def _json_encoder() -> Callable[[Any], str]:
-    """json.dumps with its defaults (the text SQLAlchemy's JSON type writes; None is JSON null), set up once.
-
-    json.dumps builds a new C encoder on every call; three calls a row made that a tenth of a submit.
-    The circular-reference check is off: values parsed from JSON cannot hold a cycle.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return json.JSONEncoder().encode
-    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
-    return lambda value: "".join(encode(value, 0))
-
-
-_dump_json = _json_encoder()
 
 
 # --- first pass: validate, and spool the rows to store ------------------------------------------
@@ -81,27 +63,17 @@ class Validation:
 class Spool:
     """Validated rows and rejects, in chunks, in an anonymous temporary file (gone once closed or the process ends).
 
-    A row is (line_no, custom_id, prompt, messages JSON, params JSON, metadata JSON): the request columns
-    without job_id, status and attempts, which are the same for every row of a submit.
+    A row is a models.store.RequestRow, as insert_requests takes it.
     """
 
     def __init__(self, directory: str | None = None) -> None:
         self._file: IO[bytes] = tempfile.TemporaryFile(prefix="bulkgen-submit-", dir=directory)  # noqa: SIM115 (closed by close())
-        self._rows: list[tuple[Any, ...]] = []
+        self._rows: list[RequestRow] = []
         self._rejects: list[tuple[int, str]] = []
         self.bytes_written = 0
 
     def add_row(self, request: ValidRequest) -> None:
-        self._rows.append(
-            (
-                request.line_no,
-                request.custom_id,
-                request.prompt,
-                _dump_json(request.messages),
-                _dump_json(request.params),
-                _dump_json(request.metadata),
-            )
-        )
+        self._rows.append(_row(request))
         if len(self._rows) >= INSERT_CHUNK:
             self._write()
 
@@ -116,7 +88,7 @@ class Spool:
             self._write()
         self._file.flush()
 
-    def chunks(self) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]:
+    def chunks(self) -> Iterator[tuple[list[RequestRow], list[tuple[int, str]]]]:
         """(rows, rejects) chunk by chunk, in file order."""
         self._file.seek(0)
         while header := self._file.read(8):
@@ -197,10 +169,10 @@ def store_job(
             job_id = create_job(connection, name=name, model=model, source=data.path, defaults=defaults,
                                 input_columns=getattr(data, "record", None))
             if spool is not None:
-                chunks: Callable[[], Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]] = spool.chunks
+                chunks: Callable[[], Iterator[tuple[list[RequestRow], list[tuple[int, str]]]]] = spool.chunks
             else:
                 chunks = lambda: _chunks_from_input(data, defaults, context_length)
-            _insert_requests(connection, job_id, (rows for rows, _ in chunks()))
+            insert_requests(connection, job_id, _interruptible(rows for rows, _ in chunks()))
             if validation.rejected_lines:
                 for _, rejects in chunks():
                     insert_rejects(connection, [{"job_id": job_id, "line_no": line, "reason": why} for line, why in rejects])
@@ -236,53 +208,24 @@ def refresh_statistics(db: Engine) -> None:
         connection.commit()
 
 
-def _chunks_from_input(data: Input, defaults: dict[str, Any], context_length: int) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[int, str]]]]:
+def _chunks_from_input(data: Input, defaults: dict[str, Any], context_length: int) -> Iterator[tuple[list[RequestRow], list[tuple[int, str]]]]:
     """The spool's chunks, read from the input again (when validate_file kept no spool)."""
-    for chunk in _chunks(iter(data.outcomes(defaults, context_length)), INSERT_CHUNK):
+    for chunk in batched(data.outcomes(defaults, context_length), INSERT_CHUNK):
         yield [_row(o.request) for o in chunk if o.request is not None], [
             (o.line_no, "; ".join(o.errors)) for o in chunk if o.request is None
         ]
 
 
-def _row(request: ValidRequest | None) -> tuple[Any, ...]:
+def _row(request: ValidRequest | None) -> RequestRow:
     assert request is not None
-    return (
-        request.line_no,
-        request.custom_id,
-        request.prompt,
-        _dump_json(request.messages),
-        _dump_json(request.params),
-        _dump_json(request.metadata),
-    )
+    return request_row(request.line_no, request.custom_id, request.prompt, request.messages, request.params, request.metadata)
 
 
-def _insert_requests(connection: Connection, job_id: int, chunks: Iterator[list[tuple[Any, ...]]]) -> None:
-    """Insert every spooled row: COPY on PostgreSQL, executemany per chunk on SQLite."""
-    tail = (RequestStatus.QUEUED, 0)
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        cursor = connection.connection.driver_connection.cursor()  # psycopg 3, in this transaction
-        with cursor.copy(f"COPY requests ({', '.join(REQUEST_COLUMNS)}) FROM STDIN") as copy:
-            write_row = copy.write_row
-            for rows in chunks:
-                interrupt.check()
-                for row in rows:
-                    write_row((job_id, *row, *tail))
-        cursor.close()
-    elif dialect == "sqlite":
-        placeholders = ", ".join("?" * len(REQUEST_COLUMNS))
-        sql = f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({placeholders})"
-        for rows in chunks:
-            interrupt.check()
-            if rows:
-                connection.exec_driver_sql(sql, [(job_id, *row, *tail) for row in rows])
-    else:
-        raise NotImplementedError(f"no bulk insert for database dialect {dialect!r}")
-
-
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while chunk := list(islice(items, size)):
-        yield chunk
+def _interruptible(chunks: Iterator[list[RequestRow]]) -> Iterator[list[RequestRow]]:
+    """The chunks, stopping before the next one once Ctrl-C was pressed (producer.interrupt)."""
+    for rows in chunks:
+        interrupt.check()
+        yield rows
 
 
 # --- third step: enqueue ----------------------------------------------------------------------
@@ -294,7 +237,7 @@ def enqueue_job(db: Engine, job_id: int, model: str, ids_per_message: int, send:
     """
     queue = queue_name(model)
     messages = 0
-    for ids in _chunks(iter_request_ids(db, job_id), ids_per_message):
+    for ids in batched(iter_request_ids(db, job_id), ids_per_message):
         interrupt.check()
         send(queue, job_id, ids)
         messages += 1

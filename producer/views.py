@@ -11,22 +11,15 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from models.store import lease_lapsed, request_counts, retried_count
-from models.db import utcnow
+from models.db import as_utc, utcnow
 from models.tables import Job, JobStatus, Reject, Request, RequestStatus
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes even for timezone-aware columns; they were written in UTC.
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment
-
-
 def elapsed_seconds(job: Job) -> float | None:
-    started = _aware(job.started_at)
+    started = as_utc(job.started_at)
     if started is None:
         return None
-    end = _aware(job.finished_at) or datetime.now(timezone.utc)
+    end = as_utc(job.finished_at) or datetime.now(timezone.utc)
     return max(0.0, (end - started).total_seconds())
 
 

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
@@ -34,6 +33,7 @@ from contract.broker import Sender
 from contract.errors import JobNotFound
 from contract.messages import decode_kombu, queue_name
 from contract.redis_acl import LOCK_KEY
+from contract.streams import batched
 from contract.settings import Settings, get_settings
 from models.db import session_factory, utcnow
 from models.store import (
@@ -109,7 +109,7 @@ def carried_ids(link: BrokerLink, queues: Iterable[str], taken_within_s: float) 
                 start += PAGE
     cutoff = time.time() - taken_within_s
     tags = list(client.zrangebyscore(link.unacked_index_key, cutoff, "+inf"))
-    for chunk in _chunks(iter(tags), PAGE):
+    for chunk in batched(tags, PAGE):
         for raw in client.hmget(link.unacked_key, chunk):
             if raw is not None:
                 try:
@@ -133,11 +133,6 @@ def _add_payload(carried: CarriedIds, payload: Any) -> None:
 
 
 # --- sending --------------------------------------------------------------------------------------
-
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while chunk := list(islice(items, size)):
-        yield chunk
-
 
 @dataclass
 class BrokerLink:
@@ -184,10 +179,10 @@ def send_requests(db: Engine, link: BrokerLink, job_id: int, model: str, ids: li
     sessions = session_factory(db)
     queue = queue_name(model)
     sent = 0
-    for chunk in _chunks(iter(ids), MARK_CHUNK):
+    for chunk in batched(ids, MARK_CHUNK):
         with sessions() as session:
             still_queued = mark_requests_enqueued(session, chunk)
-        for group in _chunks(iter(still_queued), ids_per_message):
+        for group in batched(still_queued, ids_per_message):
             link.send(queue, job_id, group)
             sent += len(group)
     return sent

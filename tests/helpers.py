@@ -12,10 +12,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import create_engine, text
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from workers.kv_cache import KVCache
+    from workers.llama import LlamaRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BULKGEN_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -196,3 +202,10 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, username=self.username, password=self.password)
+
+
+def prefill(runner: LlamaRunner, cache: KVCache, prompts: list[list[int]]) -> Tensor:
+    """Admit the prompts into the cache's next free slots and return each one's next-token logits (rows, vocab):
+    LlamaRunner.extend from position 0, as the scheduler admits rows without a cached prefix."""
+    first = cache.admit([0] * len(prompts))
+    return runner.extend(cache, first, prompts)

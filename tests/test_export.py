@@ -10,9 +10,13 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
+from sqlalchemy import update
 
 from models.db import make_engine, session_factory, utcnow
-from models.store import Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, set_job_totals
+from models.store import (
+    Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, request_row, set_job_totals,
+)
+from models.tables import Request
 from producer.cli import main
 
 CHAT_LOGPROBS = [
@@ -33,14 +37,11 @@ def _job_with_results(url: str) -> int:
     db = make_engine(url)
     with db.begin() as c:
         job_id = create_job(c, name="x", model="tiny-random-llama", source=None, defaults={})
-        insert_requests(c, [
-            {"job_id": job_id, "line_no": 1, "custom_id": "chat", "prompt": None, "messages": [{"role": "user", "content": "hi"}],
-             "params": {"n": 2}, "metadata": {"k": 1}, "status": "queued", "attempts": 0},
-            {"job_id": job_id, "line_no": 2, "custom_id": "raw", "prompt": "once", "messages": None, "params": {},
-             "metadata": None, "status": "queued", "attempts": 0},
-            {"job_id": job_id, "line_no": 3, "custom_id": "bad", "prompt": "x" * 10, "messages": None, "params": {},
-             "metadata": None, "status": "queued", "attempts": 0},
-        ])
+        insert_requests(c, job_id, [[
+            request_row(1, "chat", None, [{"role": "user", "content": "hi"}], {"n": 2}, {"k": 1}),
+            request_row(2, "raw", "once", None, {}, None),
+            request_row(3, "bad", "x" * 10, None, {}, None),
+        ]])
         set_job_totals(c, job_id, total_requests=3, total_samples=4, rejected=0)
         mark_enqueued(c, job_id)
     sessions = session_factory(db)
@@ -183,12 +184,8 @@ def test_openai_requests_that_never_ran(sqlite_url: str) -> None:
     job_id = _job_with_results(sqlite_url)
     db = make_engine(sqlite_url)
     with db.begin() as c:
-        insert_requests(c, [
-            {"job_id": job_id, "line_no": 4, "custom_id": "late", "prompt": "x", "messages": None, "params": {},
-             "metadata": None, "status": "queued", "attempts": 0},
-            {"job_id": job_id, "line_no": 5, "custom_id": "dropped", "prompt": "x", "messages": None, "params": {},
-             "metadata": None, "status": "cancelled", "attempts": 0},
-        ])
+        insert_requests(c, job_id, [[request_row(4, "late", "x", None, {}, None), request_row(5, "dropped", "x", None, {}, None)]])
+        c.execute(update(Request).where(Request.job_id == job_id, Request.custom_id == "dropped").values(status="cancelled"))
     db.dispose()
     late, dropped = [json.loads(x) for x in _export(sqlite_url, job_id, "--format", "openai").splitlines()][3:]
     assert late["response"] is None and late["error"] == {"code": "queued", "message": "request is queued"}

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers import prefill
 from tests.test_engine import PROMPTS, cache_dir, engine  # noqa: F401
 from workers.engine import Engine
 from workers.kv_cache import KVCache, compaction, kv_budget_tokens
@@ -105,10 +106,10 @@ def test_a_prompt_prefilled_in_two_parts_gives_the_logits_of_one_prefill(engine:
     prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in (PROMPTS[1], PROMPTS[3])]
     with torch.inference_mode():
         whole_cache = runner.new_cache(2, 64, torch.device("cpu"))
-        whole = runner.prefill(whole_cache, prompts)
+        whole = prefill(runner, whole_cache, prompts)
         split_cache = runner.new_cache(2, 64, torch.device("cpu"))
         cut = [3, 7]
-        runner.prefill(split_cache, [p[:c] for p, c in zip(prompts, cut)])
+        prefill(runner, split_cache, [p[:c] for p, c in zip(prompts, cut)])
         rest = runner.extend(split_cache, 0, [p[c:] for p, c in zip(prompts, cut)])
     assert split_cache.lengths[:2].tolist() == whole_cache.lengths[:2].tolist() == [len(p) for p in prompts]
     torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)

@@ -26,6 +26,7 @@ from models.store import (
     record_outcomes,
     release_requests,
     reopen_job,
+    request_row,
     set_job_totals,
 )
 from models.tables import Job, Request
@@ -49,11 +50,7 @@ def make_job(url: str, count: int, model: str = STANDIN) -> tuple[int, list[int]
     db = make_engine(url)
     with db.begin() as connection:
         job_id = create_job(connection, name=None, model=model, source="in.jsonl", defaults={})
-        insert_requests(connection, [
-            {"job_id": job_id, "line_no": i, "custom_id": f"c{i}", "prompt": f"prompt {i}", "messages": None,
-             "params": {}, "status": "queued", "attempts": 0}
-            for i in range(1, count + 1)
-        ])
+        insert_requests(connection, job_id, [[request_row(i, f"c{i}", f"prompt {i}", None, {}, None) for i in range(1, count + 1)]])
         set_job_totals(connection, job_id, total_requests=count, total_samples=count, rejected=0)
         mark_enqueued(connection, job_id)
     with db.connect() as connection:

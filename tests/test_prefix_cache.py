@@ -7,7 +7,7 @@ import torch
 from tests.test_engine import cache_dir, engine  # noqa: F401
 from workers.engine import Engine
 from workers.kv_cache import KVCache
-from workers.prefix_cache import BLOCK, PrefixCache, block_keys
+from workers.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 from workers.speculation import SPECULATIVE_TOKENS
 from workers.types import GenerationRequest, SamplingParams
 
@@ -54,6 +54,11 @@ def small_cache(capacity: int = 64) -> KVCache:
     return KVCache(layers=2, kv_heads=1, head_dim=2, slots=4, capacity=capacity, dtype=torch.float32, device=torch.device("cpu"))
 
 
+def cached_blocks(prefix: PrefixCache, ids: list[int]) -> int:
+    """How many of a prompt's first blocks the cache holds (at most its reusable_blocks); touches none."""
+    return prefix.held(block_keys(ids, reusable_blocks(ids)))
+
+
 def test_store_then_load_copies_exactly_the_blocks_and_leaves_the_last_token_to_compute() -> None:
     cache, prefix = small_cache(), PrefixCache(max_tokens=1024)
     ids = list(range(3 * BLOCK))  # exactly three blocks
@@ -62,9 +67,9 @@ def test_store_then_load_copies_exactly_the_blocks_and_leaves_the_last_token_to_
     cache.values[:, 0] = torch.randn_like(cache.values[:, 0])
     assert prefix.store(cache, 0, block_keys(ids)) == 3 and prefix.store(cache, 0, block_keys(ids)) == 0
     # the same prompt again: two blocks copied, the third computed (its last token's logits are needed)
-    assert prefix.cached_blocks(ids) == 2
-    assert prefix.cached_blocks(ids + [7]) == 3
-    assert prefix.cached_blocks(ids[: 2 * BLOCK] + [5] * BLOCK) == 2
+    assert cached_blocks(prefix, ids) == 2
+    assert cached_blocks(prefix, ids + [7]) == 3
+    assert cached_blocks(prefix, ids[: 2 * BLOCK] + [5] * BLOCK) == 2
     cache.admit([3 * BLOCK])
     prefix.load(cache, 1, block_keys(ids + [7])[:3])
     assert torch.equal(cache.keys[:, 1, :, :, : 3 * BLOCK], cache.keys[:, 0, :, :, : 3 * BLOCK])
@@ -78,12 +83,12 @@ def test_least_recently_used_blocks_leave_first_and_the_size_is_bounded() -> Non
     prefix.store(cache, 0, block_keys(first))
     prefix.store(cache, 0, block_keys(second))  # four blocks for a room of three: first's oldest block leaves
     assert len(prefix) == 3 and prefix.tokens == 3 * BLOCK
-    assert prefix.cached_blocks(first + [0]) == 0  # its start is gone, so its second block is unreachable
-    assert prefix.cached_blocks(second + [0]) == 2
+    assert cached_blocks(prefix, first + [0]) == 0  # its start is gone, so its second block is unreachable
+    assert cached_blocks(prefix, second + [0]) == 2
     assert prefix.nbytes() == 3 * 2 * (2 * 1 * 2 * BLOCK * 4)
     longer = [3] * (5 * BLOCK)  # a prompt longer than the whole cache keeps its first blocks, not its last
     prefix.store(cache, 0, block_keys(longer[: 4 * BLOCK]))
-    assert prefix.cached_blocks(longer) == 3
+    assert cached_blocks(prefix, longer) == 3
 
 
 def test_a_collision_of_keys_never_reuses_other_tokens() -> None:
@@ -93,7 +98,7 @@ def test_a_collision_of_keys_never_reuses_other_tokens() -> None:
     prefix.store(cache, 0, block_keys(ids))
     key = block_keys(ids)[0][0]
     prefix._blocks[key].tokens = tuple([5] * BLOCK)  # what a hash collision would look like
-    assert prefix.cached_blocks(ids + [1]) == 0
+    assert cached_blocks(prefix, ids + [1]) == 0
 
 
 def test_greedy_text_is_the_same_with_and_without_the_prefix_cache_and_later_rows_copy_the_prefix(engine: Engine) -> None:

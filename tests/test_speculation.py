@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tests.helpers import prefill
 from tests.test_engine import cache_dir, engine  # noqa: F401
 from workers.engine import Engine
 from workers.rows import Row, RunningBatch
@@ -100,8 +101,8 @@ def test_a_verify_pass_gives_the_logits_of_decode_steps_bit_for_bit(engine: Engi
     prompts = [torch.randint(10, 4000, (20 + 5 * i,), generator=generator).tolist() for i in range(3)]
     chunks = [torch.randint(10, 4000, (4,), generator=generator).tolist() for _ in range(3)]
     stepped, verified = runner.new_cache(3, 64, engine.device), runner.new_cache(3, 64, engine.device)
-    runner.prefill(stepped, prompts)
-    runner.prefill(verified, prompts)
+    prefill(runner, stepped, prompts)
+    prefill(runner, verified, prompts)
     steps = torch.stack([runner.decode(stepped, torch.tensor([c[j] for c in chunks])) for j in range(4)], dim=1)
     assert torch.equal(runner.verify(verified, chunks), steps)
     assert torch.equal(stepped.lengths, verified.lengths)

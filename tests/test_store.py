@@ -10,7 +10,9 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 from models.base import Base
 from models.db import make_engine, session_factory
-from models.store import Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, set_job_totals
+from models.store import (
+    Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, request_row, set_job_totals,
+)
 from models.tables import Job, Request, Result
 from tests.helpers import table_columns
 
@@ -45,11 +47,7 @@ def test_a_redelivered_batch_writes_nothing_twice(store_url: str) -> None:
     db = make_engine(store_url)
     with db.begin() as connection:
         job_id = create_job(connection, name=None, model="m", source=None, defaults={})
-        insert_requests(connection, [
-            {"job_id": job_id, "line_no": i, "custom_id": str(i), "prompt": "p", "messages": None, "params": {"n": 2},
-             "status": "queued", "attempts": 0}
-            for i in (1, 2)
-        ])
+        insert_requests(connection, job_id, [[request_row(i, str(i), "p", None, {"n": 2}, None) for i in (1, 2)]])
         set_job_totals(connection, job_id, total_requests=2, total_samples=4, rejected=0)
         mark_enqueued(connection, job_id)
     sessions = session_factory(db)
@@ -86,11 +84,7 @@ def test_producer_never_imports_torch() -> None:
 def _job_of(db, requests: int, n: int = 1) -> tuple[int, list[int]]:  # type: ignore[no-untyped-def]
     with db.begin() as connection:
         job_id = create_job(connection, name=None, model="m", source=None, defaults={})
-        insert_requests(connection, [
-            {"job_id": job_id, "line_no": i, "custom_id": str(i), "prompt": "p", "messages": None, "params": {"n": n},
-             "status": "queued", "attempts": 0}
-            for i in range(requests)
-        ])
+        insert_requests(connection, job_id, [[request_row(i, str(i), "p", None, {"n": n}, None) for i in range(requests)]])
         set_job_totals(connection, job_id, total_requests=requests, total_samples=requests * n, rejected=0)
         mark_enqueued(connection, job_id)
     with db.connect() as connection:

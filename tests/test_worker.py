@@ -114,7 +114,7 @@ def test_the_lease_of_every_held_request_is_renewed_from_every_message(sqlite_ur
         for start in range(0, 12, 4):
             worker.handle(job_id, ids[start : start + 4])  # room for 16 waiting: each returns at once
         assert gated.entered.wait(10)
-        assert sorted(worker.held_ids) == sorted(ids)
+        assert sorted(worker.wait_held(0) or []) == sorted(ids)
         claimed = requests_of(sqlite_url, job_id)
         # beyond the 2 s lease: only renewals keep it (the store's lease_lapsed, asked about that moment)
         now = max(claimed[i].started_at for i in ids).replace(tzinfo=timezone.utc) + timedelta(seconds=3.5)
@@ -227,7 +227,7 @@ def test_a_result_the_store_refuses_fails_its_request_alone_and_a_nul_is_stored_
     try:
         assert worker.handle(job_id, ids) == 6
         assert worker.wait_idle(timeout=60)
-        assert worker.held_ids == []
+        assert worker.wait_held(0) == []
     finally:
         worker.shutdown(timeout=30)
     requests = requests_of(pg_url, job_id)

@@ -11,6 +11,7 @@ from contract.errors import SchemaBehind
 from migrations.schema import check_schema
 from models.db import make_engine
 from contract import registry
+from contract.devices import is_device_name
 from workers.quantize import check_combination
 from contract.settings import ENV_PREFIX, Settings, redact
 
@@ -58,7 +59,7 @@ def start(model, device, dtype, quantize, concurrency, batch_size, database_url,
     if concurrency < 1:
         raise click.BadParameter("must be >= 1", param_hint="--concurrency")
     device = settings.device
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+    if not is_device_name(device):
         raise click.BadParameter(f"must be cpu or cuda:N, got {device!r}", param_hint="--device")
     if device.startswith("cuda") and concurrency != 1:
         raise click.BadParameter("a GPU worker runs one process; start one worker per GPU", param_hint="--concurrency")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from contract.registry import ModelSpec
 from contract.sampling import ONE_INPUT, combination_problems
 from workers.batch import BatchScheduler, Finished, is_out_of_memory
 from workers.beam import beam_search
@@ -30,7 +31,6 @@ from workers.llama import LlamaRunner, supports
 from workers.loader import load_model
 from workers.prefix_cache import PREFIX_CACHE_TOKENS, PrefixCache
 from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
-from workers.registry import ModelSpec
 from workers.rows import decoded_rows, expand_rows
 from workers.scheduler import Scheduler
 from workers.static_batches import StaticScheduler

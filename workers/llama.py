@@ -6,7 +6,7 @@ in slot r at its own length, so a finished row can leave and a new row can be pr
 the others keep decoding. The model's own modules are called (embeddings, projections, norms, rotary embedding),
 so quantized Linear modules, biases and rope scaling work unchanged.
 
-In order: supports (which models can run here) -> attention -> LlamaRunner.prefill/extend/decode. The K/V live
+In order: supports (which models can run here) -> attention -> LlamaRunner.extend/decode. The K/V live
 in workers.kv_cache.KVCache, which alone decides which slots are used and how long each row is.
 """
 from __future__ import annotations
@@ -184,11 +184,6 @@ class LlamaRunner:
     def activation_dtype(self) -> torch.dtype:
         """The hidden states' dtype (the embeddings' dtype; quantized Linear layers keep it)."""
         return self.dtype
-
-    def prefill(self, cache: KVCache, prompts: list[list[int]]) -> Tensor:
-        """Admit the prompts into the next free slots and return each one's next-token logits (rows, vocab)."""
-        first = cache.admit([0] * len(prompts))
-        return self.extend(cache, first, prompts)
 
     def extend(self, cache: KVCache, first: int, chunks: list[list[int]]) -> Tensor:
         """Feed chunks[i] to the row in slot first + i, after the tokens it already holds (a prompt's rest once

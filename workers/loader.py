@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from contract.devices import device_index, is_device_name
 from contract.registry import ModelSpec
 
 try:  # transformers 5 can keep GGUF weights packed; it then warns that packed weights are fastest in float32
@@ -46,13 +46,12 @@ TINY_BOS, TINY_EOS = 1, 2
 
 def check_device(device: str) -> torch.device:
     """'cpu' or 'cuda[:N]', and CUDA must be there when asked for."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    if not is_device_name(device):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available to torch {torch.__version__}")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
+        if device_index(device) >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
     return torch.device(device)
 

@@ -96,10 +96,6 @@ class PrefixCache:
 
     # --- the verbs ---------------------------------------------------------------------------------
 
-    def cached_blocks(self, ids: Sequence[int]) -> int:
-        """How many of a prompt's first blocks are held (at most its reusable_blocks); touches none."""
-        return self.held(block_keys(ids, reusable_blocks(ids)))
-
     def held(self, keys: Sequence[BlockKey], start: int = 0) -> int:
         """How many of these keys (a prompt's, from its first block) are held, from block `start` on (the blocks
         before it are known to the caller); touches none."""

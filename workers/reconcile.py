@@ -15,6 +15,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING
 
+from contract.devices import device_index
 from reconciler import metrics as reconcile_metrics
 from reconciler.sweep import sweep, take_lock
 from contract.settings import Settings
@@ -41,7 +42,7 @@ class FleetReconciler(threading.Thread):
         interval = self.settings.reconcile_interval_s
         db = make_engine(self.settings.database_url)
         os.register_at_fork(after_in_child=lambda: db.dispose(close=False))
-        reconcile_metrics.serve_metrics(self.settings, gpu_offset(self.settings.device))
+        reconcile_metrics.serve_metrics(self.settings, device_index(self.settings.device))
         while not self.stopping.wait(interval):
             try:
                 if self._take_lock(interval):
@@ -61,8 +62,3 @@ class FleetReconciler(threading.Thread):
 
     def _take_lock(self, interval: float) -> bool:
         return take_lock(self.app, self.token, interval * 0.9)
-
-
-def gpu_offset(device: str) -> int:
-    """N for cuda:N, else 0: the offset of a worker's reconciler metrics port, as of its pool's."""
-    return int(device.split(":")[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0

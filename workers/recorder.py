@@ -54,16 +54,17 @@ class Outbox(Protocol):
 
 class Recorder:
     """Writes what outbox finished, as `worker` with `model` on `device`; record is the store write (a test wraps
-    it: workers.faults)."""
+    it: workers.faults); retry_s: how long one write waits out a store that is down (the db_retry_s setting)."""
 
     def __init__(self, outbox: Outbox, sessions: sessionmaker[Session], model: str, device: str, worker: str,
-                 record: Record) -> None:
+                 record: Record, retry_s: float) -> None:
         self.outbox = outbox
         self.sessions = sessions
         self.model = model
         self.device = device
         self.worker = worker
         self.record = record
+        self.retry_s = retry_s
 
     def run(self) -> None:
         """The thread's body: until the worker stops with nothing left to record."""
@@ -93,7 +94,7 @@ class Recorder:
 
         while True:
             try:
-                with_store_retry(record)
+                with_store_retry(record, within_s=self.retry_s)
                 return outcomes
             except TransientError:  # keep the results and keep trying: the first write still wins
                 log.warning("job %d: the store is still unreachable; %d results wait to be written", job_id,

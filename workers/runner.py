@@ -13,6 +13,7 @@ from contract.policy import TransientError, with_store_retry
 from migrations.schema import check_schema
 from models.db import make_engine, session_factory
 from contract import registry
+from contract.devices import device_index
 from models.store import record_outcomes
 from workers import faults, metrics
 from contract.settings import Settings, get_settings
@@ -115,9 +116,8 @@ def _metrics_offset(device: str) -> int:
     """Port offset of this process's metrics: the GPU index plus the pool child's index."""
     from billiard.process import current_process
 
-    gpu = int(device.split(":")[1]) if device.startswith("cuda:") else 0
     child = getattr(current_process(), "index", None) or 0
-    return gpu + int(child)
+    return device_index(device) + int(child)
 
 
 def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | StandInEngine":

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.sampling import MAX_BEAMS, MAX_N, MAX_TOP_LOGPROBS, RANGES, SEED_LIMIT  # noqa: F401 (their one statement)
+from contract.sampling import MAX_BEAMS, MAX_N, MAX_TOP_LOGPROBS, RANGES  # noqa: F401 (their one statement)
 
 
 @dataclass

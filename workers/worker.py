@@ -18,7 +18,7 @@ them back on the queue; nothing is lost, and the first write of a result wins, s
 A request started before (its claim says one_by_one) runs alone: the worker finishes and records everything
 it holds, takes nothing else meanwhile, and only then admits it; the next such request is claimed only once
 this one is recorded. So a request that kills its worker takes no other request, and no other attempt, with it.
-When the engine raises, every request it holds is handed back and each is claimed again, alone; the one that
+When the engine raises (out of memory it handles itself: contract.policy, 3), every request it holds is handed back and each is claimed again, alone; the one that
 keeps failing ends failed after max_attempts.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,7 +37,7 @@ from contract.errors import WrongModel
 from contract.logs import about
 from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
 from contract.settings import Settings
-from models.db import utcnow
+from models.db import as_utc, utcnow
 from models.store import Claim, claim_requests, record_outcomes, release_requests
 from workers import metrics
 from workers.held import Held, Work
@@ -107,7 +107,7 @@ class Worker:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._occupancy = (0.0, 0)
-        self._recorder = Recorder(self, sessions, model, device, worker, record)
+        self._recorder = Recorder(self, sessions, model, device, worker, record, settings.db_retry_s)
         self._lease_keeper = LeaseKeeper(self, sessions, worker, settings.lease_s)
         if engine is not None:
             self.engine.on_step(self._observe_step)  # type: ignore[attr-defined]
@@ -166,7 +166,7 @@ class Worker:
                     session, job_id, ids, self.worker, lease_s=self.settings.lease_s, max_attempts=self.settings.max_attempts
                 )
 
-        return with_store_retry(claim)
+        return with_store_retry(claim, within_s=self.settings.db_retry_s)
 
     def _accept(self, claimed: Claim) -> None:
         if claimed.one_by_one:
@@ -240,11 +240,6 @@ class Worker:
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads = []
-
-    @property
-    def held_ids(self) -> list[int]:
-        with self._lock:
-            return list(self._held)
 
     # --- the engine thread -----------------------------------------------------------------------
 
@@ -387,7 +382,7 @@ class Worker:
     @staticmethod
     def _seconds(h: Held, finished_at: datetime) -> float:
         """From entering the engine to its last row finishing."""
-        started = _as_utc(h.started_at or h.claimed_at)
+        started = as_utc(h.started_at or h.claimed_at)
         return max(0.0, (finished_at - started).total_seconds()) if started is not None else 0.0
 
     def _mean_occupancy(self, h: Held) -> float | None:
@@ -426,12 +421,6 @@ class Worker:
 
 def _observe_queue_wait(model: str, claimed: Claim, now: datetime) -> None:
     for request in claimed.requests:
-        since = _as_utc(request.enqueued_at or claimed.job_created_at)
+        since = as_utc(request.enqueued_at or claimed.job_created_at)
         if since is not None:
             metrics.QUEUE_WAIT.labels(model).observe(max(0.0, (now - since).total_seconds()))
-
-
-def _as_utc(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:  # SQLite gives naive UTC datetimes back
-        return moment.replace(tzinfo=timezone.utc)
-    return moment

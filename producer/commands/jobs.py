@@ -6,7 +6,7 @@ import json
 import click
 
 from contract.errors import JobNotFound
-from producer.context import database_option, open_store, settings_with
+from producer.context import database_option, settings_with
 
 
 @click.command()
@@ -15,9 +15,10 @@ from producer.context import database_option, open_store, settings_with
 @database_option
 def jobs(limit: int, as_json: bool, database_url: str | None) -> None:
     """List the newest jobs with their progress."""
+    from migrations.schema import open_store
     from producer.views import job_rows, print_table
 
-    rows = job_rows(open_store(settings_with(database_url)), limit)
+    rows = job_rows(open_store(settings_with(database_url).database_url), limit)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, default=str))
@@ -31,9 +32,10 @@ def jobs(limit: int, as_json: bool, database_url: str | None) -> None:
 @database_option
 def status(job_id: int, as_json: bool, database_url: str | None) -> None:
     """Show a job: its state, requests by state, token totals, throughput and failures."""
+    from migrations.schema import open_store
     from producer.views import job_status, print_status
 
-    info = job_status(open_store(settings_with(database_url)), job_id)
+    info = job_status(open_store(settings_with(database_url).database_url), job_id)
     if info is None:
         raise JobNotFound(job_id)
     if as_json:

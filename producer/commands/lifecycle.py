@@ -8,7 +8,7 @@ import uuid
 import click
 
 from contract.settings import scrub
-from producer.context import broker_option, database_option, open_store, say, settings_with
+from producer.context import broker_option, database_option, say, settings_with
 
 
 @click.command()
@@ -71,9 +71,10 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     """
     from contract.broker import connect
     from reconciler.sweep import sweep, take_lock
+    from migrations.schema import open_store
 
     settings = settings_with(database_url, broker_url)
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     app = connect(settings)
     only = job_ids or None
     if loop_s is None:

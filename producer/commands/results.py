@@ -8,7 +8,7 @@ import click
 from sqlalchemy.orm import Session
 
 from contract.errors import JobNotFound
-from producer.context import database_option, open_store, settings_with
+from producer.context import database_option, settings_with
 from producer.export import FORMATS, flat_records, write_csv, write_jsonl, write_openai, write_parquet
 
 
@@ -36,9 +36,10 @@ def results(ctx: click.Context, job_id: int, fmt: str, output: Path | None, tabl
     producer results 7 --format parquet -o out.parquet         # pandas / datasets.load_dataset("parquet", ...)
     producer results 7 --join -o joined.parquet                # the input's columns with the generated ones
     """
+    from migrations.schema import open_store
     from models.tables import Job
 
-    db = open_store(settings_with(database_url))
+    db = open_store(settings_with(database_url).database_url)
     with Session(db) as session:
         job = session.get(Job, job_id)
         if job is None:

@@ -6,7 +6,7 @@ import json
 import click
 
 from contract.errors import JobNotFound
-from producer.context import database_option, open_store, settings_with
+from producer.context import database_option, settings_with
 
 TOTALS_ONLY = ("draft_tokens", "accepted_draft_tokens")
 """Per-worker and per-model counts the tables leave to --json (their share, speculation_acceptance, is shown)."""
@@ -21,9 +21,10 @@ def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
 
     Without JOB_ID: over every job in the store.
     """
+    from migrations.schema import open_store
     from producer.stats import collect
 
-    info = collect(open_store(settings_with(database_url)), job_id)
+    info = collect(open_store(settings_with(database_url).database_url), job_id)
     if job_id is not None and info["jobs"] == 0:
         raise JobNotFound(job_id)
     if as_json:

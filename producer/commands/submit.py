@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from producer.context import broker_option, database_option, open_store, say, settings_with
+from producer.context import broker_option, database_option, say, settings_with
 
 if TYPE_CHECKING:
     from contract.settings import Settings
@@ -110,10 +110,11 @@ def _columns(prompt: str | None, messages: str | None, custom_id: str | None, pa
 def _wait(job_id: int, settings: Settings, wait: bool) -> None:
     if not wait:
         return
+    from migrations.schema import open_store
     from models.tables import JobStatus
     from producer.progress import watch
 
-    db = open_store(settings)
+    db = open_store(settings.database_url)
     try:
         status = watch(db, job_id)
     finally:
