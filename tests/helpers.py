@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -109,6 +110,20 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any] | str]) -> Path:
         for row in rows:
             out.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+def accepted_and_peak(path: Path, context_length: int) -> tuple[int, int]:
+    """How many lines of path the producer's reader accepts (no defaults), and the peak of the memory
+    Python allocated while it read them (tracemalloc): what the tests of streamed reading measure."""
+    from producer.reader import read_requests
+
+    tracemalloc.start()
+    try:
+        count = sum(o.ok for o in read_requests(path, {}, context_length))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return count, peak
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str | Callable[[], str], every: float = 0.2) -> Any:
