@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
         if key in ("matmul", FLEET) or key.startswith(("fewshot", "rewrite")) or not result or "skipped" in result:
             continue
         if "error" in result:
-            rows.append([key] + ["–"] * (len(HEADER) - 2) + [f"error: {result['error']}"])
+            rows.append(error_row(key, result, len(HEADER)))
             continue
         r = rate(result)
         ppl = result.get("perplexity")
@@ -387,49 +388,58 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else value * 100
 
 
+def ran(results: dict[str, dict[str, Any]], keys: Iterable[str]) -> list[str]:
+    """The keys of the runs that ran (a result, not skipped), in the order given."""
+    return [k for k in keys if results.get(k) and "skipped" not in results[k]]
+
+
+def error_row(key: str, result: dict[str, Any], width: int) -> list[str]:
+    """A table row of width cells for a run that failed: its key, dashes, its error."""
+    return [key] + ["–"] * (width - 2) + [f"error: {result['error']}"]
+
+
+def runs_table(results: dict[str, dict[str, Any]], keys: list[str], header: list[str],
+               row: Callable[[str, dict[str, Any]], list[str]]) -> str:
+    """markdown_table of the runs under keys: row(key, result) for each, error_row for one that failed."""
+    return markdown_table(header, [error_row(k, results[k], len(header)) if "error" in results[k] else row(k, results[k]) for k in keys])
+
+
 def prefix_section(results: dict[str, dict[str, Any]]) -> list[str]:
     """The fewshot runs: tokens/s, memory, and how much of the prompts the prefix cache supplied."""
-    keys = [k for k in (FEWSHOT_ON, FEWSHOT_NO_CASCADE, FEWSHOT_OFF, FEWSHOT_PEER) if results.get(k) and "skipped" not in results[k]]
+    keys = ran(results, (FEWSHOT_ON, FEWSHOT_NO_CASCADE, FEWSHOT_OFF, FEWSHOT_PEER))
     if not keys:
         return []
-    rows = []
-    for key in keys:
-        result = results[key]
-        if "error" in result:
-            rows.append([key, "–", "–", "–", "–", "–", f"error: {result['error']}"])
-            continue
+
+    def row(key: str, result: dict[str, Any]) -> list[str]:
         cache = result.get("prefix_cache", {})
         hit = f"{cache['hit_rate']:.1%} ({cache['hit_tokens']} of {cache['prompt_tokens']})" if cache else "–"
-        rows.append([key[len("fewshot: "):], str(result.get("requests", "–")), str(result.get("tokens", "–")), fmt(result.get("seconds")),
-                     fmt(rate(result)), fmt(result.get("rss_mib"), ".0f"),
-                     hit + (f"; cache {cache['mib']:.0f} MiB for {cache['held_tokens']} tokens" if cache else "")])
+        return [key[len("fewshot: "):], str(result.get("requests", "–")), str(result.get("tokens", "–")), fmt(result.get("seconds")),
+                fmt(rate(result)), fmt(result.get("rss_mib"), ".0f"),
+                hit + (f"; cache {cache['mib']:.0f} MiB for {cache['held_tokens']} tokens" if cache else "")]
+
     return [
         "## Prefix caching (fewshot workload)", "",
         "Workload: `../shared/bench/fewshot.jsonl`, 192 chat requests sharing one system prompt of about 600 tokens (worked",
         "examples), 64 new tokens each, bfloat16. Prefix cache: prompt tokens copied from the cache instead of computed (the",
         "warm-up's four requests included), and the memory its blocks held at the end. vLLM's CPU build runs with its",
         "automatic prefix caching on (its default); its peak RSS is summed over its processes.", "",
-        markdown_table(["run", "requests", "generated tokens", "seconds", "tokens/s", "peak RSS MiB", "prefix cache"], rows), "",
+        runs_table(results, keys, ["run", "requests", "generated tokens", "seconds", "tokens/s", "peak RSS MiB", "prefix cache"], row), "",
     ]
 
 
 def speculation_section(results: dict[str, dict[str, Any]]) -> list[str]:
     """The rewrite runs and the bench workload with and without speculation: tokens/s and what drafting gave."""
-    keys = [rewrite_key(rows, on) for rows in (FEW_ROWS, 64) for on in (False, True)] + [NO_SPEC, SPEC_BESIDE, NO_SPEC_AGAIN]
-    keys = [k for k in keys if results.get(k) and "skipped" not in results[k]]
+    keys = ran(results, [rewrite_key(rows, on) for rows in (FEW_ROWS, 64) for on in (False, True)] + [NO_SPEC, SPEC_BESIDE, NO_SPEC_AGAIN])
     if not keys:
         return []
-    rows = []
-    for key in keys:
-        result = results[key]
-        if "error" in result:
-            rows.append([key, "–", "–", "–", "–", f"error: {result['error']}"])
-            continue
+
+    def row(key: str, result: dict[str, Any]) -> list[str]:
         spec = result.get("speculation")
         drafted = (f"{spec['acceptance']:.1%} of {spec['draft_tokens']} draft tokens kept; {spec['decode_steps_saved_pct']:.1f}% of "
                    f"decode steps saved; {spec['rows_with_drafts']} of {result.get('requests')}+ rows drafted") if spec else "off"
-        rows.append([key.replace("rewrite: ", "rewrite, "), str(result.get("tokens", "–")), fmt(result.get("seconds")), fmt(rate(result)),
-                     fmt(result.get("rss_mib"), ".0f"), drafted])
+        return [key.replace("rewrite: ", "rewrite, "), str(result.get("tokens", "–")), fmt(result.get("seconds")), fmt(rate(result)),
+                fmt(result.get("rss_mib"), ".0f"), drafted]
+
     return [
         "## Speculative decoding (rewrite workload, and the bench workload)", "",
         "Workload: `../shared/bench/rewrite.jsonl`, 64 chat requests that ask for a paragraph back with its typos fixed, up to",
@@ -437,7 +447,7 @@ def speculation_section(results: dict[str, dict[str, Any]]) -> list[str]:
         "64. Drafts come from prompt lookup (the row's last 3, 2 or 1 tokens found earlier in its prompt or output); the policy",
         "verifies them only when its fit of this machine's step times expects more tokens per second. A kept draft token is",
         "a decode step saved. The bench workload's three runs follow each other (off, on, off).", "",
-        markdown_table(["run", "generated tokens", "seconds", "tokens/s", "peak RSS MiB", "drafts"], rows), "",
+        runs_table(results, keys, ["run", "generated tokens", "seconds", "tokens/s", "peak RSS MiB", "drafts"], row), "",
     ]
 
 

@@ -207,12 +207,20 @@ def _body(url: str, body: dict[str, Any], out: Translation) -> None:
             errors.append(f"body.best_of: not supported (best-of-n selection) unless it equals n, got {show(best_of)}; remove it")
 
 
-def _chat_input(body: dict[str, Any], out: Translation) -> None:
-    messages = body.get("messages")
-    out.names["messages"] = "body.messages"
-    if messages is None:
-        out.errors.append("body.messages: is required for " + CHAT)
+def _required_input(body: dict[str, Any], field: str, url: str, out: Translation) -> Any:
+    """body's field, the request's input, named body.<field> in the native validator's messages; when it is
+    missing (None), that is reported here."""
+    value = body.get(field)
+    out.names[field] = f"body.{field}"
+    if value is None:
+        out.errors.append(f"body.{field}: is required for " + url)
         out.input_reported = True
+    return value
+
+
+def _chat_input(body: dict[str, Any], out: Translation) -> None:
+    messages = _required_input(body, "messages", CHAT, out)
+    if messages is None:
         return
     if not isinstance(messages, list):
         out.line["messages"] = messages  # the native validator names the wrong type
@@ -279,12 +287,10 @@ def _text_parts(where: str, parts: list[Any], errors: list[str]) -> Any:
 
 
 def _completions_input(body: dict[str, Any], out: Translation) -> None:
-    prompt = body.get("prompt")
-    out.names["prompt"] = "body.prompt"
+    prompt = _required_input(body, "prompt", COMPLETIONS, out)
     if prompt is None:
-        out.errors.append("body.prompt: is required for " + COMPLETIONS)
-        out.input_reported = True
-    elif isinstance(prompt, list):
+        return
+    if isinstance(prompt, list):
         out.errors.append(
             f"body.prompt: a list of prompts (or of token ids) is not supported, got an array of {len(prompt)}; "
             "write one line per prompt"

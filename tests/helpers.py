@@ -5,10 +5,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import create_engine, text
+
+# One home for the database and environment plumbing, shared with the benchmarks (tests may import bench, not the reverse);
+# env_for and free_port are imported from here by the tests.
+from bench.scale.services import create_database, drop_database, env_for, free_port  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -29,34 +33,11 @@ TINY = "tiny-random-llama"
 
 
 def create_pg_database() -> str:
-    name = "bulkgen_test_" + uuid.uuid4().hex[:12]
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    return create_database("bulkgen_test_", PG_ADMIN_URL)
 
 
 def drop_pg_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def env_for(database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "BULKGEN_DATABASE_URL": database_url,
-            "BULKGEN_BROKER_URL": broker_url,
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(extra)
-    return env
+    drop_database(url, PG_ADMIN_URL)
 
 
 def run_cli(module: str, args: list[str], env: dict[str, str], timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -137,10 +118,18 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any] | str]) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def accepted_and_peak(path: Path, context_length: int) -> tuple[int, int]:
+    """How many lines of path the producer's reader accepts (no defaults), and the peak of the memory
+    Python allocated while it read them (tracemalloc): what the tests of streamed reading measure."""
+    from producer.reader import read_requests
+
+    tracemalloc.start()
+    try:
+        count = sum(o.ok for o in read_requests(path, {}, context_length))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return count, peak
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str | Callable[[], str], every: float = 0.2) -> Any:

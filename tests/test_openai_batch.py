@@ -6,7 +6,6 @@ submit` process, real Redis, a real worker process on the tiny model, and `produ
 from __future__ import annotations
 
 import json
-import tracemalloc
 import typing
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from sqlalchemy import text as sql
 
 from producer.openai_batch import BODY_FIELDS, CHAT, COMPLETIONS
 from producer.reader import LineOutcome, read_requests
-from tests.helpers import TINY, WorkerProcess, env_for, producer, wait_for_job, write_jsonl
+from tests.helpers import TINY, WorkerProcess, accepted_and_peak, env_for, producer, wait_for_job, write_jsonl
 
 CONTEXT = 2048
 
@@ -389,19 +388,13 @@ def _stops(sent: dict[str, Any]) -> list[str]:
 
 def test_openai_files_are_read_streamed(tmp_path: Path) -> None:
     """Memory stays bounded: well under the file's size (the ids seen so far are the only thing that grows)."""
-    path = tmp_path / "big.jsonl"
-    with path.open("w") as f:
-        for i in range(40_000):
-            f.write(json.dumps(chat(f"id-{i}", messages=[{"role": "user", "content": [{"type": "text", "text": "padding " * 120}]}],
-                                    max_tokens=8)) + "\n")
+    path = write_jsonl(tmp_path / "big.jsonl", (
+        chat(f"id-{i}", messages=[{"role": "user", "content": [{"type": "text", "text": "padding " * 120}]}], max_tokens=8)
+        for i in range(40_000)
+    ))
     size = path.stat().st_size
     assert size > 40_000_000
-    tracemalloc.start()
-    try:
-        count = sum(o.ok for o in read_requests(path, {}, CONTEXT))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    count, peak = accepted_and_peak(path, CONTEXT)
     assert count == 40_000
     assert peak < 15_000_000, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
 

@@ -1,6 +1,8 @@
 """The scheduler on the tiny model: rows added while others run, cache reshaping, dropping, occupancy."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tests.test_engine import PROMPTS, cache_dir, engine, greedy  # noqa: F401
@@ -20,6 +22,23 @@ def ids_of(engine: Engine, text: str) -> list[int]:  # noqa: F811
     return engine.tokenizer(text, add_special_tokens=False).input_ids
 
 
+def run_in_waves(live: Engine, requests: list[GenerationRequest], waves: dict[int, range],
+                 after_step: Callable[[int], None]) -> dict[int, object]:
+    """Submit the requests of waves[0], then step live until it is idle; after step k, submit those of waves[k]
+    (more work arriving mid-batch, as from the next queue messages), then call after_step(k). The results by index."""
+    results: dict[int, object] = {}
+    for i in waves[0]:
+        live.submit(i, requests[i])
+    steps = 0
+    while not live.idle:
+        results.update(live.step())
+        steps += 1
+        for i in waves.get(steps, ()):
+            live.submit(i, requests[i])
+        after_step(steps)
+    return results
+
+
 def test_slot_lengths_round_up_by_at_most_an_eighth() -> None:
     for n in range(1, 5000):
         assert n <= slot_length(n) <= n + max(1, n // 8 + 1)
@@ -28,17 +47,12 @@ def test_slot_lengths_round_up_by_at_most_an_eighth() -> None:
 def test_requests_submitted_while_others_run_give_what_they_give_alone(engine: Engine) -> None:  # noqa: F811
     requests = varied_requests(18, seed=21)
     live = fresh(engine, max_batch_rows=6)
-    results = {}
-    for i in range(6):
-        live.submit(i, requests[i])
-    steps = 0
-    while not live.idle:
-        results.update(live.step())
-        steps += 1
-        if steps in (3, 9):  # more work arrives mid-batch, as from the next queue messages
-            for i in range(6 if steps == 3 else 12, 12 if steps == 3 else 18):
-                live.submit(i, requests[i])
+
+    def still_running(step: int) -> None:
+        if step in (3, 9):
             assert live.running_rows > 0
+
+    results = run_in_waves(live, requests, {0: range(6), 3: range(6, 12), 9: range(12, 18)}, still_running)
     assert [results[i] for i in range(18)] == one_at_a_time(fresh(engine), requests)
 
 
@@ -105,19 +119,14 @@ def test_the_cache_holds_slots_for_the_rows_that_joined_not_for_the_budget(engin
 def test_rows_keep_their_text_while_the_cache_grows_under_them(engine: Engine) -> None:  # noqa: F811
     requests = varied_requests(40, seed=5)
     live = fresh(engine, max_batch_rows=64)
-    results: dict[int, object] = {}
     sizes = set()
-    for i in range(4):
-        live.submit(i, requests[i])
-    steps = 0
-    while not live.idle:
-        results.update(live.step())
-        steps += 1
+
+    def cache_size(step: int) -> None:
         assert live.scheduler is not None and live.scheduler.cache is not None
         sizes.add(live.scheduler.cache.slots)
-        if steps in (2, 4):  # waves that make the cache grow past its 16 slots while rows run
-            for i in range(4, 22) if steps == 2 else range(22, 40):
-                live.submit(i, requests[i])
+
+    # waves that make the cache grow past its 16 slots while rows run
+    results = run_in_waves(live, requests, {0: range(4), 2: range(4, 22), 4: range(22, 40)}, cache_size)
     assert len(sizes) >= 2 and max(sizes) > 16
     assert [results[i] for i in range(40)] == one_at_a_time(fresh(engine), requests)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 
 from producer.reader import EmptyInput, InputFileError, LineOutcome, format_error, read_requests
 from producer.schema import JobDefaults, validate_defaults
+from tests.helpers import accepted_and_peak, write_jsonl
 
 CONTEXT = 8192
 
@@ -303,18 +303,12 @@ def test_unreadable_paths(tmp_path: Path) -> None:
 
 
 def test_reading_is_streamed(tmp_path: Path) -> None:
-    path = tmp_path / "big.jsonl"
-    with path.open("w") as f:
-        for i in range(200_000):
-            f.write(json.dumps({"prompt": f"Tell me about item {i} " + "padding " * 60, "custom_id": f"id-{i}", "temperature": 0.5}) + "\n")
+    path = write_jsonl(tmp_path / "big.jsonl", (
+        {"prompt": f"Tell me about item {i} " + "padding " * 60, "custom_id": f"id-{i}", "temperature": 0.5} for i in range(200_000)
+    ))
     size = path.stat().st_size
     assert size > 100_000_000
-    tracemalloc.start()
-    try:
-        count = sum(o.ok for o in read_requests(path, {}, CONTEXT))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    count, peak = accepted_and_peak(path, CONTEXT)
     assert count == 200_000
     assert peak < 60_000_000, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
 

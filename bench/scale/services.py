@@ -60,20 +60,21 @@ class OwnRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def create_database(prefix: str = "bulkgen_bench_") -> str:
-    name = prefix + uuid.uuid4().hex[:10]
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+def create_database(prefix: str = "bulkgen_bench_", admin_url: str = PG_ADMIN_URL) -> str:
+    """A fresh, empty database on the server of admin_url (an AUTOCOMMIT superuser connection); its URL."""
+    name = prefix + uuid.uuid4().hex[:12]
+    _admin_execute(admin_url, f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-def drop_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+def drop_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
+    _admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def _admin_execute(admin_url: str, statement: str) -> None:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(statement))
     admin.dispose()
 
 

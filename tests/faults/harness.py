@@ -12,13 +12,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
 
-from tests.helpers import WorkerProcess, env_for, free_port, producer, wait_until
+from tests.helpers import WorkerProcess, env_for, free_port, producer, wait_until, write_jsonl
 
 FAULT_SETTINGS = {
     # short enough that a lost holder is noticed in seconds, long enough for a busy 2-core box
@@ -104,6 +105,19 @@ class Store:
 def submit(env: dict[str, str], path: Path, *args: str) -> int:
     done = producer(["submit", str(path), *args], env, check=True)
     return int(done.stdout.split()[-1])
+
+
+@contextmanager
+def running_job(env: dict[str, str], lines: list[dict[str, Any]], directory: Path, model: str, *args: str) -> Iterator[tuple[int, Store, Fleet]]:
+    """lines submitted as a job (`--model model`, then args) to the store of env, and two workers started on it:
+    (job id, the store, the fleet); the fleet is stopped on leaving, whatever happened."""
+    job_id = submit(env, write_jsonl(directory / "p.jsonl", lines), "--model", model, *args)
+    store = Store(env["BULKGEN_DATABASE_URL"])
+    fleet = Fleet(env, model, count=2, log_dir=directory)
+    try:
+        yield job_id, store, fleet
+    finally:
+        fleet.stop()
 
 
 class Fleet:

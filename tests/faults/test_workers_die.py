@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import (
-    Fleet,
-    Store,
     fault_env,
     freeze_holding,
     holder_pid,
     in_list,
     pid_alive,
     ppid,
-    submit,
+    running_job,
     wait_until,
 )
-from tests.helpers import TINY, write_jsonl
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +31,7 @@ def test_sigkill_a_worker_holding_a_batch(pg_url: str, broker_url: str, tmp_path
     """1. SIGKILL the pool process that holds a batch: the job completes, requests x n rows, none twice."""
     env = fault_env(pg_url, broker_url)
     lines = [{"prompt": f"Item {i}: the weather today is", "seed": i, "n": 2} for i in range(240)]
-    job_id = submit(env, write_jsonl(tmp_path / "p.jsonl", lines), "--model", TINY, "--max-new-tokens", "24")
-    store = Store(pg_url)
-    fleet = Fleet(env, TINY, count=2, log_dir=tmp_path)
-    try:
+    with running_job(env, lines, tmp_path, TINY, "--max-new-tokens", "24") as (job_id, store, fleet):
         # mid-job: some results written, and a pool process frozen while it holds a batch
         wait_until(lambda: store.results(job_id) >= 20, 240, "results mid-job")
         victim, victim_ids = freeze_holding(store, job_id, 120)
@@ -46,8 +41,6 @@ def test_sigkill_a_worker_holding_a_batch(pg_url: str, broker_url: str, tmp_path
         assert not pid_alive(victim)
         assert fleet.alive(), "a worker's main process exited"
         assert any(w.process.pid == signal_parent for w in fleet.workers)
-    finally:
-        fleet.stop()
     store.assert_exactly_once(job_id, len(lines), samples_per_request=2)
     redone = store.query(f"SELECT id, attempts, status FROM requests WHERE id IN ({in_list(victim_ids)})")
     assert redone and all(r["status"] == "done" and r["attempts"] >= 2 for r in redone), redone
@@ -58,10 +51,7 @@ def test_sigkill_a_worker_holding_requests_of_several_messages(pg_url: str, brok
     several messages, most of them already acknowledged: their leases bring them back; nothing lost, nothing twice."""
     env = fault_env(pg_url, broker_url)
     lines = [{"prompt": f"Item {i}: a short story about", "seed": i} for i in range(240)]
-    job_id = submit(env, write_jsonl(tmp_path / "p.jsonl", lines), "--model", TINY, "--max-new-tokens", "32")
-    store = Store(pg_url)
-    fleet = Fleet(env, TINY, count=2, log_dir=tmp_path)
-    try:
+    with running_job(env, lines, tmp_path, TINY, "--max-new-tokens", "32") as (job_id, store, fleet):
         wait_until(lambda: store.results(job_id) >= 10, 240, "results mid-job")
 
         def holding_several() -> tuple[int, list[int]] | None:
@@ -75,8 +65,6 @@ def test_sigkill_a_worker_holding_requests_of_several_messages(pg_url: str, brok
         os.kill(victim, signal.SIGKILL)
         assert store.wait_status(job_id, 300) == "completed", fleet.logs()
         assert fleet.alive(), "a worker's main process exited"
-    finally:
-        fleet.stop()
     store.assert_exactly_once(job_id, len(lines))
     redone = store.query(f"SELECT attempts, status FROM requests WHERE id IN ({in_list(victim_ids)})")
     assert len(redone) == len(victim_ids) and all(r["status"] == "done" and r["attempts"] >= 2 for r in redone)
@@ -88,14 +76,9 @@ def test_killed_after_commit_before_ack(pg_url: str, broker_url: str, tmp_path: 
     marker = tmp_path / "crashed.json"
     env = fault_env(pg_url, broker_url, BULKGEN_TEST_CRASH_AFTER_COMMIT=str(marker))
     lines = [{"prompt": f"Tell me about number {i}"} for i in range(200)]  # unseeded: a rerun would differ
-    job_id = submit(env, write_jsonl(tmp_path / "p.jsonl", lines), "--model", TINY, "--max-new-tokens", "8")
-    store = Store(pg_url)
-    fleet = Fleet(env, TINY, count=2, log_dir=tmp_path)
-    try:
+    with running_job(env, lines, tmp_path, TINY, "--max-new-tokens", "8") as (job_id, store, fleet):
         assert store.wait_status(job_id, 300) == "completed", fleet.logs()
         assert fleet.alive()
-    finally:
-        fleet.stop()
     crash = json.loads(marker.read_text())
     assert crash["rows"] and not pid_alive(crash["pid"])
     store.assert_exactly_once(job_id, len(lines))
@@ -115,14 +98,9 @@ def test_poison_request_fails_after_bounded_attempts(sqlite_url: str, broker_url
     the 199 others, including those of its batch, complete."""
     env = fault_env(sqlite_url, broker_url, BULKGEN_TEST_POISON="POISON-PILL", BULKGEN_TEST_DELAY_PER_REQUEST_S="0.02")
     lines = [{"custom_id": f"r{i}", "prompt": "POISON-PILL" if i == 37 else f"prompt {i}"} for i in range(200)]
-    job_id = submit(env, write_jsonl(tmp_path / "p.jsonl", lines), "--model", STANDIN)
-    store = Store(sqlite_url)
-    fleet = Fleet(env, STANDIN, count=2, log_dir=tmp_path)
-    try:
+    with running_job(env, lines, tmp_path, STANDIN) as (job_id, store, fleet):
         assert store.wait_status(job_id, 240) == "completed", fleet.logs()
         assert fleet.alive()
-    finally:
-        fleet.stop()
     job = store.job(job_id)
     assert (job["done_count"], job["failed_count"]) == (199, 1)
     poison = store.query("SELECT status, attempts, error FROM requests WHERE job_id = :j AND custom_id = 'r37'", j=job_id)[0]
@@ -138,10 +116,7 @@ def test_sigterm_finishes_what_it_holds(sqlite_url: str, broker_url: str, tmp_pa
     and the job completes with the other worker; the held batch was not generated twice."""
     env = fault_env(sqlite_url, broker_url, BULKGEN_TEST_DELAY_PER_REQUEST_S="0.1")
     lines = [{"prompt": f"prompt {i}"} for i in range(240)]
-    job_id = submit(env, write_jsonl(tmp_path / "p.jsonl", lines), "--model", STANDIN)
-    store = Store(sqlite_url)
-    fleet = Fleet(env, STANDIN, count=2, log_dir=tmp_path)
-    try:
+    with running_job(env, lines, tmp_path, STANDIN) as (job_id, store, fleet):
         wait_until(lambda: store.results(job_id) >= 16, 120, "results mid-job")
         child, held_ids = freeze_holding(store, job_id, 60)
         target = fleet.owner_of(child)
@@ -154,8 +129,6 @@ def test_sigterm_finishes_what_it_holds(sqlite_url: str, broker_url: str, tmp_pa
         assert store.wait_status(job_id, 120) == "completed", fleet.logs()
         others = [w for w in fleet.workers if w is not target]
         assert all(w.process.poll() is None for w in others)
-    finally:
-        fleet.stop()
     store.assert_exactly_once(job_id, len(lines))
     finished = store.query(f"SELECT attempts, worker FROM requests WHERE id IN ({in_list(held_ids)})")
     assert {r["attempts"] for r in finished} == {1}
