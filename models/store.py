@@ -1,4 +1,6 @@
-"""Reads and writes of the store that the producer and the workers share.
+"""The requests' state machine in the store, shared by the workers, the reconciler and the producer's lifecycle
+commands: claims and leases, recorded outcomes, cancel, retry and the reconciler's repairs. A job's intake is
+models.intake, plain reads are models.reads.
 
 Writes are idempotent: a result is keyed by (request_id, sample_index) and inserted with
 "on conflict do nothing", and a request's counters move only on its first transition to done/failed,
@@ -6,18 +8,17 @@ so a redelivered message never duplicates a row or double-counts a token.
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, insert, or_, select, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from contract.policy import gave_up_reason, gives_up
 from models.db import as_utc, utcnow
-from models.tables import RETRIED, Job, JobStatus, Reject, Request, RequestStatus, Result
+from models.tables import Job, JobStatus, Request, RequestStatus, Result
 
 OPEN_JOB_STATES = (JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -37,110 +38,6 @@ def insert_ignore(connection: Connection | Session, table: Any, rows: Sequence[M
     else:
         raise NotImplementedError(f"no upsert for database dialect {dialect!r}")
     connection.execute(dialect_insert(table).on_conflict_do_nothing(index_elements=keys), list(rows))
-
-
-# --- submitting -------------------------------------------------------------------------------
-
-def create_job(connection: Connection, *, name: str | None, model: str, source: str | None, defaults: dict[str, Any],
-               input_columns: dict[str, Any] | None = None) -> int:
-    return connection.execute(
-        insert(Job)
-        .values(name=name, model=model, source=source, defaults=defaults, input_columns=input_columns,
-                status=JobStatus.SUBMITTING, created_at=utcnow())
-        .returning(Job.id)
-    ).scalar_one()
-
-
-REQUEST_COLUMNS = ("job_id", "line_no", "custom_id", "prompt", "messages", "params", "metadata", "status", "attempts")
-"""The columns `insert_requests` fills; the others take their defaults (id from its sequence)."""
-
-RequestRow = tuple[int, str, str | None, str, str, str]
-"""A new request as `insert_requests` takes it: (line_no, custom_id, prompt, messages, params, metadata), the last
-three as JSON text (`request_row`). job_id, status (queued) and attempts (0) are the same for every row of a job."""
-
-
-def _json_encoder() -> Callable[[Any], str]:
-    """json.dumps with its defaults (the text SQLAlchemy's JSON type writes; None is JSON null), set up once.
-
-    json.dumps builds a new C encoder on every call; three calls a row made that a tenth of a submit.
-    The circular-reference check is off: values parsed from JSON cannot hold a cycle.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return json.JSONEncoder().encode
-    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
-    return lambda value: "".join(encode(value, 0))
-
-
-dump_json = _json_encoder()
-
-
-def request_row(line_no: int, custom_id: str, prompt: str | None, messages: list[dict[str, Any]] | None,
-                params: dict[str, Any], metadata: dict[str, Any] | None) -> RequestRow:
-    """A new request's row for `insert_requests`."""
-    return (line_no, custom_id, prompt, dump_json(messages), dump_json(params), dump_json(metadata))
-
-
-def insert_requests(connection: Connection, job_id: int, chunks: Iterable[Sequence[RequestRow]]) -> None:
-    """Insert a job's new requests, queued with no attempt, chunk by chunk, in the caller's transaction: COPY on
-    PostgreSQL, one executemany per chunk on SQLite. The one writer of new requests (submit's, and the tests')."""
-    tail = (RequestStatus.QUEUED, 0)
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        cursor = connection.connection.driver_connection.cursor()  # psycopg 3, in this transaction
-        with cursor.copy(f"COPY requests ({', '.join(REQUEST_COLUMNS)}) FROM STDIN") as copy:
-            write_row = copy.write_row
-            for rows in chunks:
-                for row in rows:
-                    write_row((job_id, *row, *tail))
-        cursor.close()
-    elif dialect == "sqlite":
-        placeholders = ", ".join("?" * len(REQUEST_COLUMNS))
-        sql = f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({placeholders})"
-        for rows in chunks:
-            if rows:
-                connection.exec_driver_sql(sql, [(job_id, *row, *tail) for row in rows])
-    else:
-        raise NotImplementedError(f"no bulk insert for database dialect {dialect!r}")
-
-
-def insert_rejects(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        connection.execute(insert(Reject), list(rows))
-
-
-def set_job_totals(connection: Connection, job_id: int, *, total_requests: int, total_samples: int, rejected: int) -> None:
-    connection.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(total_requests=total_requests, total_samples=total_samples, rejected_count=rejected)
-    )
-
-
-def iter_request_ids(engine: Engine, job_id: int, statuses: Sequence[str] = (RequestStatus.QUEUED,), chunk: int = 10_000) -> Iterator[int]:
-    """Ids of a job's requests in id order, streamed in chunks (keyset pagination, bounded memory)."""
-    last = 0
-    while True:
-        with engine.connect() as connection:
-            ids = connection.execute(
-                select(Request.id)
-                .where(Request.job_id == job_id, Request.status.in_(statuses), Request.id > last)
-                .order_by(Request.id)
-                .limit(chunk)
-            ).scalars().all()
-        if not ids:
-            return
-        yield from ids
-        last = ids[-1]
-
-
-def mark_enqueued(connection: Connection, job_id: int) -> None:
-    """The submit finished sending: record it, and settle the job if workers already did everything."""
-    connection.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.SUBMITTING).values(status=JobStatus.QUEUED)
-    )
-    connection.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
-    complete_job_if_finished(connection, job_id)
 
 
 def complete_job_if_finished(connection: Connection | Session, job_id: int) -> None:
@@ -519,67 +416,3 @@ def mark_requests_enqueued(session: Session, request_ids: Sequence[int], now: da
     )
     session.commit()
     return ids
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-def known_custom_ids(session: Session, job_id: int, custom_ids: Sequence[str]) -> int:
-    """How many of these custom_ids the job has (`submit --resume` checks its input is the job's)."""
-    return session.scalar(
-        select(func.count()).where(Request.job_id == job_id, Request.custom_id.in_(list(custom_ids)))
-    ) or 0
-
-
-def request_counts(session: Session, job_id: int) -> dict[str, int]:
-    """A job's requests by state, without reading the whole job: done and failed come from the job's counters
-    (they move in the same transaction as the requests' states), running and cancelled from an index range
-    scan (few rows), and queued is the rest."""
-    job = session.get(Job, job_id)
-    if job is None:
-        return {}
-    counts = {RequestStatus.DONE: job.done_count, RequestStatus.FAILED: job.failed_count}
-    counts |= dict(
-        session.execute(
-            select(Request.status, func.count())
-            .where(Request.job_id == job_id, Request.status.in_((RequestStatus.RUNNING, RequestStatus.CANCELLED)))
-            .group_by(Request.status)
-        ).all()
-    )
-    counts[RequestStatus.QUEUED] = max(0, job.total_requests - sum(counts.values()))
-    return {status: count for status, count in counts.items() if count}
-
-
-def retried_query(job_id: int) -> Select[tuple[int]]:
-    """Count of the job's requests started more than once. The predicate is the index's own literal text, not a
-    bound parameter, so that SQLite, too, matches it to the partial index ix_requests_retried."""
-    return select(func.count()).where(Request.job_id == job_id, text(RETRIED))
-
-
-def retried_count(session: Session, job_id: int) -> int:
-    return session.scalar(retried_query(job_id)) or 0
-
-
-def iter_results(engine: Engine, job_id: int, chunk: int = 5_000) -> Iterator[tuple[Request, Result | None]]:
-    """Every request of a job in line order with each of its results (None for a request with none), streamed."""
-    last = 0
-    while True:
-        with Session(engine) as session:
-            requests = list(
-                session.scalars(
-                    select(Request).where(Request.job_id == job_id, Request.id > last).order_by(Request.id).limit(chunk)
-                )
-            )
-            if not requests:
-                return
-            results: dict[int, list[Result]] = {}
-            for result in session.scalars(
-                select(Result)
-                .where(Result.request_id.in_([r.id for r in requests]))
-                .order_by(Result.request_id, Result.sample_index)
-            ):
-                results.setdefault(result.request_id, []).append(result)
-            session.expunge_all()
-        for request in requests:
-            for result in results.get(request.id) or [None]:
-                yield request, result
-        last = requests[-1].id

@@ -301,7 +301,7 @@ def resume(
     from reconciler.sweep import enqueue_missing
     from contract.registry import context_length
     from migrations.schema import open_store
-    from models.store import known_custom_ids
+    from models.reads import known_custom_ids
     from models.tables import Job as JobRow
     from models.tables import JobStatus
     from producer.inputs import open_input

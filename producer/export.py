@@ -1,6 +1,6 @@
 """Writing a job's results as JSONL, CSV, Parquet or the OpenAI Batch output format, streamed.
 
-Every writer takes records one request at a time from the store (models.store.iter_results, keyset
+Every writer takes records one request at a time from the store (models.reads.iter_results, keyset
 pagination), so a job of a million results exports in bounded memory.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import IO, Any
 from sqlalchemy import Engine
 
 from models.db import as_utc
-from models.store import iter_results
+from models.reads import iter_results
 from models.tables import Request, RequestStatus, Result
 
 FORMATS = ("jsonl", "csv", "parquet", "openai")

@@ -64,12 +64,12 @@ class RowsInput:
 def open_input(source: Any, columns: Mapping[str, str] | None = None) -> Input:
     """The input `source` names; raises InputFileError when it cannot be read, InvalidDefaults when `columns`
     (field -> column, for tables only) names an unknown field."""
-    from producer import tables
+    from producer import table_sources, tables
 
     if isinstance(source, (JsonlInput, RowsInput, tables.TableInput)):
         return source
     if not isinstance(source, (str, bytes, os.PathLike)):
-        table = tables.in_memory(source)
+        table = table_sources.in_memory(source)
         if table is not None:
             return tables.TableInput.of(table, columns)
         if isinstance(source, Mapping):
@@ -84,7 +84,7 @@ def open_input(source: Any, columns: Mapping[str, str] | None = None) -> Input:
         path = os.fsdecode(path)
     if not os.path.exists(path):
         raise InputFileError(f"{path}: no such file")
-    table = tables.open_path(path)
+    table = table_sources.open_path(path)
     if table is not None:
         return tables.TableInput.of(table, columns)
     if os.path.isdir(path):

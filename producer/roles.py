@@ -1,6 +1,7 @@
 """The three PostgreSQL roles of a deployment, each with only the grants its part needs (docs/security.md).
 
-What each part runs against the store (models/store.py, workers/, producer/), and so what it is granted:
+What each part runs against the store (models/intake.py, models/store.py, models/reads.py, workers/, producer/),
+and so what it is granted:
 
 - reader (`producer query`): SELECT on the store's tables, nothing else.
 - worker (`workers start`, and the reconciler inside it): reads everything; INSERT on results (its

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from sqlalchemy import Engine
 
-from models.store import (
+from models.intake import (
     RequestRow,
     create_job,
     insert_rejects,

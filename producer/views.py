@@ -10,7 +10,8 @@ from rich.table import Table
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from models.store import lease_lapsed, request_counts, retried_count
+from models.reads import request_counts, retried_count
+from models.store import lease_lapsed
 from models.db import as_utc, utcnow
 from models.tables import Job, JobStatus, Reject, Request, RequestStatus
 

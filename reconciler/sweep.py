@@ -36,13 +36,13 @@ from contract.redis_acl import LOCK_KEY
 from contract.streams import batched
 from contract.settings import Settings, get_settings
 from models.db import session_factory, utcnow
+from models.intake import mark_enqueued
 from models.store import (
     OpenJob,
     close_cancelled_leases,
     complete_job_if_finished,
     expire_leases,
     iter_stale_queued,
-    mark_enqueued,
     mark_requests_enqueued,
     open_jobs,
 )

@@ -13,9 +13,8 @@ from openai.types.chat import ChatCompletion
 from sqlalchemy import update
 
 from models.db import make_engine, session_factory, utcnow
-from models.store import (
-    Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, request_row, set_job_totals,
-)
+from models.intake import create_job, insert_requests, mark_enqueued, request_row, set_job_totals
+from models.store import Outcome, claim_requests, record_outcomes
 from models.tables import Request
 from producer.cli import main
 

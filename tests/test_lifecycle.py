@@ -15,19 +15,15 @@ from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from models.db import make_engine, session_factory, utcnow
+from models.intake import create_job, insert_requests, mark_enqueued, request_row, set_job_totals
 from models.store import (
     Outcome,
     cancel_job,
     claim_requests,
-    create_job,
     expire_leases,
-    insert_requests,
-    mark_enqueued,
     record_outcomes,
     release_requests,
     reopen_job,
-    request_row,
-    set_job_totals,
 )
 from models.tables import Job, Request
 from producer.cli import main

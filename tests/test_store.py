@@ -10,9 +10,8 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 from models.base import Base
 from models.db import make_engine, session_factory
-from models.store import (
-    Outcome, claim_requests, create_job, insert_requests, mark_enqueued, record_outcomes, request_row, set_job_totals,
-)
+from models.intake import create_job, insert_requests, mark_enqueued, request_row, set_job_totals
+from models.store import Outcome, claim_requests, record_outcomes
 from models.tables import Job, Request, Result
 from tests.helpers import table_columns
 
@@ -95,7 +94,8 @@ def _job_of(db, requests: int, n: int = 1) -> tuple[int, list[int]]:  # type: ig
 def test_status_counts_from_counters_equal_the_rows_through_every_move(store_url: str) -> None:
     """request_counts, result_count and retried_count read no whole job; they must still equal a count of the
     rows after claims, results, failures, a redelivery, hand-backs, a cancel and a retry."""
-    from models.store import cancel_job, release_requests, reopen_job, request_counts, retried_count, settle_failures
+    from models.reads import request_counts, retried_count
+    from models.store import cancel_job, release_requests, reopen_job, settle_failures
 
     db = make_engine(store_url)
     sessions = session_factory(db)
@@ -141,7 +141,7 @@ def test_status_counts_from_counters_equal_the_rows_through_every_move(store_url
 
 
 def test_the_retried_count_reads_the_partial_index(sqlite_url: str) -> None:
-    from models.store import retried_count, retried_query
+    from models.reads import retried_count, retried_query
 
     db = make_engine(sqlite_url)
     job_id, _ = _job_of(db, 3)
