@@ -2,13 +2,14 @@
 # The engine (c) of another commit against this tree's, on the bench workload, in one run on one machine:
 # rounds of (other, this) alternate so that the machine's drift hits both alike.
 #   bench/compare_commits.sh COMMIT [DTYPE] [ROUNDS]      e.g. bench/compare_commits.sh 12d047e bfloat16 2
+#   WORKLOAD=fewshot bench/compare_commits.sh ...            another workload of ../shared/bench (prompts, fewshot, rewrite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commit=${1:?usage: bench/compare_commits.sh COMMIT [DTYPE] [ROUNDS]}
 dtype=${2:-bfloat16}
 rounds=${3:-2}
 here=$(pwd)
-prompts=$(cd ../shared/bench && pwd)/prompts.jsonl
+prompts=$(cd ../shared/bench && pwd)/${WORKLOAD:-prompts}.jsonl
 other=$(mktemp -d /tmp/bulkgen-compare-XXXXXX)
 trap 'git worktree remove --force "$other" >/dev/null 2>&1 || true' EXIT
 git worktree add --detach -f "$other" "$commit" >/dev/null

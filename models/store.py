@@ -301,7 +301,8 @@ def cancel_job(session: Session, job_id: int) -> dict[str, Any] | None:
 
 def reopen_job(session: Session, job_id: int) -> dict[str, Any] | None:
     """For `producer retry`: failed and cancelled requests go back to queued (failed ones with a fresh
-    attempt count), the job's failed counter drops by as many, and a finished job is open again. Commits.
+    attempt count), the job's failed counter drops by as many, and a finished job is open again; a job with nothing
+    left to run (cancelled after its last requests had started) is completed. Commits.
     """
     job = session.get(Job, job_id)
     if job is None:
@@ -322,9 +323,12 @@ def reopen_job(session: Session, job_id: int) -> dict[str, Any] | None:
         select(func.count()).where(Request.job_id == job_id, Request.status.not_in(RequestStatus.FINAL))
     )
     values: dict[str, Any] = {"failed_count": Job.failed_count - len(failed)}
-    if unfinished and job.status in JobStatus.FINAL:
+    # A job cancelled while its last requests ran has nothing left to reopen: it opens too, and is settled below
+    # by its counters like any other (else it would stay cancelled with every request done).
+    if job.status in JobStatus.FINAL and (unfinished or job.status == JobStatus.CANCELLED):
         values |= {"status": JobStatus.QUEUED if job.enqueued_at is not None else JobStatus.SUBMITTING, "finished_at": None}
     session.execute(update(Job).where(Job.id == job_id).values(**values))
+    complete_job_if_finished(session, job_id)
     session.commit()
     return {"job_id": job_id, "failed": len(failed), "cancelled": len(cancelled), "unfinished": unfinished}
 

@@ -63,8 +63,14 @@ def test_the_summary_judges_only_what_was_measured():
 @pytest.mark.skipif(not _smollm2_available(), reason="the tokenizer comes from the bundled SmolLM2 GGUF, which is not installed")
 def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path):
     out = tmp_path / "gpu.jsonl"
+    prompts = tmp_path / "prompts.jsonl"  # its own: a clone of the project need not have ../shared beside it
+    prompts.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"Say something about the number {i}."}], "temperature": 0.7}) + "\n"
+        for i in range(12)
+    ))
     done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--small", "--device", "cpu", "--shapes", "1b", "--steps", "tput,hf,profile", "--out", str(out)],
+        [sys.executable, "-m", "bench.gpu", "--small", "--device", "cpu", "--shapes", "1b", "--steps", "tput,hf,profile",
+         "--prompts", str(prompts), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -190,6 +190,25 @@ def test_cancel_then_reopen(store_url: str) -> None:
     assert rows[ids[1]].status == "queued" and rows[ids[1]].attempts == 0 and rows[ids[1]].error is None
 
 
+def test_retrying_a_cancelled_job_whose_running_requests_all_finished_completes_it(store_url: str) -> None:
+    """Found by the soak: a job cancelled while its last requests ran ends with every request done but stays
+    'cancelled' (a cancelled job is not completed by its counters); `producer retry` then has nothing to reopen and
+    must settle it as its counters say, or the job is never completed."""
+    job_id, ids = make_job(store_url, 3)
+    sessions = session_factory(make_engine(store_url))
+    with sessions() as session:
+        claim_requests(session, job_id, ids, "h:1")
+    with sessions() as session:
+        assert cancel_job(session, job_id)["running"] == 3  # type: ignore[index]
+    with sessions() as session:
+        record_outcomes(session, job_id, [Outcome(i, 2, [result_row(i, job_id)]) for i in ids])
+    assert job_row(store_url, job_id).status == "cancelled"
+    with sessions() as session:
+        assert reopen_job(session, job_id) == {"job_id": job_id, "failed": 0, "cancelled": 0, "unfinished": 0}
+    job = job_row(store_url, job_id)
+    assert (job.status, job.done_count, job.failed_count) == ("completed", 3, 0) and job.finished_at is not None
+
+
 # --- the worker's batch loop, in process, on a real store ---------------------------------------
 
 class PickyEngine(StandInEngine):
