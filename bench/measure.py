@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -274,6 +273,8 @@ def pipeline_mode(
     each pool process's occupancy scraped from its metrics endpoint twice a second."""
     import redis
 
+    from bench.scale.services import stop_group
+
     broker_url = free_redis_db(broker)
     tmp = Path(tempfile.mkdtemp(prefix="bulkgen-bench-"))
     database = tmp / "store.db"
@@ -333,13 +334,7 @@ def pipeline_mode(
     finally:
         stop.set()
         watcher.join()
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+        stop_group(worker, grace_s=60)
         log.close()
         # how long each queue message's task ran in the worker (Celery logs "succeeded in 17.75s: 128")
         message_seconds = [round(float(s), 2) for s in re.findall(r"bulkgen\.generate\[[^\]]+\] succeeded in ([0-9.]+)s", log_path.read_text())]

@@ -115,35 +115,22 @@ class Recorder:
         if result.error is not None:
             return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, error=result.error)
         engine = self.outbox.engine
-        rows: list[ResultRow] = []
-        for index, sample in enumerate(result.samples):
-            params = h.generation.params.to_dict() | {"seed": sample.seed}
-            rows.append(
-                ResultRow(
-                    request_id=h.request.id,
-                    job_id=h.job_id,
-                    sample_index=index,
-                    text=storable(sample.text),
-                    finish_reason=sample.finish_reason,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=sample.completion_tokens,
-                    params=params,
-                    seed=sample.seed,
-                    model=self.model,
-                    dtype=engine.dtype,
-                    quantization=engine.quantize,
-                    worker_host=self.worker,
-                    device=self.device,
-                    started_at=h.started_at or h.claimed_at,
-                    finished_at=finished.finished_at,
-                    generation_seconds=finished.seconds,
-                    logprobs=sample.logprobs,
-                    batch_occupancy=finished.occupancy,
-                    cached_prompt_tokens=sample.cached_tokens,
-                    draft_tokens=sample.draft_tokens,
-                    accepted_draft_tokens=sample.accepted_tokens,
-                )
+        per_request = dict(  # the same for every sample of the request
+            request_id=h.request.id, job_id=h.job_id, prompt_tokens=result.prompt_tokens, model=self.model,
+            dtype=engine.dtype, quantization=engine.quantize, worker_host=self.worker, device=self.device,
+            started_at=h.started_at or h.claimed_at, finished_at=finished.finished_at,
+            generation_seconds=finished.seconds, batch_occupancy=finished.occupancy,
+        )
+        params = h.generation.params.to_dict()
+        rows = [
+            ResultRow(
+                **per_request, sample_index=index, text=storable(sample.text), finish_reason=sample.finish_reason,
+                completion_tokens=sample.completion_tokens, params=params | {"seed": sample.seed}, seed=sample.seed,
+                logprobs=sample.logprobs, cached_prompt_tokens=sample.cached_tokens, draft_tokens=sample.draft_tokens,
+                accepted_draft_tokens=sample.accepted_tokens,
             )
+            for index, sample in enumerate(result.samples)
+        ]
         metrics.GENERATION.labels(self.model).observe(finished.seconds)
         return Outcome(request_id=h.request.id, prompt_tokens=result.prompt_tokens, results=rows)
 

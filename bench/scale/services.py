@@ -6,6 +6,7 @@ free port and create (and drop) their own database on the local PostgreSQL.
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -171,3 +172,16 @@ def machine_cpu() -> tuple[float, float]:
     idle = fields[3] + fields[4]
     total = sum(fields[:8])
     return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def stop_group(process: subprocess.Popen, grace_s: float) -> None:  # type: ignore[type-arg]
+    """Stop a process started in a session of its own, and everything it started: SIGTERM to the group, then
+    SIGKILL to whatever has not exited after grace_s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
