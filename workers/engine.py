@@ -184,7 +184,7 @@ class Engine:
     @property
     def runner(self) -> LlamaRunner | None:
         """The forward passes of continuous batching; None on static batches."""
-        return self.scheduler.runner if isinstance(self.scheduler, Scheduler) else None
+        return self.scheduler.runner if self.continuous else None  # type: ignore[attr-defined]
 
     @property
     def running_rows(self) -> int:

@@ -254,11 +254,13 @@ class RunningBatch:
         groups = self.groups if whole else self._groups_of(states)
         uniform = draw_uniforms([s.generator for s in states], self.device)
         tokens = next_tokens(logits, params, seen, uniform, groups, self.sort_free)
-        index = torch.tensor(slots, dtype=torch.long, device=self.device) if not isinstance(at, Tensor) else at
-        if self.seen is not None:
-            self.seen[index, tokens] = True
-        if self.counts is not None:
-            self.counts[index, tokens] += 1
+        if self.seen is not None or self.counts is not None:
+            # (row, token) pairs need an index tensor: a slice beside tokens would pair every row with every token
+            index = at if isinstance(at, Tensor) else torch.tensor(slots, dtype=torch.long, device=self.device)
+            if self.seen is not None:
+                self.seen[index, tokens] = True
+            if self.counts is not None:
+                self.counts[index, tokens] += 1
         self.last[at] = tokens
         wanted = [i for i, s in enumerate(states) if s.row.params.logprobs]
         host = host_read(tokens, *self._logprobs(raw, tokens, wanted, states))

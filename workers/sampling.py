@@ -77,9 +77,11 @@ class SamplingGroups:
 
     @classmethod
     def of(cls, temperature: list[float], top_k: list[int], top_p: list[float], device: torch.device) -> SamplingGroups:
-        greedy = [i for i, t in enumerate(temperature) if t == 0]
-        filtered = [i for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)) if t != 0 and (k > 0 or p < 1.0)]
-        plain = [i for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)) if t != 0 and k <= 0 and p >= 1.0]
+        greedy: list[int] = []
+        filtered: list[int] = []
+        plain: list[int] = []
+        for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)):
+            (greedy if t == 0 else filtered if k > 0 or p < 1.0 else plain).append(i)
 
         def index(rows: list[int]) -> Tensor | None:
             return torch.tensor(rows, dtype=torch.long, device=device) if rows else None

@@ -1,7 +1,8 @@
 """Static batches on transformers' own forward: the decode path of architectures workers.llama does not run.
 
 StaticScheduler has the continuous scheduler's interface (workers.batch): each step() takes every waiting row,
-sorts the rows by prompt length and cuts them into batches of at most max_rows rows and max_tokens positions.
+sorts the rows by prompt length and cuts them into batches of at most rows_limit rows (max_rows, halved after
+an out-of-memory error) and max_tokens positions.
 Each batch is prefilled together (left-padded) and decoded until its last row ends; a finished row leaves the
 batch (its cache rows are dropped). Sampling goes through the same RunningBatch as the continuous path, so every
 per-row feature (seeds, filters, repetition and OpenAI penalties, logprobs, stop strings) behaves the same.
