@@ -283,9 +283,10 @@ def enqueue_missing(db: Engine, app: Celery, job_id: int, settings: Settings | N
     return resent
 
 
-def take_lock(app: Celery, token: str, ttl_s: float) -> bool:
-    """The fleet's reconcile turn for the next ttl_s seconds, if nobody holds it (SET NX PX)."""
+def take_lock(app: Celery, token: str, ttl_s: float, key: str = LOCK_KEY) -> bool:
+    """The reconcile turn for the next ttl_s seconds, if nobody holds it (SET NX PX): the workers' fleet lock,
+    or `producer reconcile --loop`'s own (PRODUCER_LOCK_KEY: the submitter may not set the fleet's)."""
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         client = connection.default_channel.client
-        return bool(client.set(LOCK_KEY, token, nx=True, px=max(1, int(ttl_s * 1000))))
+        return bool(client.set(key, token, nx=True, px=max(1, int(ttl_s * 1000))))

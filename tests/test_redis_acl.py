@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from contract.messages import queue_name
-from contract.redis_acl import PASSWORD_ENV, USERS, check_passwords, password_hash, render
+from contract.redis_acl import LOCK_KEY, PARTS, PASSWORD_ENV, PRODUCER_LOCK_KEY, USERS, check_passwords, password_hash, render
 from tests.helpers import TINY, RedisServer, WorkerProcess, env_for, free_port, producer, wait_for_job, wait_until, write_jsonl
 
 PASSWORDS = {
@@ -79,8 +79,10 @@ def test_file_holds_hashes_not_passwords() -> None:
         line = next(line for line in lines if line.split()[1] == user)
         assert " on " in line and "nopass" not in line and "+@all" not in line and "allkeys" not in line
         assert "~*" not in line.split() and "&*" not in line.split() and "allchannels" not in line
-        assert line.index("-@dangerous") > line.index("+llen"), "the denials come after every grant"
-        assert "-@admin" in line
+        root, _, selectors = line.partition(" (")
+        assert "~" not in root, "every key is granted in a selector, with the commands that may touch it"
+        assert root.index("-@dangerous") > root.rindex(" +"), "the denials come after every grant"
+        assert "-@admin" in root and "+@" not in selectors
 
 
 def test_passwords_are_checked_without_echoing_them() -> None:
@@ -145,7 +147,8 @@ REFUSED = {
         ("ZREM", "unacked_index", "t"), ("DEL", QUEUE), ("BRPOP", QUEUE, "1"), ("RPOP", QUEUE), ("LREM", QUEUE, "0", "x"),
         ("SET", "unacked_mutex", "x"), ("GET", "anything"), ("SET", "anything", "x"),
         ("PUBLISH", "/0.celery.pidbox", "x"), ("PUBLISH", "/0.celeryev/worker.heartbeat", "x"),
-        ("SUBSCRIBE", "/0.celeryev/task.sent"),
+        ("SUBSCRIBE", "/0.celeryev/task.sent"), ("SET", LOCK_KEY, "x", "EX", "100000"), ("LPUSH", LOCK_KEY, "x"),
+        ("SET", QUEUE, "x"), ("PEXPIRE", QUEUE, "1"), ("SADD", QUEUE, "x"), ("LPUSH", PRODUCER_LOCK_KEY, "x"),
     ],
     "worker": [
         ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("CLIENT", "LIST"),
@@ -153,6 +156,8 @@ REFUSED = {
         ("HSET", "anything", "k", "v"), ("LPUSH", "not-a-queue", "x"), ("PUBLISH", "elsewhere", "x"),
         ("DEL", QUEUE), ("DEL", "unacked"), ("DEL", "unacked_index"), ("DEL", f"_kombu.binding.{QUEUE}"),
         ("SREM", f"_kombu.binding.{QUEUE}", "x"), ("DEL", "x.celery.pidbox", QUEUE),
+        ("SET", QUEUE, "x"), ("PEXPIRE", QUEUE, "1"), ("PEXPIRE", "unacked", "1"), ("SET", "unacked", "x"),
+        ("SET", PRODUCER_LOCK_KEY, "x"), ("PEXPIRE", "_kombu.binding.celery.pidbox", "1"),
     ],
     "monitor": [
         ("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("CLIENT", "LIST"),
@@ -181,6 +186,141 @@ def test_each_user_is_refused_outside_its_part(acl_redis: AclRedis, user: str) -
     assert client.ping()
 
 
+# --- destructive commands, per user, on every key pattern any user holds ------------------------
+
+WRITES: dict[str, tuple[str, ...]] = {
+    # replace or create: a string over a queue, a list over a lock, ...
+    "SET": ("SET", "{k}", "x"), "SETEX": ("SETEX", "{k}", "1", "x"), "PSETEX": ("PSETEX", "{k}", "1", "x"),
+    "GETSET": ("GETSET", "{k}", "x"), "SETNX": ("SETNX", "{k}", "x"), "MSET": ("MSET", "{k}", "x"),
+    "APPEND": ("APPEND", "{k}", "x"), "SETRANGE": ("SETRANGE", "{k}", "0", "x"), "INCR": ("INCR", "{k}"),
+    "LPUSH": ("LPUSH", "{k}", "x"), "RPUSH": ("RPUSH", "{k}", "x"), "SADD": ("SADD", "{k}", "x"),
+    "HSET": ("HSET", "{k}", "f", "x"), "ZADD": ("ZADD", "{k}", "1", "x"),
+    "RESTORE": ("RESTORE", "{k}", "0", "x", "REPLACE"), "COPY": ("COPY", "{k}", "{k}", "REPLACE"),
+    "SORT": ("SORT", "{k}", "STORE", "{k}"), "SUNIONSTORE": ("SUNIONSTORE", "{k}", "{k}"),
+    "ZUNIONSTORE": ("ZUNIONSTORE", "{k}", "1", "{k}"), "BITOP": ("BITOP", "AND", "{k}", "{k}"),
+    # expire, delete, move away
+    "EXPIRE": ("EXPIRE", "{k}", "1"), "PEXPIRE": ("PEXPIRE", "{k}", "1"), "EXPIREAT": ("EXPIREAT", "{k}", "1"),
+    "PEXPIREAT": ("PEXPIREAT", "{k}", "1"), "PERSIST": ("PERSIST", "{k}"), "GETEX": ("GETEX", "{k}", "PX", "1"),
+    "GETDEL": ("GETDEL", "{k}"), "DEL": ("DEL", "{k}"), "UNLINK": ("UNLINK", "{k}"),
+    "RENAME": ("RENAME", "{k}", "{k}"), "RENAMENX": ("RENAMENX", "{k}", "{k}"), "MOVE": ("MOVE", "{k}", "1"),
+    # take or remove members
+    "LPOP": ("LPOP", "{k}"), "RPOP": ("RPOP", "{k}"), "BRPOP": ("BRPOP", "{k}", "1"), "BLPOP": ("BLPOP", "{k}", "1"),
+    "LMOVE": ("LMOVE", "{k}", "{k}", "LEFT", "RIGHT"), "RPOPLPUSH": ("RPOPLPUSH", "{k}", "{k}"),
+    "LTRIM": ("LTRIM", "{k}", "0", "0"), "LREM": ("LREM", "{k}", "0", "x"), "LSET": ("LSET", "{k}", "0", "x"),
+    "HDEL": ("HDEL", "{k}", "f"), "SREM": ("SREM", "{k}", "x"), "SPOP": ("SPOP", "{k}"),
+    "SMOVE": ("SMOVE", "{k}", "{k}", "x"), "ZREM": ("ZREM", "{k}", "x"), "ZPOPMIN": ("ZPOPMIN", "{k}"),
+    "ZREMRANGEBYSCORE": ("ZREMRANGEBYSCORE", "{k}", "0", "1"),
+}
+"""Every command that can replace, expire, delete or empty a key (or create one of the wrong type), as the
+server would be sent it for key {k}."""
+
+SAMPLES: dict[str, tuple[str, ...]] = {
+    "gen.*": (QUEUE, QUEUE + "\x06\x163"),
+    "_kombu.binding.gen.*": (f"_kombu.binding.{QUEUE}",),
+    "_kombu.binding_permanent.gen.*": (f"_kombu.binding_permanent.{QUEUE}",),
+    "_kombu.binding.*": (f"_kombu.binding.{QUEUE}", "_kombu.binding.celeryev"),
+    "_kombu.binding_permanent.*": (f"_kombu.binding_permanent.{QUEUE}", "_kombu.binding_permanent.celeryev"),
+    "unacked": ("unacked",), "unacked_index": ("unacked_index",), "unacked_mutex": ("unacked_mutex",),
+    LOCK_KEY: (LOCK_KEY,), PRODUCER_LOCK_KEY: (PRODUCER_LOCK_KEY,),
+    "_kombu.binding_deadlines": ("_kombu.binding_deadlines",),
+    "_kombu.binding.celeryev": ("_kombu.binding.celeryev",),
+    "_kombu.binding.celery.pidbox": ("_kombu.binding.celery.pidbox",),
+    "_kombu.binding.reply.celery.pidbox": ("_kombu.binding.reply.celery.pidbox",),
+    "_kombu.binding_permanent.celeryev": ("_kombu.binding_permanent.celeryev",),
+    "_kombu.binding_permanent.celery.pidbox": ("_kombu.binding_permanent.celery.pidbox",),
+    "_kombu.binding_permanent.reply.celery.pidbox": ("_kombu.binding_permanent.reply.celery.pidbox",),
+    "[^_]*.celery.pidbox*": ("bulkgen-gen.tiny-7@host.celery.pidbox", "c0ffee.reply.celery.pidbox"),
+    "[^_]*.reply.celery.pidbox*": ("c0ffee.reply.celery.pidbox",),
+    "celeryev.*": ("celeryev.c0ffee",),
+}
+"""Keys that each pattern a user holds matches: every one is tried with every command in WRITES."""
+
+QUEUES_ = {QUEUE, QUEUE + "\x06\x163"}
+EXPIRING_TABLES = {f"_kombu.{kind}.{exchange}" for kind in ("binding", "binding_permanent")
+                   for exchange in ("celeryev", "celery.pidbox", "reply.celery.pidbox")}
+OWN_QUEUES = {"bulkgen-gen.tiny-7@host.celery.pidbox", "c0ffee.reply.celery.pidbox", "celeryev.c0ffee"}
+
+
+def writes_allowed() -> dict[str, dict[str, set[str]]]:
+    """What each part's code sends that writes (kombu's Redis transport, redis-py's lock, the reconciler): per user,
+    per key, the commands; everything else in WRITES is refused."""
+    submitter = {**{q: {"LPUSH"} for q in QUEUES_},
+                 f"_kombu.binding.{QUEUE}": {"SADD"}, f"_kombu.binding_permanent.{QUEUE}": {"SADD"},
+                 PRODUCER_LOCK_KEY: {"SET"}}
+    worker = {**{q: {"LPUSH", "RPUSH", "RPOP", "BRPOP"} for q in QUEUES_},
+              "unacked": {"HSET", "HDEL"}, "unacked_index": {"ZADD", "ZREM"}, "unacked_mutex": {"SET", "DEL"},
+              LOCK_KEY: {"SET"}, "_kombu.binding_deadlines": {"ZADD", "ZREM"},
+              f"_kombu.binding.{QUEUE}": {"SADD"}, f"_kombu.binding_permanent.{QUEUE}": {"SADD"},
+              **{table: {"SADD", "SREM", "DEL"} for table in EXPIRING_TABLES},
+              **{queue: {"LPUSH", "RPUSH", "RPOP", "BRPOP", "PEXPIRE", "DEL"} for queue in OWN_QUEUES}}
+    monitor = {"celeryev.c0ffee": {"PEXPIRE", "DEL"}, "_kombu.binding_deadlines": {"ZADD", "ZREM"},
+               **{f"_kombu.binding.{exchange}": {"SADD", "SREM", "DEL"}
+                  for exchange in ("celeryev", "celery.pidbox", "reply.celery.pidbox")},
+               "_kombu.binding_permanent.celeryev": {"SADD", "SREM", "DEL"},
+               "_kombu.binding_permanent.reply.celery.pidbox": {"SADD", "SREM"},
+               "c0ffee.reply.celery.pidbox": {"LPUSH", "RPOP", "BRPOP", "PEXPIRE", "DEL"}}
+    return {"submitter": submitter, "worker": worker, "monitor": monitor}
+
+
+def test_every_pattern_a_user_holds_is_tried() -> None:
+    for user in PARTS.values():
+        for pattern in user.keys():
+            assert pattern.lstrip("%RW~") in SAMPLES, f"{user.name} holds {pattern}: add keys it matches to SAMPLES"
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_destructive_commands_only_on_the_keys_each_part_needs(acl_redis: AclRedis, user: str) -> None:
+    """ACL DRYRUN (the server's own check, selectors included, nothing run) of every command in WRITES on a key of
+    every pattern any user holds: the allowed ones are exactly what the part's code sends."""
+    keys = sorted({key for samples in SAMPLES.values() for key in samples})
+    with acl_redis.client() as observer:
+        pipe = observer.pipeline(transaction=False)
+        for key in keys:
+            for template in WRITES.values():
+                pipe.execute_command("ACL", "DRYRUN", user, *(part.format(k=key) for part in template))
+        answers = iter(pipe.execute(raise_on_error=False))
+    allowed = {key: {name for name in WRITES if next(answers) == b"OK"} for key in keys}
+    expected = writes_allowed()[user]
+    wrong = {key: (sorted(allowed[key]), sorted(expected.get(key, set())))
+             for key in keys if allowed[key] != expected.get(key, set())}
+    assert wrong == {}, f"{user}: key -> (allowed, expected): {wrong}"
+
+
+def test_the_issue_probes_leave_queues_and_locks_intact(acl_redis: AclRedis) -> None:
+    """Run for real: a submitter replacing or expiring a queue or taking the fleet's lock for a day, a worker
+    expiring the queue or `unacked` (issue 27); each is refused and the keys keep their contents and no TTL."""
+    binding = f"_kombu.binding.{QUEUE}"
+    with acl_redis.client() as observer:
+        observer.delete(QUEUE, binding, "unacked", "unacked_index", LOCK_KEY)
+        observer.lpush(QUEUE, "m1")
+        observer.sadd(binding, f"{QUEUE}\x06\x16\x06\x16{QUEUE}")
+        observer.hset("unacked", "tag", "payload")
+        observer.zadd("unacked_index", {"tag": 1.0})
+    probes = {
+        "submitter": [("SET", QUEUE, "x"), ("SET", QUEUE, "x", "PX", "1"), ("SET", binding, "x"),
+                      ("SET", LOCK_KEY, "x", "EX", "100000"), ("LPUSH", LOCK_KEY, "x"), ("PEXPIRE", QUEUE, "1"),
+                      ("EXPIRE", binding, "1"), ("UNLINK", QUEUE), ("RENAME", QUEUE, f"{QUEUE}.x")],
+        "worker": [("PEXPIRE", QUEUE, "1"), ("PEXPIRE", "unacked", "1"), ("SET", QUEUE, "x"), ("SET", "unacked", "x"),
+                   ("EXPIRE", "unacked_index", "1"), ("DEL", binding), ("UNLINK", "unacked"), ("GETDEL", QUEUE)],
+        "monitor": [("PEXPIRE", QUEUE, "1"), ("SET", QUEUE, "x"), ("DEL", binding), ("SET", LOCK_KEY, "x")],
+    }
+    try:
+        for user, commands in probes.items():
+            client = acl_redis.as_user(user)
+            for command in commands:
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.execute_command(*command)
+                    pytest.fail(f"{user} may run {command}")
+        with acl_redis.client() as observer:
+            assert observer.lrange(QUEUE, 0, -1) == [b"m1"] and observer.smembers(binding)
+            assert observer.hgetall("unacked") == {b"tag": b"payload"} and observer.zcard("unacked_index") == 1
+            assert [observer.pttl(key) for key in (QUEUE, binding, "unacked", "unacked_index")] == [-1] * 4
+            assert observer.exists(LOCK_KEY) == 0, "nobody but a worker takes the fleet's reconcile lock"
+    finally:
+        with acl_redis.client() as observer:
+            observer.delete(QUEUE, binding, "unacked", "unacked_index", LOCK_KEY)
+
+
 def test_each_user_may_do_its_part(acl_redis: AclRedis) -> None:
     """The grants the refusals above leave: what each part's code sends (the end-to-end test runs them all)."""
     acl_redis.reset_log()
@@ -195,7 +335,8 @@ def test_each_user_may_do_its_part(acl_redis: AclRedis) -> None:
     assert submitter.hmget("unacked", ["tag"]) == [b"payload"]
     worker.zrem("unacked_index", "tag")
     worker.hdel("unacked", "tag")
-    assert submitter.set("bulkgen:reconcile:lock", "t", nx=True, px=100)
+    assert submitter.set(PRODUCER_LOCK_KEY, "t", nx=True, px=100)
+    assert worker.set(LOCK_KEY, "t", nx=True, px=100)
     assert worker.set("unacked_mutex", "t", nx=True, px=100)
     assert submitter.publish("/0.celeryev/task.sent", "{}") == 0
     assert monitor.publish("/0.celery.pidbox", "{}") == 0
@@ -246,8 +387,8 @@ def test_reconciler_reads_redis_as_the_submitter(acl_redis: AclRedis, sqlite_url
 
     acl_redis.reset_log()
     with acl_redis.client() as observer:  # the lock free, whatever ran before on this server
-        held = (observer.get("bulkgen:reconcile:lock"), observer.pttl("bulkgen:reconcile:lock"))
-        observer.delete("bulkgen:reconcile:lock")
+        held = (observer.get(PRODUCER_LOCK_KEY), observer.pttl(PRODUCER_LOCK_KEY))
+        observer.delete(PRODUCER_LOCK_KEY)
     settings = Settings(broker_url=acl_redis.url_for("submitter"), database_url=sqlite_url)
     app = connect(settings)
     with app.connection_for_write() as connection, Sender(app) as send:
@@ -264,11 +405,11 @@ def test_reconciler_reads_redis_as_the_submitter(acl_redis: AclRedis, sqlite_url
         carried = carried_ids(link, [QUEUE], taken_within_s=60)
     assert all((7, i) in carried for i in (1, 2, 3, 4, 5))
     try:
-        assert take_lock(app, "token", 1.0) is True, f"the lock was held before the test by {held}"
+        assert take_lock(app, "token", 1.0, PRODUCER_LOCK_KEY) is True, f"the lock was held before the test by {held}"
         assert acl_redis.denials() == []
     finally:
         with acl_redis.client() as observer:
-            observer.delete(QUEUE, "unacked", "unacked_index", "bulkgen:reconcile:lock")
+            observer.delete(QUEUE, "unacked", "unacked_index", PRODUCER_LOCK_KEY)
 
 
 def test_worker_restores_unacked_messages(acl_redis: AclRedis) -> None:

@@ -55,7 +55,7 @@ def retry(job_id: int, database_url: str | None, broker_url: str | None) -> None
 
 @click.command()
 @click.option("--loop", "loop_s", type=float, default=None, metavar="SECONDS",
-              help="Sweep every SECONDS until interrupted, taking turns with the workers' own sweeps.")
+              help="Sweep every SECONDS until interrupted (one --loop sweeps per interval; for fleets whose workers do not sweep).")
 @click.option("--job", "job_ids", type=int, multiple=True, help="Only this job (repeatable).")
 @database_option
 @broker_option
@@ -70,6 +70,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     re-sends) on BULKGEN_RECONCILER_METRICS_PORT (9500; 0 = off).
     """
     from contract.broker import connect
+    from contract.redis_acl import PRODUCER_LOCK_KEY
     from reconciler.sweep import sweep, take_lock
     from migrations.schema import open_store
 
@@ -92,7 +93,7 @@ def reconcile(loop_s: float | None, job_ids: tuple[int, ...], database_url: str 
     try:
         while True:
             try:
-                if take_lock(app, token, loop_s * 0.9):
+                if take_lock(app, token, loop_s * 0.9, PRODUCER_LOCK_KEY):
                     report = sweep(db, app, settings, only)
                     observe_sweep(report)
                     click.echo(f"{time.strftime('%H:%M:%S')} {report}")
