@@ -18,7 +18,7 @@ leaves no thread behind and no database connection open: usable from a notebook 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -217,6 +217,7 @@ def submit(
     broker_url: str | None = None,
     settings: Settings | None = None,
     columns: Mapping[str, str] | None = None,
+    csv_nulls: Sequence[str] = (),
     **defaults: Any,
 ) -> Job:
     """Validate every row of `source`, store the job and its requests in one transaction, then enqueue them.
@@ -226,7 +227,8 @@ def submit(
     Python (a list or any iterable of dicts, native or OpenAI Batch lines; read once). `columns` maps fields
     to column names for tables (`prompt`, `messages`, `custom_id`, and any sampling field; unmapped fields
     take the column of their own name); other columns become metadata, and the job records the mapping
-    (resume reads the table again with it) and the schema (`results --join`). Keyword arguments are
+    (resume reads the table again with it) and the schema (`results --join`). `csv_nulls`: CSV cells read as
+    null besides an empty one (none by default: a cell `NA` is the text NA; recorded for resume). Keyword arguments are
     the job's defaults (max_new_tokens, temperature, top_p, top_k, seed, n, ...); a row's own value wins.
 
     Raises InvalidInput with every bad row before anything is written (unless skip_invalid, which stores
@@ -248,7 +250,7 @@ def submit(
     problems = validate_defaults(defaults, context)
     if problems:
         raise InvalidDefaults("; ".join(problems))
-    data = open_input(source, columns)
+    data = open_input(source, columns, csv_nulls)
     validation = validate_file(data, defaults, context, keep_errors=KEEP_ERRORS)
     report = SubmitReport(
         valid=validation.valid, samples=validation.samples, rejected=validation.rejected_lines,
@@ -291,10 +293,12 @@ def resume(
     broker_url: str | None = None,
     settings: Settings | None = None,
     columns: Mapping[str, str] | None = None,
+    csv_nulls: Sequence[str] | None = None,
 ) -> int:
     """Finish job_id from the input it was submitted from: check it is that input, then send every request
     of the job that has no result yet and that no message carries (what also finishes a submit that was
-    interrupted while it enqueued). Returns how many requests were sent."""
+    interrupted while it enqueued). Returns how many requests were sent. A table is read with the column
+    mapping and CSV null words the job recorded, unless `columns` / `csv_nulls` are given."""
     from sqlalchemy.orm import Session
 
     from contract.broker import connect
@@ -307,7 +311,7 @@ def resume(
     from producer.inputs import open_input
 
     settings = settings_for(database_url, broker_url, settings)
-    data = open_input(source, columns) if columns is not None else None
+    data = open_input(source, columns, csv_nulls or ()) if columns is not None and csv_nulls is not None else None
     db = open_store(settings.database_url)
     try:
         with Session(db) as session:
@@ -317,10 +321,11 @@ def resume(
             if job.status == JobStatus.CANCELLED:
                 raise ResumeRefused(f"job {job_id} is cancelled; `producer retry {job_id}` queues its requests again")
             model, defaults, total, rejected = job.model, dict(job.defaults or {}), job.total_requests, job.rejected_count
-            recorded = (job.input_columns or {}).get("fields")
+            recorded = job.input_columns or {}
         if data is None:
-            # a table input is read again with the column mapping the job recorded (jobs.input_columns)
-            data = open_input(source, recorded)
+            # a table input is read again with the column mapping and null words the job recorded (jobs.input_columns)
+            data = open_input(source, recorded.get("fields") if columns is None else columns,
+                              recorded.get("csv_nulls", ()) if csv_nulls is None else csv_nulls)
         context = context_length(model)
         valid = invalid = 0
         custom_ids: list[str] = []

@@ -12,7 +12,7 @@ a request ready to store, or the reasons the row is invalid, with its position.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,14 +61,19 @@ class RowsInput:
             raise EmptyInput("no rows: the iterable is empty")
 
 
-def open_input(source: Any, columns: Mapping[str, str] | None = None) -> Input:
+def open_input(source: Any, columns: Mapping[str, str] | None = None, csv_nulls: Sequence[str] = ()) -> Input:
     """The input `source` names; raises InputFileError when it cannot be read, InvalidDefaults when `columns`
-    (field -> column, for tables only) names an unknown field."""
+    (field -> column, for tables only) names an unknown field. `csv_nulls`: the CSV cells read as null besides
+    an empty one (none by default)."""
     from producer import table_sources, tables
 
     if isinstance(source, (JsonlInput, RowsInput, tables.TableInput)):
         return source
+    csv_nulls = (csv_nulls,) if isinstance(csv_nulls, str) else tuple(csv_nulls)
+    only_csv = "null words (--csv-null) are for CSV and TSV inputs only"
     if not isinstance(source, (str, bytes, os.PathLike)):
+        if csv_nulls:
+            raise InputFileError(only_csv)
         table = table_sources.in_memory(source)
         if table is not None:
             return tables.TableInput.of(table, columns)
@@ -84,7 +89,9 @@ def open_input(source: Any, columns: Mapping[str, str] | None = None) -> Input:
         path = os.fsdecode(path)
     if not os.path.exists(path):
         raise InputFileError(f"{path}: no such file")
-    table = table_sources.open_path(path)
+    table = table_sources.open_path(path, csv_nulls)
+    if csv_nulls and (table is None or not table.text_only):
+        raise InputFileError(f"{path}: {only_csv}")
     if table is not None:
         return tables.TableInput.of(table, columns)
     if os.path.isdir(path):

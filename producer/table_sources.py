@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,8 @@ class TableSource:
     schema: pa.Schema
     batches: Callable[[], Iterator[pa.RecordBatch]]
     text_only: bool = False
+    null_words: tuple[str, ...] = ()
+    """CSV: the cells read as null besides an empty one (`submit --csv-null`); the job records them for --resume."""
 
 
 def _arrow_error(name: str, exc: BaseException) -> InputFileError:
@@ -38,8 +40,9 @@ def _arrow_error(name: str, exc: BaseException) -> InputFileError:
     return InputFileError(f"{name}: cannot be read ({text})")
 
 
-def open_path(path: str) -> TableSource | None:
-    """The table at `path` (by its bytes, else its name), or None when it is not one (JSONL)."""
+def open_path(path: str, null_words: Sequence[str] = ()) -> TableSource | None:
+    """The table at `path` (by its bytes, else its name), or None when it is not one (JSONL). `null_words`: CSV
+    cells read as null besides an empty one (none by default: a CSV cell is the text it holds)."""
     name = Path(path).name
     if os.path.isdir(path):
         return _saved_dataset(path) if _is_saved_dataset(path) else None
@@ -56,7 +59,7 @@ def open_path(path: str) -> TableSource | None:
     if head.startswith(_ARROW_MAGIC) or suffix in (".arrow", ".feather"):
         return _arrow_files(path, name, [path])
     if suffix in (".csv", ".tsv"):
-        return _csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+        return _csv(path, delimiter="\t" if suffix == ".tsv" else ",", null_words=tuple(null_words))
     return None
 
 
@@ -85,7 +88,10 @@ def _parquet(path: str) -> TableSource:
     return TableSource(name, path, schema, batches)
 
 
-def _csv(path: str, delimiter: str) -> TableSource:
+def _csv(path: str, delimiter: str, null_words: tuple[str, ...] = ()) -> TableSource:
+    """Every cell a string, as written: an unquoted empty cell is null ("not given"; a quoted "" is the empty
+    string), and so is a cell that is exactly one of `null_words`; pyarrow's own null words (NA, null, N/A, nan,
+    NULL, ...) are text like any other (a prompt "NA" is a prompt)."""
     import csv
 
     import pyarrow as pa
@@ -104,7 +110,7 @@ def _csv(path: str, delimiter: str) -> TableSource:
         raise InputFileError(f"{name}: the header names a column twice: {', '.join(map(repr, twice))}")
     schema = pa.schema([(column, pa.string()) for column in header])
     convert = pacsv.ConvertOptions(column_types={column: pa.string() for column in header},
-                                   strings_can_be_null=True, quoted_strings_can_be_null=False)
+                                   null_values=["", *null_words], strings_can_be_null=True, quoted_strings_can_be_null=False)
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -116,7 +122,7 @@ def _csv(path: str, delimiter: str) -> TableSource:
         except (pa.ArrowException, OSError) as exc:
             raise _arrow_error(name, exc) from None
 
-    return TableSource(name, path, schema, batches, text_only=True)
+    return TableSource(name, path, schema, batches, text_only=True, null_words=null_words)
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -9,9 +9,11 @@ can be joined back (producer.export.write_joined). A null cell means "not given"
 error); a NaN float is null; values JSON cannot carry become JSON (timestamps, dates and times as ISO 8601
 strings, durations as seconds, decimals as strings, bytes as base64, numpy scalars as numbers).
 
-CSV has no types: every cell is read as text (an empty cell is null). Sampling fields are parsed from it
-(integers, numbers, true/false, a stop string or a JSON array of them), `messages` from JSON text;
-metadata keeps the text as it is.
+CSV has no types: every cell is read as the text it holds. Only an unquoted empty cell is null ("not given";
+a quoted "" is the empty string); pyarrow's null words (NA, null, N/A, nan, NULL, ...) are text, unless the
+user names them (`submit --csv-null NA`, recorded with the job for --resume). Sampling fields are parsed
+from the text (integers, finite numbers, true/false, a stop string or a JSON array of them; `nan` is refused
+as not a number), `messages` from JSON text; metadata keeps the text as it is.
 
 Where the batches come from is producer.table_sources (nothing there imports pandas or datasets: in-memory
 objects are recognised by their module and attributes). A DataFrame is converted to one Arrow table (it is in
@@ -223,7 +225,11 @@ class TableInput:
     def record(self) -> dict[str, Any]:
         """What the job keeps (jobs.input_columns): the mapping, for resume, and the schema, for the join export."""
         schema = self.source.schema.remove_metadata()
-        return {"fields": dict(self.fields), "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")}
+        record: dict[str, Any] = {"fields": dict(self.fields),
+                                  "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")}
+        if self.source.null_words:
+            record["csv_nulls"] = list(self.source.null_words)
+        return record
 
     def outcomes(self, defaults: Mapping[str, Any], context_length: int) -> Iterator[LineOutcome]:
         checker = RowChecker(defaults, context_length, unit=self.unit)

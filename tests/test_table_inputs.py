@@ -406,3 +406,44 @@ def test_resume_of_a_dataframe_through_the_api(sqlite_url: str, broker_url: str)
     assert api.resume(frame, job.id, columns={"prompt": "question"}, database_url=sqlite_url, broker_url=broker_url) == 0
     with pytest.raises(InputFileError, match="no prompt column"):
         api.resume(frame, job.id, columns={}, database_url=sqlite_url, broker_url=broker_url)
+
+
+def test_csv_cells_are_text_and_null_words_only_when_named(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
+    """pyarrow's null words (NA, null, N/A, nan, NULL) are a user's text; only an empty cell is null, unless
+    --csv-null names more; a temperature `nan` is refused as not a number (issue 27)."""
+    path = tmp_path / "words.csv"
+    path.write_text('prompt,note,temperature\nNA,NA,\nnull,null,0.5\nN/A,N/A,\nnan,,\nNULL,"",\n', encoding="utf-8")
+    code, output = submit(sqlite_url, broker_url, str(path))
+    assert code == 0, output
+    stored = requests_of(sqlite_url, job_id_of(output))
+    assert [r["prompt"] for r in stored] == ["NA", "null", "N/A", "nan", "NULL"]
+    assert [r["metadata"]["note"] for r in stored] == ["NA", "null", "N/A", None, ""]  # empty: null; quoted "": text
+    assert [r["params"] for r in stored] == [{}, {"temperature": 0.5}, {}, {}, {}]
+
+    tsv = tmp_path / "nan.tsv"
+    tsv.write_text("prompt\ttemperature\nhello\tnan\nhi\t0.7\n", encoding="utf-8")
+    code, output = submit(sqlite_url, broker_url, str(tsv))
+    assert code != 0 and "nan.tsv:1: temperature: expected a number, got string 'nan'" in output, output
+    assert job_count(sqlite_url) == 1
+
+    code, output = submit(sqlite_url, broker_url, str(path), "--csv-null", "NA", "--csv-null", "null", "--skip-invalid")
+    assert code == 0, output
+    assert "words.csv:1: prompt: is null (column 'prompt')" in output and "words.csv:2: prompt: is null" in output
+    stored = requests_of(sqlite_url, job_id_of(output))
+    assert [r["prompt"] for r in stored] == ["N/A", "nan", "NULL"]
+    code, output = submit(sqlite_url, broker_url, str(write_parquet(tmp_path / "t.parquet", {"prompt": ["a"]})), "--csv-null", "NA")
+    assert code != 0 and "--csv-null) are for CSV and TSV inputs only" in output and "Traceback" not in output
+    assert job_count(sqlite_url) == 2
+    assert "--csv-null" in CliRunner().invoke(main, ["submit", "--help"]).output
+
+
+def test_resume_reads_a_csv_with_the_recorded_null_words(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("custom_id,prompt\na,Hello\nb,NA\nc,Bye\n", encoding="utf-8")
+    code, output = submit(sqlite_url, broker_url, str(path), "--csv-null", "NA", "--skip-invalid")
+    assert code == 0 and "data.csv:2: prompt: is null" in output, output
+    job_id = job_id_of(output)
+    assert rows(sqlite_url, "SELECT input_columns FROM jobs")[0]["input_columns"].count("csv_nulls") == 1
+    redis.Redis.from_url(broker_url).delete(queue_name(TINY))
+    code, output = submit(sqlite_url, broker_url, str(path), "--resume", str(job_id))  # NA is null again: b stays out
+    assert code == 0 and "2 requests without results enqueued again" in output, output

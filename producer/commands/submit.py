@@ -36,10 +36,14 @@ if TYPE_CHECKING:
 @click.option("--column", "column_pairs", multiple=True, metavar="FIELD=COLUMN",
               help="Tables: read a field (max_new_tokens, temperature, top_p, top_k, seed, n, stop, ...) from COLUMN; repeatable. "
                    "A column named as a field is taken as it without this.")
+@click.option("--csv-null", "csv_nulls", multiple=True, metavar="WORD",
+              help="CSV/TSV: read a cell that is exactly WORD (unquoted) as null, i.e. not given; repeatable, e.g. "
+                   "--csv-null NA --csv-null null. Without it a cell is the text it holds: NA, null, N/A, nan are text, "
+                   "and only an empty cell is null.")
 @database_option
 @broker_option
 def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, seed, n, skip_invalid, wait, resume_job,  # type: ignore[no-untyped-def]
-           prompt_column, messages_column, id_column, column_pairs, database_url, broker_url) -> None:
+           prompt_column, messages_column, id_column, column_pairs, csv_nulls, database_url, broker_url) -> None:
     """Validate FILE, store it as a job and enqueue it; print the job id.
 
     FILE is JSONL (one request per line), a Parquet or CSV file (one request per row), or a directory
@@ -58,7 +62,9 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     else a column named prompt, messages, custom_id or as a sampling field is taken as it; every other
     column is kept as the request's metadata, and `producer results JOB --join -o out.parquet` writes
     them back beside the generated text. A null cell is "not given"; a null prompt is an error. CSV cells
-    are text (the sampling fields are parsed). The job records the mapping: --resume needs no column options.
+    are text as written (the sampling fields are parsed): a cell NA, null or nan is that text, not null;
+    only an empty cell is null, unless --csv-null names more. The job records the mapping and the null
+    words: --resume needs neither.
 
     \b
     producer submit data.parquet --prompt-column question --column max_new_tokens=budget
@@ -73,13 +79,14 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     settings = settings_with(database_url, broker_url)
     columns = _columns(prompt_column, messages_column, id_column, column_pairs)
     if resume_job is not None:
-        sent = api.resume(file, resume_job, settings=settings, columns=columns)
+        sent = api.resume(file, resume_job, settings=settings, columns=columns, csv_nulls=csv_nulls or None)
         say(f"job {resume_job}: {sent} requests without results enqueued again", job_id=resume_job, sent=sent)
         click.echo(resume_job)
         _wait(resume_job, settings, wait)
         return
     flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "n": n}
-    job = api.submit(file, model=model, name=name, skip_invalid=skip_invalid, settings=settings, columns=columns, **flags)
+    job = api.submit(file, model=model, name=name, skip_invalid=skip_invalid, settings=settings, columns=columns,
+                     csv_nulls=csv_nulls, **flags)
     report = job.report
     assert report is not None
     if report.rejected:
