@@ -4,10 +4,13 @@ a request ready to store, or the reasons the row is invalid, with its position.
 - JSONL (any file that is not one of the others): one JSON object per line, native or OpenAI Batch
   (producer.reader); the position is the line number.
 - Rows in Python (a list, a generator, any iterable of dicts, native or OpenAI Batch): each held to what
-  a JSONL line may hold; the position is the row number, from 1. Read once, as it is validated.
+  a JSONL line may hold (its size too); the position is the row number, from 1. Read once, as it is validated.
 - Tables (producer.tables): a Parquet file, a CSV file, a directory written by `datasets`' save_to_disk, or
   in memory a pyarrow.Table, a pandas.DataFrame or a datasets.Dataset; columns are mapped to fields and the
   other columns kept as the request's metadata; the position is the row number, from 1.
+
+Every format is held to the same bounds (producer.limits): a row of at most 1 MiB, a table of at most 1,024
+columns, and a path that is a regular file or a directory.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from contract.errors import EmptyInput, InputFileError
+from producer.limits import check_path
 from producer.reader import LineOutcome, RowChecker, read_requests
 
 
@@ -87,8 +91,7 @@ def open_input(source: Any, columns: Mapping[str, str] | None = None, csv_nulls:
     path = os.fspath(source)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    if not os.path.exists(path):
-        raise InputFileError(f"{path}: no such file")
+    check_path(path)  # missing, a link loop, a device or a FIFO: refused before anything reads it
     table = table_sources.open_path(path, csv_nulls)
     if csv_nulls and (table is None or not table.text_only):
         raise InputFileError(f"{path}: {only_csv}")

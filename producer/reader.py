@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from contract.errors import EmptyInput, InputFileError
+from producer.limits import MAX_ROW_BYTES
 from producer.openai_batch import is_openai_line, translate
 from producer.schema import PromptLine, json_type, show, validate_line
 
-MAX_LINE_BYTES = 1 << 20
+MAX_LINE_BYTES = MAX_ROW_BYTES
+"""A line is a row: the same limit as every other format's (producer.limits)."""
 _BOM = b"\xef\xbb\xbf"
 _DRAIN_CHUNK = 1 << 16
 _MAX_INT_DIGITS = 1000
@@ -182,7 +184,10 @@ class RowChecker:
             return LineOutcome(position, None, ["NaN and infinite numbers are not allowed"])
         except RecursionError:
             return LineOutcome(position, None, ["nested too deeply"])
-        return self.check_bytes(position, text.encode("utf-8", "surrogatepass"))
+        content = text.encode("utf-8", "surrogatepass")
+        if len(content) > MAX_ROW_BYTES:
+            return LineOutcome(position, None, [f"{self.unit} is {len(content)} bytes as JSON, the limit is {MAX_ROW_BYTES}"])
+        return self.check_bytes(position, content)
 
     def check_object(self, position: int, obj: dict[str, Any]) -> LineOutcome:
         """A row already decoded from JSON."""

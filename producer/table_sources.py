@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contract.errors import EmptyInput, InputFileError
+from producer.limits import batch_rows
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 BATCH_ROWS = 8192
-"""Rows per record batch read from a file (bounded memory whatever the file's size)."""
+"""Rows per record batch read from a table (bounded memory whatever its size; fewer for a wide one: limits.batch_rows)."""
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_MAGIC = b"ARROW1"
 
@@ -59,7 +60,9 @@ def open_path(path: str, null_words: Sequence[str] = ()) -> TableSource | None:
     if head.startswith(_ARROW_MAGIC) or suffix in (".arrow", ".feather"):
         return _arrow_files(path, name, [path])
     if suffix in (".csv", ".tsv"):
-        return _csv(path, delimiter="\t" if suffix == ".tsv" else ",", null_words=tuple(null_words))
+        from producer.csv_source import open_csv
+
+        return open_csv(path, delimiter="\t" if suffix == ".tsv" else ",", null_words=tuple(null_words))
     return None
 
 
@@ -79,50 +82,13 @@ def _parquet(path: str) -> TableSource:
         # over 1M rows, no slower: validation, not decoding, takes the time)
         reader = pq.ParquetFile(path, memory_map=True, pre_buffer=False)
         try:
-            yield from reader.iter_batches(batch_size=BATCH_ROWS, use_threads=False)
+            yield from reader.iter_batches(batch_size=batch_rows(len(schema), BATCH_ROWS), use_threads=False)
         except (pa.ArrowException, OSError) as exc:
             raise _arrow_error(name, exc) from None
         finally:
             reader.close()
 
     return TableSource(name, path, schema, batches)
-
-
-def _csv(path: str, delimiter: str, null_words: tuple[str, ...] = ()) -> TableSource:
-    """Every cell a string, as written: an unquoted empty cell is null ("not given"; a quoted "" is the empty
-    string), and so is a cell that is exactly one of `null_words`; pyarrow's own null words (NA, null, N/A, nan,
-    NULL, ...) are text like any other (a prompt "NA" is a prompt)."""
-    import csv
-
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    name = Path(path).name
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            header = next(csv.reader(file, delimiter=delimiter), None)
-    except UnicodeDecodeError as exc:
-        raise InputFileError(f"{name}: the header is not UTF-8 (byte {exc.start + 1})") from None
-    if not header:
-        raise EmptyInput(f"{name}: the file is empty")
-    if len(set(header)) != len(header):
-        twice = sorted({c for c in header if header.count(c) > 1})
-        raise InputFileError(f"{name}: the header names a column twice: {', '.join(map(repr, twice))}")
-    schema = pa.schema([(column, pa.string()) for column in header])
-    convert = pacsv.ConvertOptions(column_types={column: pa.string() for column in header},
-                                   null_values=["", *null_words], strings_can_be_null=True, quoted_strings_can_be_null=False)
-    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        try:
-            reader = pacsv.open_csv(path, parse_options=parse, convert_options=convert,
-                                    read_options=pacsv.ReadOptions(block_size=1 << 20))
-            for batch in reader:
-                yield batch
-        except (pa.ArrowException, OSError) as exc:
-            raise _arrow_error(name, exc) from None
-
-    return TableSource(name, path, schema, batches, text_only=True, null_words=null_words)
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -188,8 +154,9 @@ def _arrow_files(path: str, name: str, files: list[str]) -> TableSource:
 
 
 def _rebatch(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-    for start in range(0, batch.num_rows, BATCH_ROWS):
-        yield batch.slice(start, BATCH_ROWS)
+    rows = batch_rows(batch.num_columns, BATCH_ROWS)
+    for start in range(0, batch.num_rows, rows):
+        yield batch.slice(start, rows)
 
 
 def in_memory(value: Any) -> TableSource | None:
@@ -201,7 +168,7 @@ def in_memory(value: Any) -> TableSource | None:
         import pyarrow as pa
 
         table = pa.Table.from_batches([value]) if kind == "RecordBatch" else value
-        return _memory_source(f"<{kind}>", table.schema, lambda: iter(table.to_batches(max_chunksize=BATCH_ROWS)))
+        return _memory_source(f"<{kind}>", table.schema, lambda: iter(table.to_batches(max_chunksize=batch_rows(table.num_columns, BATCH_ROWS))))
     if module.startswith("pandas") and kind == "DataFrame":
         return _dataframe(value)
     if module.startswith("datasets") and callable(getattr(value, "with_format", None)) and hasattr(value, "features"):
@@ -230,7 +197,7 @@ def _dataframe(frame: Any) -> TableSource:
         raise InputFileError(f"DataFrame: cannot be read as a table ({str(exc).splitlines()[0]}); "
                              "a column must hold values of one kind") from None
     table = table.replace_schema_metadata(None)
-    return _memory_source("<DataFrame>", table.schema, lambda: iter(table.to_batches(max_chunksize=BATCH_ROWS)))
+    return _memory_source("<DataFrame>", table.schema, lambda: iter(table.to_batches(max_chunksize=batch_rows(table.num_columns, BATCH_ROWS))))
 
 
 def _dataset(dataset: Any) -> TableSource:
@@ -243,7 +210,7 @@ def _dataset(dataset: Any) -> TableSource:
     schema = _select(schema, [n for n in schema.names if n in columns])
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for table in arrow.iter(batch_size=BATCH_ROWS):
+        for table in arrow.iter(batch_size=batch_rows(len(schema), BATCH_ROWS)):
             yield from table.select(schema.names).to_batches()
 
     return _memory_source("<Dataset>", schema, batches)

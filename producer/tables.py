@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from contract.errors import EmptyInput, InputFileError, InvalidDefaults
+from producer.limits import MAX_ROW_BYTES, check_columns, row_too_large
 from producer.reader import LineOutcome, RowChecker, _unstorable_string
 from producer.schema import ONE_INPUT, PromptLine, show, validate_line
 from producer.table_sources import TableSource
@@ -209,6 +210,7 @@ class TableInput:
 
     @classmethod
     def of(cls, source: TableSource, columns: Mapping[str, str] | None) -> TableInput:
+        check_columns(source.name, source.schema.names)
         fields = resolve_fields(source, columns)
         used = set(fields.values())
         return cls(source, fields, metadata_columns=tuple(n for n in source.schema.names if n not in used))
@@ -242,6 +244,7 @@ class TableInput:
         for batch in self.source.batches():
             if batch.num_rows == 0:
                 continue
+            batch, sizes = _oversized_rows(batch)
             errors: dict[int, list[str]] = {}
             field_values = []
             for key, column in fields:
@@ -256,8 +259,15 @@ class TableInput:
                     errors.setdefault(i, []).append(reason)
                 meta_values.append(values)
             scan = _may_hold_nul(batch, self.source.schema)
+            if sizes.nested:
+                by_column = {column: values for _, column, values in field_values}
+                by_column.update(zip(metadata, meta_values))
+                sizes.add_nested([(c, by_column[c]) for c in sizes.nested], batch.num_rows)
             for i in range(batch.num_rows):
                 position += 1
+                if i in sizes.oversized:
+                    yield LineOutcome(position, None, [sizes.oversized[i]])
+                    continue
                 row: dict[str, Any] = {}
                 problems = list(errors.get(i, ()))
                 for key, column, values in field_values:
@@ -296,6 +306,86 @@ class TableInput:
                 yield outcome
         if position == 0:
             raise EmptyInput(f"{self.name}: the table has no rows")
+
+
+@dataclass
+class _Sizes:
+    oversized: dict[int, str]
+    """Row index -> why it is refused."""
+    nested: list[str]
+    """The nested columns, whose cells are sized as JSON once converted (add_nested)."""
+    flat: list[int] | None = None
+    """Each row's text and binary bytes, kept only where nested cells are to be added."""
+
+    def add_nested(self, values: list[tuple[str, list[Any]]], rows: int) -> None:
+        for i in range(rows):
+            if i in self.oversized:
+                continue
+            sizes = {column: len(json.dumps(cells[i], ensure_ascii=False, default=str))
+                     for column, cells in values if cells[i] is not None}
+            size = sum(sizes.values()) + (self.flat[i] if self.flat else 0)
+            if size > MAX_ROW_BYTES:
+                largest = max(sizes, key=sizes.__getitem__)
+                self.oversized[i] = _too_large(size, largest, sizes[largest])
+
+
+def _oversized_rows(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, _Sizes]:
+    """The rows whose text and binary cells together pass MAX_ROW_BYTES, with the batch those rows' cells are
+    nulled in (so no huge cell becomes a Python string). Vectorised: a few Arrow kernels per column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.types as t
+
+    import numpy as np
+
+    total = None
+    lengths: dict[str, Any] = {}
+    nested: list[str] = []
+    for name, column in zip(batch.schema.names, batch.columns):
+        kind = column.type
+        if t.is_dictionary(kind):
+            column, kind = column.cast(kind.value_type), kind.value_type
+        if t.is_nested(kind):
+            nested.append(name)
+            continue
+        if not (t.is_string(kind) or t.is_large_string(kind) or t.is_binary(kind) or t.is_large_binary(kind)):
+            continue  # numbers, booleans, dates: a few bytes each
+        length = _cell_bytes(column, wide=t.is_large_string(kind) or t.is_large_binary(kind))
+        lengths[name] = length
+        total = length if total is None else total + length
+    sizes = _Sizes({}, nested)
+    if total is None:
+        return batch, sizes
+    if nested:
+        sizes.flat = total.tolist()
+    over = np.flatnonzero(total > MAX_ROW_BYTES)
+    if not len(over):
+        return batch, sizes
+    for i in over.tolist():
+        largest = max(lengths, key=lambda name: lengths[name][i])
+        sizes.oversized[i] = _too_large(int(total[i]), largest, int(lengths[largest][i]))
+    keep = pa.array(total <= MAX_ROW_BYTES)
+    columns = [pc.if_else(keep, column, pa.nulls(len(column), column.type)) if name in lengths else column
+               for name, column in zip(batch.schema.names, batch.columns)]
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema), sizes
+
+
+def _cell_bytes(column: pa.Array, wide: bool) -> Any:
+    """Each cell's length in bytes (0 if null) from the column's offsets and validity buffers, as a numpy array:
+    no copy of the text, and no pandas (Arrow's own to_numpy and Python scalars import it)."""
+    import numpy as np
+
+    validity, offsets = column.buffers()[:2]
+    start, count = column.offset, len(column)
+    ends = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32, count=start + count + 1)[start:]
+    lengths = np.diff(ends).astype(np.int64)
+    if column.null_count and validity is not None:
+        lengths *= np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")[start:start + count]
+    return lengths
+
+
+def _too_large(size: int, column: str, cell: int) -> str:
+    return f"{row_too_large(size)}; its largest cell: column {column!r}, {cell:,} bytes"
 
 
 def _name_column(error: str, renamed: Mapping[str, str]) -> str:
