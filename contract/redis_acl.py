@@ -102,7 +102,7 @@ class AclUser:
         return ["resetkeys", "resetchannels", "-@all", *commands, *DENIED,
                 *(channel.format(db=db) for channel in self.channels), *(grant.rule(db) for grant in self.grants)]
 
-    def keys(self) -> list[str]:
+    def key_patterns(self) -> list[str]:
         """Every key pattern the user holds, in order, each once."""
         return list(dict.fromkeys(key for grant in self.grants for key in grant.keys))
 

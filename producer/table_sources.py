@@ -102,6 +102,8 @@ def _saved_dataset(path: str) -> TableSource:
         splits = sorted(p.name for p in Path(path).iterdir() if (p / "state.json").exists())
         raise InputFileError(f"{name}: a DatasetDict (several splits); give one split's directory: "
                              + ", ".join(os.path.join(path, s) for s in splits))
+    if not os.path.isfile(os.path.join(path, "state.json")):  # a FIFO there would block the read
+        raise InputFileError(f"{name}: state.json is not a regular file")
     try:
         with open(os.path.join(path, "state.json"), encoding="utf-8") as file:
             state = json.load(file)

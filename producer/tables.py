@@ -332,11 +332,10 @@ class _Sizes:
 def _oversized_rows(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, _Sizes]:
     """The rows whose text and binary cells together pass MAX_ROW_BYTES, with the batch those rows' cells are
     nulled in (so no huge cell becomes a Python string). Vectorised: a few Arrow kernels per column."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.types as t
-
-    import numpy as np
 
     total = None
     lengths: dict[str, Any] = {}
