@@ -76,11 +76,13 @@ def read_header(path: str, name: str, delimiter: str) -> list[str]:
         text, bad = codecs.getincrementaldecoder("utf-8")().decode(head[skipped:], final=whole), None
     except UnicodeDecodeError as exc:
         text, bad = head[skipped:skipped + exc.start].decode("utf-8"), skipped + exc.start
-    with _field_limit(MAX_ROW_BYTES + 1):
-        rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    complete = whole and bad is None  # the whole file, read and decoded
+    # else a character after what was decoded: it starts a second row only if the header's row had ended
+    with _field_limit(MAX_ROW_BYTES + 2):
+        rows = csv.reader(io.StringIO(text if complete else text + "x", newline=""), delimiter=delimiter)
         try:
             header = next(rows, None)
-            ended = next(rows, None) is not None or (whole and bad is None)  # a second row began, or the file ended
+            ended = complete or next(rows, None) is not None
         except csv.Error as exc:
             raise InputFileError(f"{name}: the header cannot be read ({exc})") from None
     if not ended:
@@ -99,18 +101,20 @@ def locate_problem(path: str, name: str, delimiter: str, header: list[str], rows
     (past the rows_read that pyarrow read whole); else pyarrow's reason and "the row is unknown"."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     try:
-        found = _first_bad_row(path, delimiter, header, rows_read)
+        row, problem = _first_bad_row(path, delimiter, header, rows_read)
     except (OSError, csv.Error, UnicodeError) as again:
-        found = None
+        row, problem = -1, None
         reason += f"; reading it again: {again}"
-    if found is not None:
-        row, problem = found
+    if problem is not None:
         return InputFileError(f"{name}:{row}: {problem}")
+    if row == 0:  # a header and no row (pyarrow: "Empty CSV file or block" when the header has no line break)
+        return EmptyInput(f"{name}: the table has no rows")
     return InputFileError(f"{name}: cannot be read ({reason}); the row is unknown (after row {rows_read:,}, "
                           "the last read whole)")
 
 
-def _first_bad_row(path: str, delimiter: str, header: list[str], after: int) -> tuple[int, str] | None:
+def _first_bad_row(path: str, delimiter: str, header: list[str], after: int) -> tuple[int, str | None]:
+    """(row number, what is wrong with it) for the first bad row past `after`; (rows read, None) if none is."""
     with _field_limit(MAX_ROW_BYTES + 1), open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
         rows = csv.reader(file, delimiter=delimiter, strict=True)
         number = -1  # the header is row 0
@@ -118,7 +122,7 @@ def _first_bad_row(path: str, delimiter: str, header: list[str], after: int) -> 
             try:
                 cells = next(rows)
             except StopIteration:
-                return None
+                return max(number, 0), None
             except csv.Error as exc:
                 number += 1
                 if "unexpected end of data" in str(exc):

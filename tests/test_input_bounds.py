@@ -95,6 +95,7 @@ def test_columns_are_bounded_with_an_honest_message(sqlite_url: str, broker_url:
 def test_csv_rows_pyarrow_cannot_read_are_named(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
     files = {
         "row2.csv": (b"prompt,x\na,b\n\xff,y\n", "row2.csv:2: column 'prompt' is not UTF-8 text"),
+        "row1.csv": (b"prompt,x\r\n\xff,y\n", "row1.csv:1: column 'prompt' is not UTF-8 text"),  # right after the header
         "far.csv": (b"prompt,x\n" + b"a,b\n" * 3000 + b"ok,\xfe\n", "far.csv:3001: column 'x' is not UTF-8 text"),
         "header.csv": (b"pro\xffmpt,x\na,b\n", "header.csv: the header is not UTF-8 (byte 4)"),
         "quote.tsv": (b"prompt\tx\n" + b"a\tb\n" * 3 + b'"never closed\tz\n' + b"c\td\n" * 5,
@@ -108,6 +109,9 @@ def test_csv_rows_pyarrow_cannot_read_are_named(sqlite_url: str, broker_url: str
         code, output = submit(sqlite_url, broker_url, str(tmp_path / name))
         assert code != 0 and message in output and "Traceback" not in output, (name, output[:500])
         assert "invalid UTF8 data" not in output and "Expected 2 columns" not in output, output[:500]
+    (tmp_path / "header-only.csv").write_text("prompt,x")  # no line break: pyarrow says "Empty CSV file or block"
+    code, output = submit(sqlite_url, broker_url, str(tmp_path / "header-only.csv"))
+    assert code != 0 and "header-only.csv: the table has no rows" in output, output
     nothing_sent(sqlite_url, broker_url)
 
 
