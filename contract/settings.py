@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.redaction import redact, url_secrets
+
+__all__ = ["ENV_PREFIX", "Settings", "configured_secrets", "get_settings", "redact", "scrub", "url_secrets"]
 
 ENV_PREFIX = "BULKGEN_"
 
@@ -87,31 +90,6 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
-
-
-def redact(url: str) -> str:
-    """Hide the password in a URL, for logs and output."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
-def url_secrets(*urls: str | None) -> list[str]:
-    """The passwords in these URLs, raw and URL-quoted, longest first."""
-    found: list[str] = []
-    for url in urls:
-        if not url:
-            continue
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            found += [password, unquote(password)]
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
 
 
 def configured_secrets(settings: Settings) -> list[str]:

@@ -13,7 +13,8 @@ from contract.errors import SchemaBehind
 from migrations.schema import check_schema
 from producer.context import say
 from producer.readonly import authorizer_of, read_only_engine, statement_head, write_rights
-from contract.settings import get_settings, redact
+from contract.redaction import hide_secrets, redact
+from contract.settings import get_settings
 
 __all__ = ["query", "read_only_engine"]
 
@@ -85,7 +86,7 @@ def query(sql: str, as_json: bool, as_csv: bool, max_rows: int, database_url: st
         except SchemaBehind as exc:
             raise click.ClickException(str(exc)) from None
         except Exception as exc:
-            raise click.ClickException(f"cannot reach the database {redact(url)}: {_first_line(exc)}") from None
+            raise click.ClickException(f"cannot reach the database {redact(url)}: {hide_secrets(_first_line(exc), url)}") from None
         with engine.connect() as connection:
             authorizer = authorizer_of(connection)
             if authorizer is None:
