@@ -25,6 +25,17 @@ class Settings(BaseSettings):
     reader_database_url: str | None = None
     """URL `producer query` reads the store with (unset: database_url). On PostgreSQL, a role with SELECT on the
     store's tables and nothing else; `query` warns when its role is a superuser or can write."""
+    query_timeout_s: float = 300.0
+    """Longest a `producer query` may run (its --timeout raises it for one run). Enforced on SQLite by a progress
+    handler, on PostgreSQL by the session's statement_timeout and a cancel at the deadline; `producer db roles`
+    also sets it as the reader role's statement_timeout."""
+    query_max_cell_bytes: int = 16 * 2**20
+    """Largest value (bytes of a blob, characters of a text) one `producer query` row may hold (--max-cell-bytes)."""
+    query_max_result_bytes: int = 256 * 2**20
+    """Most bytes the values of one `producer query` result may add up to (--max-result-bytes)."""
+    reader_temp_file_limit: str = "1GB"
+    """temp_file_limit `producer db roles` sets on the reader role (a superuser's setting: set only when `db roles`
+    runs as a superuser): a query's sorts and hashes may spill this much to disk, no more."""
     submitter_database_url: str | None = None
     """URL the producer's commands other than `query` use (submit, cancel, retry, reconcile, status, results;
     unset: database_url). On PostgreSQL, the submitter role of `producer db roles`."""

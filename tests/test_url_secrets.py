@@ -88,3 +88,12 @@ def test_submit_works_with_a_redis_password_given_as_a_parameter(sqlite_url: str
         assert twice.exit_code != 0 and "password twice" in twice.output and SECRET not in twice.output, twice.output
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://postgres@127.0.0.1:1/test", "nonsense://x", "sqlite:////no/such/dir/store.db"])
+@pytest.mark.parametrize("command", [["db", "current"], ["db", "upgrade"], ["db", "roles"], ["jobs"], ["query", "SELECT 1"]])
+def test_an_unreachable_store_is_a_message_not_a_traceback(url: str, command: list[str]) -> None:
+    result = _run(*command, "--database-url", url)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.output.startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert "cannot" in result.output or "is not PostgreSQL" in result.output, result.output

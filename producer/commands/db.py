@@ -76,7 +76,9 @@ def current(database_url: str | None) -> None:
 def roles(database_url, submitter, worker, reader, submitter_password, worker_password, reader_password) -> None:  # type: ignore[no-untyped-def]
     """Create (or reset) the submitter, worker and reader roles on PostgreSQL, each with only its grants.
 
-    Run as the store's owner after `producer db upgrade` (and again after every upgrade). Idempotent: a role
+    Run as the store's owner after `producer db upgrade` (and again after every upgrade). The reader role also
+    gets BULKGEN_QUERY_TIMEOUT_S as its statement_timeout and, when this runs as a superuser,
+    BULKGEN_READER_TEMP_FILE_LIMIT as its temp_file_limit. Idempotent: a role
     that exists keeps its password unless one is given, and its grants on the store are reset to exactly its
     part's. Prefer the environment to the password flags (a flag shows in the process list). What each role
     may do: docs/security.md.
@@ -84,7 +86,10 @@ def roles(database_url, submitter, worker, reader, submitter_password, worker_pa
     \b
     BULKGEN_WORKER_PASSWORD=... BULKGEN_SUBMITTER_PASSWORD=... BULKGEN_READER_PASSWORD=... producer db roles
     """
-    from producer.roles import apply_role, check_role_name
+    from producer.roles import ReaderLimits, apply_role, check_role_name
+
+    settings = get_settings()
+    limits = ReaderLimits(round(settings.query_timeout_s * 1000), settings.reader_temp_file_limit)
 
     url = _owner_url(database_url)
     names = {"submitter": submitter, "worker": worker, "reader": reader}
@@ -108,7 +113,7 @@ def roles(database_url, submitter, worker, reader, submitter_password, worker_pa
     passwords = {"submitter": submitter_password, "worker": worker_password, "reader": reader_password}
     try:
         with engine.begin() as connection:
-            reports = [apply_role(connection, part, role, passwords[part]) for part, role in names.items()]
+            reports = [apply_role(connection, part, role, passwords[part], limits) for part, role in names.items()]
     except Exception as exc:
         message = hide_secrets(str(exc).splitlines()[0], url)
         for password in passwords.values():
