@@ -52,6 +52,18 @@ def test_postgres_pg_sleep_beyond_the_time_limit_is_stopped(pg_url: str, reader_
     assert _query("SELECT pg_sleep(0.1) AS s", "--json", "--timeout", "30").exit_code == 0
 
 
+def test_postgres_a_query_that_resets_its_own_statement_timeout_is_still_stopped(pg_url: str) -> None:
+    """Row 1 turns statement_timeout off for the session; the FETCH that runs row 2 then has no server-side
+    limit, and only the cancel `query` sends at its deadline stops it (without it: an hour)."""
+    reader_url = _ensure_role(pg_url, READER, "SELECT")
+    evading = ("SELECT i, CASE WHEN i = 1 THEN set_config('statement_timeout', '0', false) ELSE pg_sleep(3600)::text END AS x"
+               " FROM generate_series(1, 2) i")
+    done = producer(["query", evading, "--json", "--timeout", "2"],
+                    env_for(pg_url, "redis://127.0.0.1:1/0", BULKGEN_READER_DATABASE_URL=reader_url), timeout=120)
+    assert done.returncode == 1 and "query stopped after 2 s, its time limit" in done.stderr, done.stderr
+    assert [json.loads(line)["i"] for line in done.stdout.splitlines()] == [1]
+
+
 def _active(url: str) -> list[str]:
     """What the reader role's sessions in this test's database are running (with a server-side cursor, the
     statement shown is the FETCH that runs the query)."""
