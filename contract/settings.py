@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     """SQLAlchemy URL of the results store (SQLite file by default, postgresql+psycopg://... for PostgreSQL)."""
     reader_database_url: str | None = None
     """URL `producer query` reads the store with (unset: database_url). On PostgreSQL, a role with SELECT on the
-    store's tables and nothing else; `query` warns when its role is a superuser or can write."""
+    store's tables and nothing else; `query` refuses a superuser or a role that can write (unless --allow-role-that-can-write)."""
     query_timeout_s: float = 300.0
     """Longest a `producer query` may run (its --timeout raises it for one run). Enforced on SQLite by a progress
     handler, on PostgreSQL by the session's statement_timeout and a cancel at the deadline; `producer db roles`
