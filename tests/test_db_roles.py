@@ -172,3 +172,36 @@ def test_a_job_runs_end_to_end_with_the_three_roles(store: tuple[str, dict[str, 
         who = connection.execute(text("SELECT DISTINCT worker_host FROM results WHERE job_id = :j"), {"j": job_id}).scalars().all()
     engine.dispose()
     assert who
+
+
+def test_an_owner_that_is_not_a_superuser_sets_the_time_limit_and_says_it_could_not_set_temp_file_limit() -> None:
+    """temp_file_limit is a superuser's setting: an owner with CREATEROLE sets everything else and says what it
+    could not, with the statement that would."""
+    suffix = uuid.uuid4().hex[:8]
+    owner = f"bulkgen_t_owner_{suffix}"
+    roles = {part: f"bulkgen_t_{part}_{suffix}" for part in ("submitter", "worker", "reader")}
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    url = create_pg_database()
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE ROLE "{owner}" LOGIN CREATEROLE'))
+            connection.execute(text(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" OWNER TO "{owner}"'))
+        with create_engine(url, isolation_level="AUTOCOMMIT").connect() as connection:
+            connection.execute(text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
+        owner_url = as_role(url, owner)
+        env = env_for(owner_url, "redis://127.0.0.1:1/0")
+        producer(["db", "upgrade"], env, check=True)
+        done = producer(["db", "roles", "--submitter", roles["submitter"], "--worker", roles["worker"],
+                         "--reader", roles["reader"]], env, check=True)
+        assert "statement_timeout 300000 ms" in done.stdout
+        assert "temp_file_limit NOT set (only a superuser may set it" in done.stdout, done.stdout
+        engine = create_engine(as_role(url, roles["reader"]))
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "5min"
+        engine.dispose()
+    finally:
+        drop_pg_database(url)
+        with admin.connect() as connection:
+            for role in [*roles.values(), owner]:
+                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
