@@ -14,7 +14,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from contract.errors import BrokerUnreachable
 from contract.messages import GENERATE_TASK, argsrepr, encode
@@ -33,7 +33,7 @@ def make_app(broker_url: str | None = None, settings: Settings | None = None, in
     from celery import Celery
 
     settings = settings or get_settings()
-    url = broker_url or settings.broker_url
+    url = password_in_user_part(broker_url or settings.broker_url)
     app = Celery("bulkgen", broker=url, include=list(include), set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -60,6 +60,23 @@ def make_app(broker_url: str | None = None, settings: Settings | None = None, in
         # (the URL may say otherwise: ?ssl_cert_reqs=none, ?ssl_ca_certs=/path/ca.pem, ...).
         app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return app
+
+
+def password_in_user_part(url: str) -> str:
+    """The broker URL with a `?password=` parameter moved to the user part (`redis://:PASSWORD@host`), where
+    kombu reads it (it refuses a URL holding both with "dict() got multiple values for keyword argument
+    'password'"). Raises BrokerUnreachable when the URL gives a password in both places."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for key, value in pairs if key.lower() == "password"]
+    if not given:
+        return url
+    if len(given) > 1 or parts.password is not None:
+        raise BrokerUnreachable(f"the broker URL {redact(url)} gives its password twice: keep only one")
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user}:{quote(given[0], safe='')}@{host}"
+    query = urlencode([(key, value) for key, value in pairs if key.lower() != "password"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def connect(settings: Settings | None = None, broker_url: str | None = None) -> Celery:

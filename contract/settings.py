@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.redaction import redact, url_secrets
+
+__all__ = ["ENV_PREFIX", "Settings", "configured_secrets", "get_settings", "redact", "scrub", "url_secrets"]
 
 ENV_PREFIX = "BULKGEN_"
 
@@ -21,7 +24,18 @@ class Settings(BaseSettings):
     """SQLAlchemy URL of the results store (SQLite file by default, postgresql+psycopg://... for PostgreSQL)."""
     reader_database_url: str | None = None
     """URL `producer query` reads the store with (unset: database_url). On PostgreSQL, a role with SELECT on the
-    store's tables and nothing else; `query` warns when its role is a superuser or can write."""
+    store's tables and nothing else; `query` refuses a superuser or a role that can write (unless --allow-role-that-can-write)."""
+    query_timeout_s: float = 300.0
+    """Longest a `producer query` may run (its --timeout raises it for one run). Enforced on SQLite by a progress
+    handler, on PostgreSQL by the session's statement_timeout and a cancel at the deadline; `producer db roles`
+    also sets it as the reader role's statement_timeout."""
+    query_max_cell_bytes: int = 16 * 2**20
+    """Largest value (bytes of a blob, characters of a text) one `producer query` row may hold (--max-cell-bytes)."""
+    query_max_result_bytes: int = 256 * 2**20
+    """Most bytes the values of one `producer query` result may add up to (--max-result-bytes)."""
+    reader_temp_file_limit: str = "1GB"
+    """temp_file_limit `producer db roles` sets on the reader role (a superuser's setting: set only when `db roles`
+    runs as a superuser): a query's sorts and hashes may spill this much to disk, no more."""
     submitter_database_url: str | None = None
     """URL the producer's commands other than `query` use (submit, cancel, retry, reconcile, status, results;
     unset: database_url). On PostgreSQL, the submitter role of `producer db roles`."""
@@ -87,31 +101,6 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
-
-
-def redact(url: str) -> str:
-    """Hide the password in a URL, for logs and output."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
-def url_secrets(*urls: str | None) -> list[str]:
-    """The passwords in these URLs, raw and URL-quoted, longest first."""
-    found: list[str] = []
-    for url in urls:
-        if not url:
-            continue
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            found += [password, unquote(password)]
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
 
 
 def configured_secrets(settings: Settings) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from contract.errors import SchemaBehind, StoreUnreachable
+from contract.redaction import hide_secrets, redact
 from migrations import alembic_config
 from models.db import make_engine
 
@@ -30,7 +31,7 @@ def schema_revisions(engine: Engine) -> tuple[str | None, str]:
 def check_schema(engine: Engine) -> None:
     current, head = schema_revisions(engine)
     if current != head:
-        where = engine.url.render_as_string(hide_password=True)
+        where = redact(engine.url.render_as_string(hide_password=False))
         state = "has no schema yet" if current is None else f"is at schema revision {current}"
         raise SchemaBehind(
             f"the database {where} {state}; this code needs revision {head}. Run: producer db upgrade"
@@ -39,7 +40,10 @@ def check_schema(engine: Engine) -> None:
 
 def open_store(url: str) -> Engine:
     """The store's engine, checked: raises StoreUnreachable (its URL redacted) or SchemaBehind."""
-    engine = make_engine(url)
+    try:
+        engine = make_engine(url)
+    except Exception as exc:  # a URL SQLAlchemy cannot read, or a driver that is not installed
+        raise StoreUnreachable(f"cannot reach the database {redact(url)}: {hide_secrets(_first_line(exc), url)}") from None
     check_store(engine)
     return engine
 
@@ -51,9 +55,9 @@ def check_store(engine: Engine) -> None:
     except SchemaBehind:
         raise
     except Exception as exc:
-        where = engine.url.render_as_string(hide_password=True)
+        url = engine.url.render_as_string(hide_password=False)
         engine.dispose()
-        raise StoreUnreachable(f"cannot reach the database {where}: {_first_line(exc)}") from None
+        raise StoreUnreachable(f"cannot reach the database {redact(url)}: {hide_secrets(_first_line(exc), url)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,13 +5,14 @@ Light on purpose (SQLAlchemy and the standard library only): the producer must s
 """
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 # SQLite's authorizer action codes (sqlite3.h), with the words a refusal names them by.
 _ACTIONS = {
@@ -107,22 +108,35 @@ class ReadOnlyAuthorizer:
         return f"{what} is not allowed"
 
 
-def read_only_engine(url: str) -> Engine:
-    """An engine that cannot write: a SQLite file opened read-only (mode=ro: a file that is not there is an
-    error, never created) that allows only reading statements, or read-only transactions on PostgreSQL (where the
-    role's grants are the real guard; see write_rights)."""
+def sqlite_read_uri(url: URL) -> str:
+    """The URI `query` opens a SQLite store with: always mode=ro (a file that is not there is an error, never
+    created), whatever mode a `file:` URL asks for (its own parameters are dropped); and immutable=1 when no
+    `-wal` file lies beside the store, i.e. no connection has it open: a read-only connection to a WAL store
+    would otherwise leave `-wal` and `-shm` files behind. With a `-wal` there, someone may be writing: the
+    store is opened read-only but not immutable, so the query sees their commits (and the files were there)."""
+    database = url.database or ""
+    if database.startswith("file:"):
+        database = unquote(database[len("file:"):].split("?", 1)[0])
+        if database.startswith("//"):  # file://host/path: only an empty host or localhost is valid
+            database = "/" + database[2:].split("/", 1)[-1]
+    target = f"file:{quote(database)}?mode=ro"
+    if database not in ("", ":memory:") and not os.path.exists(database + "-wal"):
+        target += "&immutable=1"
+    return target
+
+
+def read_only_engine(url: str, timeout_s: float | None = None) -> Engine:
+    """An engine that cannot write: a SQLite file opened read-only (sqlite_read_uri) that allows only reading
+    statements, or read-only transactions on PostgreSQL (where the role's grants are the real guard; see
+    write_rights), each session with `timeout_s` as its statement_timeout when given."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if parsed.query.get("uri") or database.startswith("file:"):
-            engine = create_engine(url)  # already a SQLite URI: as given, and the authorizer guards it
-        else:
-            target = f"file:{quote(database)}?mode=ro"
+        target = sqlite_read_uri(parsed)
 
-            def _connect() -> sqlite3.Connection:
-                return sqlite3.connect(target, uri=True, timeout=60, check_same_thread=False)
+        def _connect() -> sqlite3.Connection:
+            return sqlite3.connect(target, uri=True, timeout=60, check_same_thread=False)
 
-            engine = create_engine(url, creator=_connect)
+        engine = create_engine(parsed.set(query={}), creator=_connect)
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, record: Any) -> None:
@@ -134,7 +148,15 @@ def read_only_engine(url: str) -> Engine:
             record.info[AUTHORIZER_KEY] = authorizer
 
         return engine
-    return create_engine(url, execution_options={"postgresql_readonly": True})
+    engine = create_engine(url, execution_options={"postgresql_readonly": True})
+    if timeout_s is not None:
+        from producer.query_limits import postgres_session_settings
+
+        @event.listens_for(engine, "connect")
+        def _time_limit(dbapi_connection: Any, _record: Any) -> None:
+            postgres_session_settings(dbapi_connection, timeout_s)
+
+    return engine
 
 
 def authorizer_of(connection: Connection) -> ReadOnlyAuthorizer | None:

@@ -3,7 +3,8 @@
 What each part runs against the store (models/intake.py, models/store.py, models/reads.py, workers/, producer/),
 and so what it is granted:
 
-- reader (`producer query`): SELECT on the store's tables, nothing else.
+- reader (`producer query`): SELECT on the store's tables, nothing else; a statement_timeout, a
+  client_connection_check_interval and (set by a superuser) a temp_file_limit of its own.
 - worker (`workers start`, and the reconciler inside it): reads everything; INSERT on results (its
   sequence); UPDATE of the state columns of requests and of the progress columns of jobs. It cannot
   delete or truncate anything, change a prompt, a job's model or totals, or touch rejects.
@@ -29,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, text
+
+from producer.query_limits import CONNECTION_CHECK_MS
 
 READ_TABLES = ("jobs", "requests", "results", "rejects", "alembic_version")
 
@@ -99,8 +102,10 @@ class RoleReport:
         return f"{self.part} role {self.role}: {state}, {password}; " + "; ".join(self.grants)
 
 
-def apply_role(connection: Connection, part: str, role: str, password: str | None) -> RoleReport:
-    """Create or alter one role and give it exactly its part's grants; in the caller's transaction."""
+def apply_role(connection: Connection, part: str, role: str, password: str | None,
+               limits: ReaderLimits | None = None) -> RoleReport:
+    """Create or alter one role and give it exactly its part's grants (and the reader its limits); in the
+    caller's transaction."""
     grants = PARTS[part]
     check_role_name(role)
     quoted = f'"{role}"'
@@ -134,7 +139,34 @@ def apply_role(connection: Connection, part: str, role: str, password: str | Non
     for table, columns in grants.update.items():
         connection.exec_driver_sql(f"GRANT UPDATE ({', '.join(columns)}) ON TABLE {table} TO {quoted}")
         said.append(f"UPDATE of {table}({', '.join(columns)})")
+    if part == "reader" and limits is not None:
+        said += bound_reader(connection, quoted, limits)
     return RoleReport(part, role, not exists, bool(password), said)
+
+
+@dataclass(frozen=True)
+class ReaderLimits:
+    statement_timeout_ms: int
+    temp_file_limit: str
+    """A size PostgreSQL reads (`1GB`, `500MB`, `-1` for none)."""
+
+
+def bound_reader(connection: Connection, quoted: str, limits: ReaderLimits) -> list[str]:
+    """Set the reader role's defaults: statement_timeout (a query's time, also when its client was killed and
+    cannot cancel it), client_connection_check_interval (the server ends the query of a client that is gone),
+    and temp_file_limit (what a query may spill to disk), which only a superuser may set."""
+    said = [f"statement_timeout {limits.statement_timeout_ms} ms"]
+    connection.exec_driver_sql(f"ALTER ROLE {quoted} SET statement_timeout = {int(limits.statement_timeout_ms)}")
+    if int(connection.execute(text("SHOW server_version_num")).scalar_one()) >= 140000:
+        connection.exec_driver_sql(f"ALTER ROLE {quoted} SET client_connection_check_interval = {CONNECTION_CHECK_MS}")
+    superuser = connection.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar_one()
+    if superuser:
+        connection.exec_driver_sql(f"ALTER ROLE {quoted} SET temp_file_limit = {_literal(limits.temp_file_limit)}")
+        said.append(f"temp_file_limit {limits.temp_file_limit}")
+    else:
+        said.append("temp_file_limit NOT set (only a superuser may set it: run `producer db roles` as one, or "
+                    f"ALTER ROLE {quoted} SET temp_file_limit = '{limits.temp_file_limit}')")
+    return said
 
 
 def _sequence(connection: Connection, table: str) -> str:

@@ -19,12 +19,14 @@ def store() -> Iterator[tuple[str, dict[str, str]]]:
     upgrade_schema(url)
     suffix = uuid.uuid4().hex[:8]
     roles = {part: f"bulkgen_t_{part}_{suffix}" for part in ("submitter", "worker", "reader")}
-    env = env_for(url, "redis://127.0.0.1:1/0", BULKGEN_WORKER_PASSWORD="w0rker-Secret-pw")
+    env = env_for(url, "redis://127.0.0.1:1/0", BULKGEN_WORKER_PASSWORD="w0rker-Secret-pw",
+                  BULKGEN_QUERY_TIMEOUT_S="120", BULKGEN_READER_TEMP_FILE_LIMIT="8MB")
     args = ["db", "roles", "--submitter", roles["submitter"], "--worker", roles["worker"], "--reader", roles["reader"]]
     first = producer(args, env, check=True)
     assert "w0rker-Secret-pw" not in first.stdout + first.stderr
     again = producer(args, env, check=True)  # idempotent: a second run resets the same grants
     assert again.stdout.count("exists, grants reset") == 3
+    assert "statement_timeout 120000 ms" in again.stdout and "temp_file_limit 8MB" in again.stdout
     with create_engine(url).begin() as connection:
         connection.execute(text("INSERT INTO jobs (model, status, defaults, total_requests, total_samples, done_count,"
                                 " failed_count, rejected_count, prompt_tokens, completion_tokens, created_at)"
@@ -115,6 +117,28 @@ def test_roles_are_plain_and_the_password_is_a_scram_secret(store: tuple[str, di
     assert by_name[roles["reader"]].rolpassword is None
 
 
+def test_the_reader_role_has_a_time_limit_and_a_temp_file_limit(store: tuple[str, dict[str, str]]) -> None:
+    """Set on the role, so they hold for any session of it, a killed `producer query`'s included (the role
+    may raise statement_timeout for its own session, as `query --timeout` does; temp_file_limit it cannot)."""
+    url, roles = store
+    engine = create_engine(as_role(url, roles["reader"]))
+    with engine.connect() as connection:
+        shown = {name: connection.execute(text(f"SHOW {name}")).scalar_one()
+                 for name in ("statement_timeout", "temp_file_limit", "client_connection_check_interval")}
+        with pytest.raises(DBAPIError, match="permission denied"):
+            connection.execute(text("SET temp_file_limit = -1"))
+    engine.dispose()
+    assert shown == {"statement_timeout": "2min", "temp_file_limit": "8MB", "client_connection_check_interval": "1s"}
+
+
+def test_the_reader_cannot_fill_the_disk_with_temporary_files(store: tuple[str, dict[str, str]]) -> None:
+    url, roles = store
+    env = env_for(url, "redis://127.0.0.1:1/0", BULKGEN_READER_DATABASE_URL=as_role(url, roles["reader"]))
+    done = producer(["query", "SELECT count(*) AS n FROM generate_series(1, 1e9)"], env, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "temporary file size exceeds temp_file_limit (8192kB)" in done.stderr
+
+
 def test_roles_refuse_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
     done = producer(["db", "roles", "--database-url", f"sqlite:///{tmp_path / 's.db'}"], env_for("sqlite://", "redis://x"))
     assert done.returncode != 0 and "SQLite has no roles" in done.stderr
@@ -148,3 +172,36 @@ def test_a_job_runs_end_to_end_with_the_three_roles(store: tuple[str, dict[str, 
         who = connection.execute(text("SELECT DISTINCT worker_host FROM results WHERE job_id = :j"), {"j": job_id}).scalars().all()
     engine.dispose()
     assert who
+
+
+def test_an_owner_that_is_not_a_superuser_sets_the_time_limit_and_says_it_could_not_set_temp_file_limit() -> None:
+    """temp_file_limit is a superuser's setting: an owner with CREATEROLE sets everything else and says what it
+    could not, with the statement that would."""
+    suffix = uuid.uuid4().hex[:8]
+    owner = f"bulkgen_t_owner_{suffix}"
+    roles = {part: f"bulkgen_t_{part}_{suffix}" for part in ("submitter", "worker", "reader")}
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    url = create_pg_database()
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE ROLE "{owner}" LOGIN CREATEROLE'))
+            connection.execute(text(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" OWNER TO "{owner}"'))
+        with create_engine(url, isolation_level="AUTOCOMMIT").connect() as connection:
+            connection.execute(text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
+        owner_url = as_role(url, owner)
+        env = env_for(owner_url, "redis://127.0.0.1:1/0")
+        producer(["db", "upgrade"], env, check=True)
+        done = producer(["db", "roles", "--submitter", roles["submitter"], "--worker", roles["worker"],
+                         "--reader", roles["reader"]], env, check=True)
+        assert "statement_timeout 300000 ms" in done.stdout
+        assert "temp_file_limit NOT set (only a superuser may set it" in done.stdout, done.stdout
+        engine = create_engine(as_role(url, roles["reader"]))
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "5min"
+        engine.dispose()
+    finally:
+        drop_pg_database(url)
+        with admin.connect() as connection:
+            for role in [*roles.values(), owner]:
+                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()

@@ -12,7 +12,8 @@ from tests.test_export import _job_with_results
 
 
 def _query(url: str, *args: str):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(main, ["query", *args, "--database-url", url], catch_exceptions=False)
+    # pg_url is the superuser's: refused without the flag (tests/test_query_readonly.py), which SQLite ignores
+    return CliRunner().invoke(main, ["query", *args, "--database-url", url, "--allow-role-that-can-write"], catch_exceptions=False)
 
 
 def test_a_read_query_prints_rows(store_url: str) -> None:

@@ -1,6 +1,7 @@
 """`producer query` is read-only for real: on SQLite an authorizer allows reading and nothing else, and nothing
 is left at a path a statement names; on PostgreSQL a SELECT-only role reads, cannot reach the server's files or
-write, and a role that could write (or a superuser) gets a warning on stderr that shows no password."""
+write, and a role that could write (or a superuser) is refused unless the user names the risk with a flag (then
+a warning on stderr), never showing a password."""
 from __future__ import annotations
 
 import json
@@ -202,26 +203,48 @@ def test_postgres_reader_role_cannot_read_files_or_write(pg_url: str, reader_env
     engine.dispose()
 
 
-def test_postgres_superuser_gets_a_warning_without_the_password(pg_url: str) -> None:
+def test_postgres_superuser_is_refused_unless_the_risk_is_named(pg_url: str) -> None:
     _job_with_results(pg_url)
     with_password = make_url(pg_url).set(password="admin-pw-q7").render_as_string(hide_password=False)
-    result = _query("SELECT count(*) AS n FROM results", "--json", url=with_password)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"n": 3}
-    assert "warning:" in result.stderr and "superuser" in result.stderr and "BULKGEN_READER_DATABASE_URL" in result.stderr
-    assert "SELECT" in result.stderr  # what to give the reader role
-    assert "admin-pw-q7" not in result.output
+    refused = _query("SELECT count(*) AS n FROM results", "--json", url=with_password)
+    assert refused.exit_code == 1 and refused.stdout == "", refused.output
+    assert "refused:" in refused.stderr and "superuser" in refused.stderr and "BULKGEN_READER_DATABASE_URL" in refused.stderr
+    assert "--allow-role-that-can-write" in refused.stderr and "SELECT" in refused.stderr
+    assert "admin-pw-q7" not in refused.output
+    allowed = _query("SELECT count(*) AS n FROM results", "--json", "--allow-role-that-can-write", url=with_password)
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.stdout) == {"n": 3}
+    assert "warning:" in allowed.stderr and "superuser" in allowed.stderr and "admin-pw-q7" not in allowed.output
 
 
-def test_postgres_role_that_can_write_gets_a_warning(pg_url: str) -> None:
+def test_postgres_superuser_cannot_write_through_dblink_without_the_flag(pg_url: str) -> None:
+    """dblink_exec writes through a connection of its own, outside the read-only transaction: only refusing
+    the role keeps it out (before, `query` warned, ran it, and the change stayed)."""
+    _job_with_results(pg_url)
+    engine = create_engine(pg_url)
+    with engine.begin() as c:
+        c.execute(text("CREATE EXTENSION IF NOT EXISTS dblink"))
+    engine.dispose()
+    before = _store_counts(pg_url)
+    target = make_url(pg_url)
+    conninfo = f"dbname={target.database} host={target.host} port={target.port or 5432} user={target.username}"
+    update = "UPDATE jobs SET status = ''cancelled''"
+    result = _query(f"SELECT dblink_exec('{conninfo}', '{update}')", url=pg_url)
+    assert result.exit_code == 1 and "refused:" in result.output and "superuser" in result.output, result.output
+    assert _store_counts(pg_url) == before
+
+
+def test_postgres_role_that_can_write_is_refused_unless_the_risk_is_named(pg_url: str) -> None:
     _job_with_results(pg_url)
     writer_url = _ensure_role(pg_url, WRITER, "SELECT, INSERT")
-    result = _query("SELECT count(*) AS n FROM jobs", "--json", url=writer_url)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"n": 1}
-    assert "warning:" in result.stderr and WRITER in result.stderr and "jobs" in result.stderr
-    assert "superuser" not in result.stderr and "BULKGEN_READER_DATABASE_URL" in result.stderr
-    assert READER_PASSWORD not in result.output
+    refused = _query("SELECT count(*) AS n FROM jobs", "--json", url=writer_url)
+    assert refused.exit_code == 1 and refused.stdout == "", refused.output
+    assert "refused:" in refused.stderr and WRITER in refused.stderr and "jobs" in refused.stderr
+    assert "superuser" not in refused.stderr and "BULKGEN_READER_DATABASE_URL" in refused.stderr
+    assert READER_PASSWORD not in refused.output
+    allowed = _query("SELECT count(*) AS n FROM jobs", "--json", "--allow-role-that-can-write", url=writer_url)
+    assert allowed.exit_code == 0 and json.loads(allowed.stdout) == {"n": 1}, allowed.output
+    assert "warning:" in allowed.stderr and WRITER in allowed.stderr
 
 
 def test_postgres_reader_url_from_the_environment_in_a_real_process(pg_url: str, tmp_path: Path) -> None:
@@ -235,7 +258,7 @@ def test_postgres_reader_url_from_the_environment_in_a_real_process(pg_url: str,
     refused = producer(["query", "SELECT pg_read_file('/etc/hostname')"], env)
     assert refused.returncode != 0 and "permission denied" in refused.stderr and "Traceback" not in refused.stderr
     as_admin = producer(["query", "SELECT 1 AS one", "--database-url", pg_url], env)
-    assert as_admin.returncode == 0 and "superuser" in as_admin.stderr
+    assert as_admin.returncode == 1 and "superuser" in as_admin.stderr and "Traceback" not in as_admin.stderr
 
 
 @pytest.mark.parametrize(("statement", "refused"), [
@@ -251,7 +274,7 @@ def test_postgres_even_a_superuser_cannot_write_through_query(pg_url: str, state
     through a cursor, which takes one query and nothing else)."""
     _job_with_results(pg_url)
     before = _store_counts(pg_url)
-    result = _query(statement, url=pg_url)
+    result = _query(statement, "--allow-role-that-can-write", url=pg_url)
     assert "Traceback" not in result.output and "superuser" in result.stderr
     assert (result.exit_code != 0) == refused, result.output
     assert _store_counts(pg_url) == before
