@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.registry import ModelSpec
-from contract.sampling import ONE_INPUT, combination_problems
+from contract.sampling import ONE_INPUT, chat_template_kwargs_problems, combination_problems
 from workers.batch import BatchScheduler, Finished, is_out_of_memory
 from workers.beam import beam_search
 from workers.finish import complete_greedy, eos_token_ids
@@ -208,7 +208,9 @@ class Engine:
     def render(self, request: GenerationRequest) -> str:
         """The prompt text the model sees: chat messages through the chat template, raw prompts as they are."""
         if request.messages is not None:
-            return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True, **request.params.chat_template_kwargs
+            )
         assert request.prompt is not None, "a request needs a prompt or messages"
         return request.prompt
 
@@ -315,6 +317,11 @@ class Engine:
         if request.messages is not None and not request.messages:
             return "messages: must not be empty"
         problems = combination_problems(lambda name: (getattr(request.params, name), ""))
+        problems += chat_template_kwargs_problems(request.params.chat_template_kwargs, request.messages is not None)
+        vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
+        beyond = sorted(t for t in [*request.params.stop_token_ids, *request.params.logit_bias] if t >= vocab)
+        if beyond:
+            problems.append(f"token ids {beyond} are beyond the model's vocabulary of {vocab} (stop_token_ids, logit_bias)")
         return problems[0] if problems else None
 
     def _check_length(self, prompt_tokens: int, params: SamplingParams) -> str | None:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 @click.option("--top-k", type=int, default=None, help="Default top_k (0 = off if unset).")
 @click.option("--seed", type=int, default=None, help="Default seed (a random one, recorded with each result, if unset).")
 @click.option("--n", "n", type=int, default=None, help="Default samples per prompt (1 if unset).")
+@click.option("--system-prompt", default=None, metavar="TEXT",
+              help="A system message put first in each chat request (messages) that has none; plain prompts are left as they are.")
 @click.option("--skip-invalid", is_flag=True, help="Enqueue the good lines; record the bad ones as rejects.")
 @click.option("--wait", is_flag=True, help="Show a live progress bar until the job ends.")
 @click.option("--resume", "resume_job", type=int, default=None, metavar="JOB",
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
                    "A column named as a field is taken as it without this.")
 @database_option
 @broker_option
-def submit(file: Path, model, context_length, name, max_new_tokens, temperature, top_p, top_k, seed, n, skip_invalid, wait, resume_job,  # type: ignore[no-untyped-def]
+def submit(file: Path, model, context_length, name, max_new_tokens, temperature, top_p, top_k, seed, n, system_prompt, skip_invalid, wait, resume_job,  # type: ignore[no-untyped-def]
            prompt_column, messages_column, id_column, column_pairs, database_url, broker_url) -> None:
     """Validate FILE, store it as a job and enqueue it; print the job id.
 
@@ -82,7 +84,8 @@ def submit(file: Path, model, context_length, name, max_new_tokens, temperature,
         click.echo(resume_job)
         _wait(resume_job, settings, wait)
         return
-    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "n": n}
+    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "n": n,
+             "system_prompt": system_prompt}
     job = api.submit(file, model=model, name=name, skip_invalid=skip_invalid, settings=settings, columns=columns,
                      context_length=context_length, **flags)
     report = job.report
