@@ -115,6 +115,8 @@ class Sample:
     """Tokens speculative decoding proposed for this sample (workers.speculation)."""
     accepted_tokens: int = field(default=0, compare=False)
     """Of draft_tokens, those kept: each one saved a decode step."""
+    reasoning: str | None = None
+    """A reasoning model's thinking (workers.reasoning), when its chat template marks it; text is then the answer."""
 
 
 @dataclass
