@@ -283,7 +283,7 @@ JOIN_GENERATED = (
     ("input_row", "int64"), ("sample_index", "int32"), ("status", "string"), ("text", "string"),
     ("finish_reason", "string"), ("prompt_tokens", "int32"), ("cached_prompt_tokens", "int32"),
     ("completion_tokens", "int32"), ("draft_tokens", "int32"), ("accepted_draft_tokens", "int32"),
-    ("seed", "int64"), ("error", "string"),
+    ("seed", "int64"), ("error", "string"), ("reasoning_content", "string"),
 )
 """The columns `results --join` adds to the input's: input_row is the row's number in the input, from 1.
 One that an input column already uses is written as result_<name>."""
@@ -337,8 +337,9 @@ def write_joined(db: Engine, job_id: int, path: str, row_group: int = 10_000) ->
                 for values, value in zip(columns, inputs):
                     values.append(value)
                 tail = columns[len(plans):]
-                own = [request.line_no, None, request.status, None, None, None, None, None, None, None, None, request.error]
+                own = [request.line_no, None, request.status, None, None, None, None, None, None, None, None, request.error, None]
                 if result is not None:
+                    own[12] = result.reasoning_content
                     own[1:11] = [result.sample_index, request.status, result.text, result.finish_reason, result.prompt_tokens,
                                  result.cached_prompt_tokens, result.completion_tokens, result.draft_tokens,
                                  result.accepted_draft_tokens, result.seed]
