@@ -5,8 +5,9 @@ becomes the native line (producer.schema.PromptLine's fields) that asks for the 
 native rules then validate it, and their errors are renamed to the field the user wrote:
 `body.max_tokens: must be >= 1, got 0`. Every body field of the two endpoints (as of the openai SDK's
 CompletionCreateParams, plus vLLM's sampling extras: VLLM_FIELDS) is either honoured, kept in the request's
-metadata (harmless ones), or refused with an error naming it; none is dropped silently. A refused field is accepted when it is null or holds
-the value that turns it off (`"stream": false`, `"tools": []`, `"response_format": {"type": "text"}`).
+metadata (harmless ones), or refused with an error naming it; none is dropped silently. A refused field is
+accepted when it is null or holds the value that turns it off (`"stream": false`, `"tools": []`,
+`"response_format": {"type": "text"}`).
 
 `body.model` is recorded in the metadata; the job runs on its own model (`--model`), whatever the lines name.
 """

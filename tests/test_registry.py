@@ -12,8 +12,16 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from contract import gguf_meta
-from contract.registry import SMOLLM2, SMOLLM2_CONTEXT, ModelNotFound, canonical_name, context_length, resolve, smollm2_dir
-from contract.registry import SMOLLM2_GGUF
+from contract.registry import (
+    SMOLLM2,
+    SMOLLM2_CONTEXT,
+    SMOLLM2_GGUF,
+    ModelNotFound,
+    canonical_name,
+    context_length,
+    resolve,
+    smollm2_dir,
+)
 from producer.cli import main
 from tests.helpers import write_jsonl
 
