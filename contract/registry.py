@@ -2,8 +2,11 @@
 
 A model name is one of
 - an alias below (the bundled SmolLM2 GGUF, or the tiny random Llama used by tests),
-- a local transformers model directory,
+- a local transformers model directory (with a config.json),
+- a local `.gguf` file, or a directory holding exactly one,
 - a model id that is already in the local Hugging Face cache (nothing is ever downloaded).
+
+A model's queue is named after its canonical name (`canonical_name`), so `./m`, `m/` and `/abs/m` are one queue.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract import gguf_meta
 from contract.errors import ModelNotFound
 from contract.messages import queue_name
 
@@ -76,6 +80,25 @@ def _hf_cache_snapshot(model_id: str) -> Path | None:
     return None
 
 
+def canonical_name(name: str) -> str:
+    """The one spelling of a model name, which its queue and its jobs are named after.
+
+    An alias stays itself, and so does a Hugging Face id. A model on this machine is named by the absolute path
+    of what a worker loads, symlinks resolved: `./m`, `m/`, `/abs/m` and a link to it are one model, and a
+    directory holding one .gguf file is that file. A name this machine cannot resolve is only tidied (`./x/`
+    becomes `x`): a producer that does not hold a model should give the name the worker prints at start.
+    """
+    if name in (SMOLLM2, TINY, STANDIN):
+        return name
+    try:
+        return resolve(name).name
+    except ModelNotFound:
+        path = Path(name).expanduser()
+        if path.exists():
+            return str(path.resolve())
+        return os.path.normpath(name) if name.strip() else name
+
+
 def resolve(name: str) -> ModelSpec:
     """Find a model by name on this machine, or raise ModelNotFound saying what was looked for."""
     if name == SMOLLM2:
@@ -85,13 +108,24 @@ def resolve(name: str) -> ModelSpec:
     if name == STANDIN:
         return ModelSpec(name, "stand-in", "", None, TINY_CONTEXT)
     path = Path(name).expanduser()
-    looked = [f"the aliases {SMOLLM2!r} and {TINY!r}", f"a directory {path.resolve()}"]
+    canonical = str(path.resolve())
+    looked = [f"the aliases {SMOLLM2!r} and {TINY!r}", f"a directory or .gguf file {path.resolve()}"]
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_spec(canonical, path.resolve())
+    if path.is_file():
+        looked[-1] += " (it is a file, but not a .gguf file)"
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if (path / "config.json").is_file():
-            return ModelSpec(name, "pretrained", str(path.resolve()), None, _context_from_config(path / "config.json"))
-        if ggufs:
-            return ModelSpec(name, "gguf", str(path.resolve()), ggufs[0].name, SMOLLM2_CONTEXT)
+            return ModelSpec(canonical, "pretrained", str(path.resolve()), None, _context_from_config(path / "config.json"))
+        if len(ggufs) == 1:
+            return _gguf_spec(str(ggufs[0].resolve()), ggufs[0].resolve())
+        if len(ggufs) > 1:
+            listed = ", ".join(g.name for g in ggufs)
+            raise ModelNotFound(
+                f"model {name!r}: the directory holds {len(ggufs)} .gguf files ({listed}); "
+                "give the path of the one to load, e.g. " + str(ggufs[0])
+            )
         looked[-1] += " (it exists but holds no config.json or .gguf file)"
     if "/" in name and not path.exists():
         snap = _hf_cache_snapshot(name)
@@ -99,6 +133,10 @@ def resolve(name: str) -> ModelSpec:
             return ModelSpec(name, "pretrained", str(snap), None, _context_from_config(snap / "config.json"))
         looked.append(f"the model id {name!r} in the local Hugging Face cache")
     raise ModelNotFound(f"model {name!r} not found; looked for " + ", ".join(looked) + ". Nothing is downloaded.")
+
+
+def _gguf_spec(name: str, file: Path) -> ModelSpec:
+    return ModelSpec(name, "gguf", str(file.parent), file.name, gguf_meta.context_length(file))
 
 
 def _context_from_config(config_json: Path) -> int:
@@ -109,10 +147,20 @@ def _context_from_config(config_json: Path) -> int:
     return 2048
 
 
-def context_length(name: str) -> int:
-    """The model's context, known for the aliases without their files (a producer may not hold the model)."""
+def context_length(name: str, given: int | None = None) -> int:
+    """The model's context for the producer's check of max_new_tokens: `given` when the user gives it (a model
+    this machine does not hold: `producer submit --context-length`), else known for the aliases without their
+    files, else read from the local model (its config.json or its GGUF header)."""
+    if given is not None:
+        return given
     if name == SMOLLM2:
         return SMOLLM2_CONTEXT
     if name in (TINY, STANDIN):
         return TINY_CONTEXT
-    return resolve(name).context_length
+    try:
+        return resolve(name).context_length
+    except ModelNotFound as exc:
+        raise ModelNotFound(
+            f"{exc} To submit for a model this machine does not hold, give its context length "
+            "(producer submit --context-length N; the worker still checks each prompt against the model's own)."
+        ) from None

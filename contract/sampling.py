@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+DEFAULT_MAX_NEW_TOKENS = 256
+"""A request's max_new_tokens when neither it nor its job gives one."""
 MAX_N = 128
 MAX_BEAMS = 64
 MAX_TOP_LOGPROBS = 20
@@ -13,6 +15,13 @@ MAX_TOP_LOGPROBS = 20
 REQUEST_SEED_LIMIT = 2**63
 """A seed a request gives must be below this (it fits a signed 64-bit integer). Not workers.rows.SEED_LIMIT
 (2**31), the bound of the seeds the engine picks itself for a request that gives none."""
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024
+"""Entries of a request's logit_bias (OpenAI documents none; vLLM none either): each is a (rows, vocab) write."""
+LOGIT_BIAS_LIMIT = 100
+"""OpenAI's range of a logit_bias value: [-100, 100]."""
+TOKEN_ID_LIMIT = 2**31
+"""A token id a request gives (stop_token_ids, logit_bias) must be below this; the worker also checks its vocabulary."""
 
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
@@ -26,6 +35,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
     "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
     "top_logprobs": (lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 turns min-p off)"),
+    "min_tokens": (lambda v: v >= 0, ">= 0"),
 }
 """The one statement of every sampling parameter's range (ok, rule): the producer's schema refuses a line with
 `<field>: must be <rule>, got <value>`, the engine a request with `<field> must be <rule>, got <value>.`"""
@@ -33,7 +44,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 ONE_INPUT = "exactly one of 'prompt' and 'messages' is required"
 SAMPLING_OFF = {"temperature": 0, "top_p": 1, "top_k": 0}
 """The value of each sampling knob that turns it off, which beam search requires."""
-NOT_WITH_BEAMS = ("frequency_penalty", "presence_penalty", "logprobs")
+NOT_WITH_BEAMS = (
+    "frequency_penalty", "presence_penalty", "logprobs", "min_p", "min_tokens", "logit_bias", "stop_token_ids", "ignore_eos",
+)
 """Set to anything but their off value, these apply to sampled rows only; beam search refuses them."""
 _SHOW_LIMIT = 40
 
@@ -44,9 +57,13 @@ or e.g. " (job default)"."""
 
 def combination_problems(value: Lookup) -> list[str]:
     """What breaks the rules between fields, one message per broken rule (`<field>: <rule>, got <values>`):
-    top_logprobs needs logprobs; beam search takes no penalties, no logprobs, no sampling and at most num_beams
-    samples."""
+    top_logprobs needs logprobs; min_tokens at most max_new_tokens; beam search takes no penalties, no logprobs,
+    no sampling, none of the newer knobs (NOT_WITH_BEAMS) and at most num_beams samples."""
     errors = []
+    (min_tokens, min_from), (max_new, max_from) = value("min_tokens"), value("max_new_tokens")
+    if min_tokens is not None and min_tokens > (max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS):
+        got = f"max_new_tokens={max_new}{max_from}" if max_new is not None else f"max_new_tokens {DEFAULT_MAX_NEW_TOKENS} (default)"
+        errors.append(f"min_tokens: must be <= max_new_tokens, got min_tokens={min_tokens}{min_from}, {got}")
     top_logprobs, logprobs = value("top_logprobs")[0], value("logprobs")[0]
     if top_logprobs and not logprobs:
         got = "not given" if logprobs is None else show(logprobs)
@@ -69,6 +86,57 @@ def combination_problems(value: Lookup) -> list[str]:
             f"(set {fix}, or num_beams to 1)"
         )
     return errors
+
+
+def token_id_problem(value: Any) -> str | None:
+    """Why value is not a token id (an integer in [0, 2**31)), or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"expected a token id (an integer), got {json_type(value)}"
+    if not 0 <= value < TOKEN_ID_LIMIT:
+        return f"a token id must be in [0, 2**31), got {show(value)}"
+    return None
+
+
+def logit_bias_problems(bias: Any) -> list[str]:
+    """What is wrong with a logit_bias (OpenAI's: a JSON object, token id -> bias in [-100, 100]); keys may be
+    integers or their decimal text (JSON keys are text)."""
+    if not isinstance(bias, dict):
+        return [f"logit_bias: expected an object (token id -> bias), got {json_type(bias)}"]
+    if len(bias) > MAX_LOGIT_BIAS:
+        return [f"logit_bias: must hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}"]
+    errors = []
+    for key, bias_value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() else key
+        problem = token_id_problem(token)
+        if problem is not None:
+            errors.append(f"logit_bias: {problem.replace('an integer', 'an integer key')} (key {show(key)})")
+        elif isinstance(bias_value, bool) or not isinstance(bias_value, (int, float)) or bias_value != bias_value:
+            errors.append(f"logit_bias[{show(key)}]: expected a number, got {json_type(bias_value)}")
+        elif not -LOGIT_BIAS_LIMIT <= bias_value <= LOGIT_BIAS_LIMIT:
+            errors.append(f"logit_bias[{show(key)}]: must be in [-{LOGIT_BIAS_LIMIT}, {LOGIT_BIAS_LIMIT}], got {show(bias_value)}")
+    return errors
+
+
+TEMPLATE_OWN_ARGUMENTS = (
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+)
+"""Arguments of apply_chat_template that the engine sets itself: chat_template_kwargs may not name them."""
+
+
+def chat_template_kwargs_problems(kwargs: Any, chat: bool) -> list[str]:
+    """What is wrong with a request's chat_template_kwargs (an object passed to the chat template; chat only)."""
+    if kwargs is None or kwargs == {}:
+        return []
+    if not isinstance(kwargs, dict):
+        return [f"chat_template_kwargs: expected an object, got {json_type(kwargs)}"]
+    if not chat:
+        return ["chat_template_kwargs: needs messages (a plain prompt is not rendered with the chat template)"]
+    own = [key for key in kwargs if key in TEMPLATE_OWN_ARGUMENTS]
+    if own:
+        return [f"chat_template_kwargs: {', '.join(map(show, own))} is set by the engine, not by a request"]
+    return []
 
 
 def show(value: Any) -> str:

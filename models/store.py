@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import ColumnElement, Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -203,6 +203,8 @@ class ResultRow(TypedDict):
     cached_prompt_tokens: int | None
     draft_tokens: int | None
     accepted_draft_tokens: int | None
+    reasoning_content: NotRequired[str | None]
+    """A reasoning model's thinking (absent or None: none kept apart)."""
 
 
 @dataclass

@@ -147,6 +147,9 @@ class Result(Base):
     by an engine that does not say)."""
     accepted_draft_tokens: Mapped[Optional[int]] = mapped_column(Integer)
     """Of draft_tokens, those kept: each one saved a decode step (None with draft_tokens)."""
+    reasoning_content: Mapped[Optional[str]] = mapped_column(Text)
+    """A reasoning model's thinking, when its chat template marks it (text is then the answer alone); None
+    otherwise (workers.reasoning)."""
 
     def __repr__(self) -> str:
         return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"

@@ -218,6 +218,7 @@ def submit(
     settings: Settings | None = None,
     columns: Mapping[str, str] | None = None,
     csv_nulls: Sequence[str] = (),
+    context_length: int | None = None,
     **defaults: Any,
 ) -> Job:
     """Validate every row of `source`, store the job and its requests in one transaction, then enqueue them.
@@ -230,13 +231,14 @@ def submit(
     (resume reads the table again with it) and the schema (`results --join`). `csv_nulls`: CSV cells read as
     null besides an empty one (none by default: a cell `NA` is the text NA; recorded for resume). Keyword arguments are
     the job's defaults (max_new_tokens, temperature, top_p, top_k, seed, n, ...); a row's own value wins.
+    `context_length`: the model's context, for a model this machine does not hold (else read from the model).
 
     Raises InvalidInput with every bad row before anything is written (unless skip_invalid, which stores
     the good rows and records the bad ones as rejects), ModelNotFound, StoreUnreachable, SchemaBehind,
     BrokerUnreachable, and EnqueueInterrupted when the job is stored but its enqueue stopped.
     """
     from contract.broker import Sender, connect
-    from contract.registry import context_length
+    from contract.registry import canonical_name, context_length as model_context
     from migrations.schema import open_store
     from producer import interrupt
     from producer.inputs import open_input
@@ -244,8 +246,8 @@ def submit(
     from producer.submit import enqueue_job, store_job, validate_file
 
     settings = settings_for(database_url, broker_url, settings)
-    model = model or settings.model
-    context = context_length(model)
+    model = canonical_name(model or settings.model)
+    context = _context(model_context, model, context_length)
     defaults = {k: v for k, v in defaults.items() if v is not None}
     problems = validate_defaults(defaults, context)
     if problems:
@@ -294,6 +296,7 @@ def resume(
     settings: Settings | None = None,
     columns: Mapping[str, str] | None = None,
     csv_nulls: Sequence[str] | None = None,
+    context_length: int | None = None,
 ) -> int:
     """Finish job_id from the input it was submitted from: check it is that input, then send every request
     of the job that has no result yet and that no message carries (what also finishes a submit that was
@@ -303,7 +306,7 @@ def resume(
 
     from contract.broker import connect
     from reconciler.sweep import enqueue_missing
-    from contract.registry import context_length
+    from contract.registry import context_length as model_context
     from migrations.schema import open_store
     from models.reads import known_custom_ids
     from models.tables import Job as JobRow
@@ -326,7 +329,7 @@ def resume(
             # a table input is read again with the column mapping and null words the job recorded (jobs.input_columns)
             data = open_input(source, recorded.get("fields") if columns is None else columns,
                               recorded.get("csv_nulls", ()) if csv_nulls is None else csv_nulls)
-        context = context_length(model)
+        context = _context(model_context, model, context_length)
         valid = invalid = 0
         custom_ids: list[str] = []
         with Session(db) as session:
@@ -356,6 +359,12 @@ def resume(
         return enqueue_missing(db, connect(settings), job_id, settings)
     finally:
         db.dispose()
+
+
+def _context(lookup: Any, model: str, given: int | None) -> int:
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+        raise InvalidDefaults(f"context_length: must be an integer >= 1, got {given!r}")
+    return lookup(model, given)
 
 
 def cancel(job_id: int, *, database_url: str | None = None, settings: Settings | None = None) -> dict[str, Any]:

@@ -21,8 +21,10 @@ from models.tables import Request, RequestStatus, Result
 FORMATS = ("jsonl", "csv", "parquet", "openai")
 FLAT_COLUMNS = (
     "custom_id", "sample_index", "status", "text", "finish_reason", "prompt_tokens", "cached_prompt_tokens",
-    "completion_tokens", "draft_tokens", "accepted_draft_tokens", "seed", "error", "metadata",
+    "completion_tokens", "draft_tokens", "accepted_draft_tokens", "seed", "error", "metadata", "reasoning_content",
 )
+"""reasoning_content: a reasoning model's thinking when its template marks it (text is then the answer alone);
+JSONL lines carry it only when there is some."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ def flat_records(db: Engine, job_id: int, logprobs: bool = False) -> Iterator[di
                 "draft_tokens": result.draft_tokens,
                 "accepted_draft_tokens": result.accepted_draft_tokens,
                 "seed": result.seed,
+                "reasoning_content": result.reasoning_content,
             }
             if logprobs and result.logprobs is not None:
                 record["logprobs"] = result.logprobs
@@ -72,6 +75,8 @@ def write_jsonl(db: Engine, job_id: int, out: IO[str]) -> int:
     for record in flat_records(db, job_id, logprobs=True):
         if record["text"] is not None:
             record = {k: v for k, v in record.items() if k not in ("status", "error")}
+            if record["reasoning_content"] is None:
+                del record["reasoning_content"]
         else:
             record = {k: record[k] for k in ("custom_id", "status", "error", "metadata")}
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -98,7 +103,7 @@ def arrow_schema():  # type: ignore[no-untyped-def]
         ("custom_id", pa.string()), ("sample_index", pa.int32()), ("status", pa.string()), ("text", pa.string()),
         ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("cached_prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()), ("draft_tokens", pa.int32()), ("accepted_draft_tokens", pa.int32()),
-        ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()),
+        ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()), ("reasoning_content", pa.string()),
     ])
 
 
@@ -157,6 +162,8 @@ def openai_line(item: RequestResults, model: str) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": result.sample_index, "finish_reason": result.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
+            if result.reasoning_content is not None:  # vLLM's field for a reasoning model's thinking
+                choice["message"]["reasoning_content"] = result.reasoning_content
             choice["logprobs"] = chat_logprobs(result.logprobs)
         else:
             choice["text"] = result.text
@@ -276,7 +283,7 @@ JOIN_GENERATED = (
     ("input_row", "int64"), ("sample_index", "int32"), ("status", "string"), ("text", "string"),
     ("finish_reason", "string"), ("prompt_tokens", "int32"), ("cached_prompt_tokens", "int32"),
     ("completion_tokens", "int32"), ("draft_tokens", "int32"), ("accepted_draft_tokens", "int32"),
-    ("seed", "int64"), ("error", "string"),
+    ("seed", "int64"), ("error", "string"), ("reasoning_content", "string"),
 )
 """The columns `results --join` adds to the input's: input_row is the row's number in the input, from 1.
 One that an input column already uses is written as result_<name>."""
@@ -330,8 +337,9 @@ def write_joined(db: Engine, job_id: int, path: str, row_group: int = 10_000) ->
                 for values, value in zip(columns, inputs):
                     values.append(value)
                 tail = columns[len(plans):]
-                own = [request.line_no, None, request.status, None, None, None, None, None, None, None, None, request.error]
+                own = [request.line_no, None, request.status, None, None, None, None, None, None, None, None, request.error, None]
                 if result is not None:
+                    own[12] = result.reasoning_content
                     own[1:11] = [result.sample_index, request.status, result.text, result.finish_reason, result.prompt_tokens,
                                  result.cached_prompt_tokens, result.completion_tokens, result.draft_tokens,
                                  result.accepted_draft_tokens, result.seed]

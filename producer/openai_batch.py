@@ -4,9 +4,10 @@ A line `{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/com
 becomes the native line (producer.schema.PromptLine's fields) that asks for the same generation. The
 native rules then validate it, and their errors are renamed to the field the user wrote:
 `body.max_tokens: must be >= 1, got 0`. Every body field of the two endpoints (as of the openai SDK's
-CompletionCreateParams) is either honoured, kept in the request's metadata (harmless ones), or refused
-with an error naming it; none is dropped silently. A refused field is accepted when it is null or holds
-the value that turns it off (`"stream": false`, `"tools": []`, `"response_format": {"type": "text"}`).
+CompletionCreateParams, plus vLLM's sampling extras: VLLM_FIELDS) is either honoured, kept in the request's
+metadata (harmless ones), or refused with an error naming it; none is dropped silently. A refused field is
+accepted when it is null or holds the value that turns it off (`"stream": false`, `"tools": []`,
+`"response_format": {"type": "text"}`).
 
 `body.model` is recorded in the metadata; the job runs on its own model (`--model`), whatever the lines name.
 """
@@ -28,8 +29,14 @@ PART_JOIN = "\n"
 """Text parts of one message's content are joined with this (as vLLM does)."""
 
 _TOP_LEVEL = ("custom_id", "method", "url", "body")
-_SAME_NAME = ("temperature", "top_p", "n", "stop", "seed", "frequency_penalty", "presence_penalty")
+_VLLM_SAME_NAME = ("min_p", "min_tokens", "stop_token_ids", "ignore_eos")
+"""vLLM's extra body fields (its OpenAI server and batch runner take them), honoured with their native meaning."""
+_SAME_NAME = ("temperature", "top_p", "n", "stop", "seed", "frequency_penalty", "presence_penalty", "logit_bias", *_VLLM_SAME_NAME)
 """Body fields whose native field has the same name and meaning."""
+_CHAT_SAME_NAME = ("chat_template_kwargs",)
+"""vLLM's chat-only extra: passed to the chat template (Qwen3's enable_thinking)."""
+VLLM_FIELDS = {CHAT: (*_VLLM_SAME_NAME, *_CHAT_SAME_NAME), COMPLETIONS: _VLLM_SAME_NAME}
+"""The body fields beyond OpenAI's that are honoured: vLLM's."""
 
 _KEPT = {
     CHAT: ("user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"),
@@ -41,7 +48,6 @@ _OFF = object()
 """Marks a refused field that has no value meaning "off": only null is accepted."""
 
 _REFUSED_COMMON: dict[str, tuple[Any, str]] = {
-    "logit_bias": ({}, "logit bias"),
     "stream": (False, "streaming (a batch is never streamed)"),
     "stream_options": (_OFF, "streaming"),
 }
@@ -74,7 +80,7 @@ _REFUSED: dict[str, dict[str, tuple[Any, str]]] = {
 _ALSO_OFF = {"service_tier": ("default",)}
 
 _HONOURED = {
-    CHAT: ("model", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", *_SAME_NAME),
+    CHAT: ("model", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", *_SAME_NAME, *_CHAT_SAME_NAME),
     COMPLETIONS: ("model", "prompt", "max_tokens", "logprobs", "best_of", *_SAME_NAME),
 }
 BODY_FIELDS = {url: (*_HONOURED[url], *_KEPT[url], *_REFUSED[url]) for url in ENDPOINTS}
@@ -197,6 +203,8 @@ def _body(url: str, body: dict[str, Any], out: Translation) -> None:
         _copy(body, given[0], "max_new_tokens", line, names)
 
     if url == CHAT:
+        for name in _CHAT_SAME_NAME:
+            _copy(body, name, name, line, names)
         _copy(body, "logprobs", "logprobs", line, names)
         _copy(body, "top_logprobs", "top_logprobs", line, names)
     else:

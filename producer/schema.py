@@ -12,7 +12,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from contract.sampling import ONE_INPUT, RANGES, combination_problems, json_type, show
+from contract.sampling import (
+    MAX_STOP_TOKEN_IDS,
+    ONE_INPUT,
+    RANGES,
+    TOKEN_ID_LIMIT,
+    chat_template_kwargs_problems,
+    combination_problems,
+    json_type,
+    logit_bias_problems,
+    show,
+)
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 16
@@ -58,6 +68,12 @@ def _stop_count(value: list[str]) -> list[str]:
     return value
 
 
+def _stop_token_count(value: list[int]) -> list[int]:
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"must hold at most {MAX_STOP_TOKEN_IDS} token ids, got {len(value)}")
+    return value
+
+
 MaxNewTokens = Annotated[int, _check(*RANGES["max_new_tokens"])]
 Temperature = Annotated[float, _check(*RANGES["temperature"])]
 TopP = Annotated[float, _check(*RANGES["top_p"])]
@@ -69,6 +85,10 @@ TopLogprobs = Annotated[int, _check(*RANGES["top_logprobs"])]
 N = Annotated[int, _check(*RANGES["n"])]
 NumBeams = Annotated[int, _check(*RANGES["num_beams"])]
 RepetitionPenalty = Annotated[float, _check(*RANGES["repetition_penalty"])]
+MinP = Annotated[float, _check(*RANGES["min_p"])]
+MinTokens = Annotated[int, _check(*RANGES["min_tokens"])]
+TokenId = Annotated[int, _check(lambda v: 0 <= v < TOKEN_ID_LIMIT, "a token id in [0, 2**31)")]
+StopTokenIds = Annotated[list[TokenId], AfterValidator(_stop_token_count)]
 StopString = Annotated[str, AfterValidator(_not_empty)]
 Stop = Annotated[list[StopString], BeforeValidator(_stop_as_list), AfterValidator(_stop_count)]
 CustomId = Annotated[str, AfterValidator(_not_empty), _at_most_chars(MAX_CUSTOM_ID)]
@@ -101,6 +121,9 @@ class _JobSampling(_Strict):
 class JobDefaults(_JobSampling):
     """The job-level defaults from the submit flags; each line's own values override them."""
 
+    system_prompt: Prompt | None = None
+    """Prepended as a system message to each chat request that has none (plain prompts are left as they are)."""
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
 
@@ -124,6 +147,14 @@ class PromptLine(_JobSampling):
     """Store each generated token's log-probability with the result."""
     top_logprobs: TopLogprobs | None = None
     """With logprobs: also this many most likely tokens at each position."""
+    min_p: MinP | None = None
+    min_tokens: MinTokens | None = None
+    stop_token_ids: StopTokenIds | None = None
+    ignore_eos: bool | None = None
+    logit_bias: dict[str, Any] | None = None
+    """Token id (JSON keys are text) -> bias in [-100, 100], added to the logit (OpenAI's); checked in check_against."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Passed to the model's chat template (Qwen3: {"enable_thinking": false}); chat requests only."""
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -141,7 +172,16 @@ class PromptLine(_JobSampling):
         errors = []
         if self.max_new_tokens is not None and self.max_new_tokens > context_length:
             errors.append(_too_long(self.max_new_tokens, context_length))
+        if self.logit_bias is not None:
+            errors += logit_bias_problems(self.logit_bias)
+        errors += chat_template_kwargs_problems(self.chat_template_kwargs, self.messages is not None)
         return errors + combination_problems(lambda name: self._effective(name, defaults))
+
+    def with_system_prompt(self, system_prompt: str | None) -> PromptLine:
+        """The line with the job's system prompt first, when it is a chat request without a system message."""
+        if system_prompt is None or self.messages is None or any(m.role == "system" for m in self.messages):
+            return self
+        return self.model_copy(update={"messages": [Message(role="system", content=system_prompt), *self.messages]})
 
     def _effective(self, name: str, defaults: Mapping[str, Any]) -> tuple[Any, str]:
         value = getattr(self, name, None)
@@ -166,7 +206,7 @@ def validate_line(obj: dict[str, Any], defaults: Mapping[str, Any], context_leng
             errors.insert(0, ONE_INPUT)
         return None, errors
     errors = line.check_against(defaults, context_length)
-    return (None, errors) if errors else (line, [])
+    return (None, errors) if errors else (line.with_system_prompt(defaults.get("system_prompt")), [])
 
 
 def validate_defaults(values: Mapping[str, Any], context_length: int) -> list[str]:

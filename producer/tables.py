@@ -44,9 +44,10 @@ INPUT_FIELDS = ("prompt", "messages", "custom_id")
 SAMPLING_FIELDS = tuple(name for name in PromptLine.model_fields if name not in (*INPUT_FIELDS, "metadata"))
 FIELDS = (*INPUT_FIELDS, *SAMPLING_FIELDS)
 """What a column can be mapped to; `metadata` is not one: it is every column not mapped."""
-_INT_FIELDS = frozenset({"max_new_tokens", "top_k", "seed", "n", "num_beams", "top_logprobs"})
-_BOOL_FIELDS = frozenset({"logprobs"})
-_LIST_FIELDS = frozenset({"stop"})
+_INT_FIELDS = frozenset({"max_new_tokens", "top_k", "seed", "n", "num_beams", "top_logprobs", "min_tokens"})
+_BOOL_FIELDS = frozenset({"logprobs", "ignore_eos"})
+_LIST_FIELDS = frozenset({"stop", "stop_token_ids", "logit_bias", "chat_template_kwargs"})
+"""Fields a CSV cell gives as JSON text (a list, or an object) when it starts with [ or {."""
 
 
 # --- the column mapping -----------------------------------------------------------------------
@@ -177,7 +178,7 @@ def _from_text(key: str, text: str) -> Any:
             lowered = stripped.lower()
             return {"true": True, "false": False}.get(lowered, text)
         if key in _LIST_FIELDS:
-            if stripped.startswith("["):
+            if stripped.startswith(("[", "{")):
                 return json.loads(stripped)
             return text
         number = float(stripped)

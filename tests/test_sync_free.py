@@ -14,7 +14,8 @@ SYSTEM = "You are a careful assistant who answers briefly and never repeats the 
 
 
 def mixed_requests() -> list[GenerationRequest]:
-    """Every way a row samples (greedy, top-k, top-p, both, plain, penalties, logprobs, stop strings, n > 1), with
+    """Every way a row samples (greedy, top-k, top-p, both, plain, penalties, logprobs, stop strings, n > 1, min-p,
+    logit bias, min_tokens, stop_token_ids, ignore_eos), with
     lengths that end rows at different steps; all behind one long shared system prompt (the cascade's base)."""
     configs = [
         dict(temperature=0.0),
@@ -27,6 +28,9 @@ def mixed_requests() -> list[GenerationRequest]:
         dict(temperature=0.7, logprobs=True, top_logprobs=3),
         dict(temperature=0.0, logprobs=True, top_logprobs=0, stop=["e"]),
         dict(temperature=0.8, top_p=0.8, n=2),
+        dict(temperature=0.9, min_p=0.05, logit_bias={1000: 2.0, 13: -100}),
+        dict(temperature=0.0, min_tokens=4, stop_token_ids=[1000], logit_bias={1000: 1.0}),
+        dict(temperature=1.0, ignore_eos=True, min_tokens=2),
     ]
     return [
         GenerationRequest(
@@ -67,7 +71,7 @@ def test_a_decode_step_reads_the_device_once(engine: Engine, batch_invariant: bo
                 busy.step()
             assert counted.calls == {"host_read": 1}, f"step {steps}: {counted.calls}"
             steps, retired = steps + 1, retired + (running - busy.running_rows)
-    assert steps >= 20 and retired == 11  # every row left the batch during a counted step: retirement is counted too
+    assert steps >= 20 and retired == 14  # every row left the batch during a counted step: retirement is counted too
 
 
 def test_the_count_finds_what_reads_the_device():
@@ -92,7 +96,7 @@ def test_sort_free_sampling_gives_results_like_the_ranked_path(engine: Engine): 
     free.eos_ids = engine.eos_ids
     got = free.generate(requests)
     assert [r.error for r in got] == [None] * len(requests)
-    for i in (0, 8):  # the greedy requests
+    for i in (0, 8, 11):  # the greedy requests
         assert got[i].samples[0].text == ranked[i].samples[0].text
     assert [len(r.samples) for r in got] == [len(r.samples) for r in ranked]
 

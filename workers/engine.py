@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.registry import ModelSpec
-from contract.sampling import ONE_INPUT, combination_problems
+from contract.sampling import ONE_INPUT, chat_template_kwargs_problems, combination_problems
 from workers.batch import BatchScheduler, Finished, is_out_of_memory
 from workers.beam import beam_search
 from workers.finish import complete_greedy, eos_token_ids
@@ -31,6 +31,7 @@ from workers.llama import LlamaRunner, supports
 from workers.loader import load_model
 from workers.prefix_cache import PREFIX_CACHE_TOKENS, PrefixCache
 from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
+from workers.reasoning import marks_thinking, prompt_opens_thinking, split_thinking
 from workers.rows import decoded_rows, expand_rows
 from workers.scheduler import Scheduler
 from workers.static_batches import StaticScheduler
@@ -54,6 +55,9 @@ class InFlight:
     """Rows not finished yet."""
     samples: dict[int, Sample] = field(default_factory=dict)
     error: str | None = None
+    thinking: bool | None = None
+    """A chat request to a model whose template marks thinking: whether its prompt opened a <think> block
+    (workers.reasoning); None: its text is all answer."""
 
 
 class Engine:
@@ -109,6 +113,8 @@ class Engine:
         self.max_batch_rows = max_batch_rows
         self.context_length: int = model.config.max_position_embeddings
         self._eos_ids = eos_token_ids(model, tokenizer)
+        self.marks_thinking = marks_thinking(tokenizer)
+        """The chat template marks thinking: chat results keep it apart (Sample.reasoning)."""
         if batch_invariant is None:
             batch_invariant = dtype == "float32" and quantize == "none"
         self.batch_invariant = batch_invariant
@@ -208,7 +214,9 @@ class Engine:
     def render(self, request: GenerationRequest) -> str:
         """The prompt text the model sees: chat messages through the chat template, raw prompts as they are."""
         if request.messages is not None:
-            return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True, **request.params.chat_template_kwargs
+            )
         assert request.prompt is not None, "a request needs a prompt or messages"
         return request.prompt
 
@@ -242,12 +250,13 @@ class Engine:
             self._ready.append((key, GenerationResult(len(ids), [], error=error)))
             return
         params = request.params
+        thinking = prompt_opens_thinking(text) if request.messages is not None and self.marks_thinking else None
         if params.num_beams > 1:
             samples = beam_search(self.model, self.tokenizer, ids, params, self.eos_ids, self.device)
-            self._ready.append((key, GenerationResult(len(ids), samples)))
+            self._ready.append((key, GenerationResult(len(ids), _apart(samples, thinking))))
             return
         rows = expand_rows(key, ids, params)
-        self._flights[key] = InFlight(len(ids), params, len(rows))
+        self._flights[key] = InFlight(len(ids), params, len(rows), thinking=thinking)
         self.scheduler.add(rows)
 
     @torch.inference_mode()
@@ -304,7 +313,8 @@ class Engine:
             self._ready.append((key, GenerationResult(flight.prompt_tokens, [], error=flight.error)))
             return
         samples = [flight.samples[k] for k in range(decoded_rows(flight.params))]
-        self._ready.append((key, GenerationResult(flight.prompt_tokens, complete_greedy(samples, flight.params))))
+        samples = _apart(complete_greedy(samples, flight.params), flight.thinking)
+        self._ready.append((key, GenerationResult(flight.prompt_tokens, samples)))
 
     # --- checks ---------------------------------------------------------------------
 
@@ -315,6 +325,11 @@ class Engine:
         if request.messages is not None and not request.messages:
             return "messages: must not be empty"
         problems = combination_problems(lambda name: (getattr(request.params, name), ""))
+        problems += chat_template_kwargs_problems(request.params.chat_template_kwargs, request.messages is not None)
+        vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
+        beyond = sorted(t for t in [*request.params.stop_token_ids, *request.params.logit_bias] if t >= vocab)
+        if beyond:
+            problems.append(f"token ids {beyond} are beyond the model's vocabulary of {vocab} (stop_token_ids, logit_bias)")
         return problems[0] if problems else None
 
     def _check_length(self, prompt_tokens: int, params: SamplingParams) -> str | None:
@@ -326,3 +341,8 @@ class Engine:
                 f"it exceeds the model's context of {self.context_length}"
             )
         return None
+
+
+def _apart(samples: list[Sample], thinking: bool | None) -> list[Sample]:
+    """The samples with their thinking kept apart (workers.reasoning), for a chat request to a thinking model."""
+    return samples if thinking is None else [split_thinking(sample, thinking) for sample in samples]

@@ -18,15 +18,19 @@ if TYPE_CHECKING:
 def finish(tokenizer: PreTrainedTokenizerBase, ids: list[int], row: Row, eos_ids: frozenset[int]) -> Sample | None:
     """The finished Sample if the row is done after its last token ids[-1], else None.
 
-    Done means, in this order: an EOS token ('stop'; the EOS is not part of the text or the count), a stop string
-    in the decoded text ('stop'; text cut before the earliest stop string), or max_new_tokens tokens ('length').
+    Done means, in this order: an EOS token or one of the row's stop_token_ids ('stop'; that token is not part of
+    the text or the count; EOS not with ignore_eos), a stop string in the decoded text ('stop'; text cut before the
+    earliest stop string), or max_new_tokens tokens ('length'). Before min_tokens tokens only the last can end a row
+    (the sampler masks EOS and stop_token_ids until then: workers.rows).
 
     completion_tokens counts the generated tokens that were needed for the result, EOS excluded: for a
     stop-string finish that is every token up to and including the one whose decoding completed the stop string
     (so the count includes the stop string's tokens, although the text does not).
     """
     params = row.params
-    if ids[-1] in eos_ids:
+    if len(ids) < params.min_tokens:
+        return Sample(decode(tokenizer, ids), "length", len(ids), row.seed) if len(ids) >= params.max_new_tokens else None
+    if ids[-1] in ending_ids(params, eos_ids):
         text = cut_at_stop(decode(tokenizer, ids[:-1]), params.stop)
         return Sample(text, "stop", len(ids) - 1, row.seed)
     if params.stop:
@@ -37,6 +41,12 @@ def finish(tokenizer: PreTrainedTokenizerBase, ids: list[int], row: Row, eos_ids
     if len(ids) >= params.max_new_tokens:
         return Sample(decode(tokenizer, ids), "length", len(ids), row.seed)
     return None
+
+
+def ending_ids(params: SamplingParams, eos_ids: frozenset[int]) -> frozenset[int]:
+    """The tokens that end a row: EOS (unless ignore_eos) and the row's stop_token_ids."""
+    ends = frozenset() if params.ignore_eos else eos_ids
+    return ends | frozenset(params.stop_token_ids) if params.stop_token_ids else ends
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:

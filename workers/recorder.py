@@ -128,6 +128,7 @@ class Recorder:
                 completion_tokens=sample.completion_tokens, params=params | {"seed": sample.seed}, seed=sample.seed,
                 logprobs=sample.logprobs, cached_prompt_tokens=sample.cached_tokens, draft_tokens=sample.draft_tokens,
                 accepted_draft_tokens=sample.accepted_tokens,
+                reasoning_content=None if sample.reasoning is None else storable(sample.reasoning),
             )
             for index, sample in enumerate(result.samples)
         ]

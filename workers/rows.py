@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from workers.finish import finish
+from workers.finish import ending_ids, finish
 from workers.prefix_cache import BlockKey
 from workers.sampling import RowParams, SamplingGroups, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
@@ -116,9 +116,10 @@ def start_row(row: Row) -> RowState:
 class RunningBatch:
     """The sampling state of the rows of a running batch, in slot order, kept across steps.
 
-    Per-row parameters are (rows,) tensors; the repetition-penalty mask (bool) and the generated-token counts
-    (float) are (rows, vocab) tensors, allocated only while some row needs them. Rows join with add() and
-    leave with keep(order), which follows the cache's own compaction.
+    Per-row parameters are (rows,) tensors; the repetition-penalty mask (bool), the generated-token counts
+    (float), the logit biases (float) and the tokens min_tokens holds back (bool) are (rows, vocab) tensors,
+    allocated only while some row needs them and built on the host when rows join (never read back). Rows join
+    with add() and leave with keep(order), which follows the cache's own compaction.
 
     A draw asks the device once (workers.syncs.host_read) for its tokens and logprobs; each row's latest token
     stays on the device too (last), for the next decode step to feed. sort_free (default: on CUDA) finds what
@@ -140,6 +141,11 @@ class RunningBatch:
         self._groups: SamplingGroups | None = None
         """Which rows sample how, for the whole batch (rebuilt when rows come or go)."""
         self.params = RowParams.build([], [], [], [], device)
+        self.bias: Tensor | None = None
+        """float (rows, vocab): each row's logit_bias (rows without one: zeros), while some row has one."""
+        self.held_back: Tensor | None = None
+        """bool (rows, vocab): the tokens that would end each row with min_tokens (EOS, stop_token_ids), masked
+        while the row has fewer tokens than that, while some row has min_tokens."""
         self.frequency = torch.zeros(0, dtype=torch.float32, device=device)
         self.presence = torch.zeros(0, dtype=torch.float32, device=device)
         self.seen: Tensor | None = None
@@ -159,7 +165,7 @@ class RunningBatch:
         self._groups = None
         added = RowParams.build(
             [r.params.temperature for r in rows], [r.params.top_k for r in rows], [r.params.top_p for r in rows],
-            [r.params.repetition_penalty for r in rows], self.device,
+            [r.params.repetition_penalty for r in rows], self.device, [r.params.min_p for r in rows],
         )
         self.params = RowParams(*(torch.cat([old, new]) for old, new in zip(_fields(self.params), _fields(added))))
         self.frequency = torch.cat([self.frequency, self._tensor([r.params.frequency_penalty for r in rows])])
@@ -174,6 +180,20 @@ class RunningBatch:
         if self.counts is not None or any(r.params.frequency_penalty or r.params.presence_penalty for r in rows):
             old = self.counts if self.counts is not None else torch.zeros((first, self.vocab), device=self.device)
             self.counts = torch.cat([old, torch.zeros((len(rows), self.vocab), device=self.device)])
+        if self.bias is not None or any(r.params.logit_bias for r in rows):
+            bias = torch.zeros((len(rows), self.vocab), dtype=torch.float32)
+            for i, row in enumerate(rows):
+                for token, value in row.params.logit_bias.items():
+                    bias[i, token] = value
+            old = self.bias if self.bias is not None else torch.zeros((first, self.vocab), device=self.device)
+            self.bias = torch.cat([old, bias.to(self.device)])
+        if self.held_back is not None or any(r.params.min_tokens for r in rows):
+            held = torch.zeros((len(rows), self.vocab), dtype=torch.bool)
+            for i, row in enumerate(rows):
+                if row.params.min_tokens:
+                    held[i, sorted(t for t in ending_ids(row.params, self.eos_ids) if t < self.vocab)] = True
+            old = self.held_back if self.held_back is not None else torch.zeros((first, self.vocab), dtype=torch.bool, device=self.device)
+            self.held_back = torch.cat([old, held.to(self.device)])
         return states
 
     def keep(self, order: list[int]) -> None:
@@ -191,6 +211,10 @@ class RunningBatch:
             self.seen = self.seen[index]
         if self.counts is not None:
             self.counts = self.counts[index]
+        if self.bias is not None:
+            self.bias = self.bias[index]
+        if self.held_back is not None:
+            self.held_back = self.held_back[index]
 
     def clear(self) -> None:
         self.states = []
@@ -199,7 +223,7 @@ class RunningBatch:
         self.params = RowParams.build([], [], [], [], self.device)
         self.frequency = self.frequency[:0]
         self.presence = self.presence[:0]
-        self.seen = self.counts = None
+        self.seen = self.counts = self.bias = self.held_back = None
 
     def sample(self, logits: Tensor, first: int = 0) -> list[Sample | None]:
         """Draw the next token of rows first.. from their logits (rows, vocab), append it, and return each row's
@@ -245,6 +269,12 @@ class RunningBatch:
             slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, dtype=torch.long, device=self.device)
         )
         raw = logits
+        if self.bias is not None:  # first, as vLLM and OpenAI apply it
+            logits = logits.float() + self.bias[at]
+        young = [len(s.generated) < s.row.params.min_tokens for s in states]
+        if self.held_back is not None and any(young):  # which rows are young is known here, on the host
+            young_rows = torch.tensor(young, dtype=torch.bool).to(self.device, non_blocking=True)
+            logits = logits.masked_fill(self.held_back[at] & young_rows[:, None], -torch.inf)
         if self.counts is not None:
             counts = self.counts[at]
             penalty = self.frequency[at, None] * counts + self.presence[at, None] * (counts > 0).float()
@@ -286,7 +316,8 @@ class RunningBatch:
     def _groups_of(self, states: list[RowState]) -> SamplingGroups:
         params = [s.row.params for s in states]
         return SamplingGroups.of(
-            [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params], self.device
+            [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params], self.device,
+            [p.min_p for p in params],
         )
 
     def last_tokens(self) -> Tensor:
@@ -323,5 +354,6 @@ class RunningBatch:
             state.logprobs.append(entry)
 
 
-def _fields(params: RowParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return params.temperature, params.top_k, params.top_p, params.repetition_penalty
+def _fields(params: RowParams) -> tuple[Tensor, ...]:
+    assert params.min_p is not None, "a running batch's RowParams always has min_p (RowParams.build)"
+    return params.temperature, params.top_k, params.top_p, params.repetition_penalty, params.min_p

@@ -1,7 +1,7 @@
 """Pure tensor helpers that pick the next token of every row of a batch, each row with its own parameters.
 
 Logits are (rows, vocab); every parameter is a (rows,) tensor. The order follows transformers' logits
-processors: repetition penalty, then temperature, top-k and top-p, then a draw. Greedy rows (temperature 0)
+processors: repetition penalty, then temperature, top-k, top-p and min-p, then a draw. Greedy rows (temperature 0)
 take the argmax of the penalised logits, as transformers' greedy search does.
 
 A sampled row's randomness is one uniform number per step from that row's own torch.Generator, turned into a
@@ -39,6 +39,9 @@ class RowParams:
     """float; 1.0 means no top-p filter."""
     repetition_penalty: Tensor
     """float; 1.0 means no penalty."""
+    min_p: Tensor | None = None
+    """float; a token is kept when its probability is at least min_p times the most likely token's; 0 (or None for
+    every row) means no min-p filter."""
 
     @classmethod
     def build(
@@ -48,22 +51,27 @@ class RowParams:
         top_p: list[float],
         repetition_penalty: list[float],
         device: torch.device,
+        min_p: list[float] | None = None,
     ) -> RowParams:
         return cls(
             torch.tensor(temperature, dtype=torch.float32, device=device),
             torch.tensor(top_k, dtype=torch.long, device=device),
             torch.tensor(top_p, dtype=torch.float32, device=device),
             torch.tensor(repetition_penalty, dtype=torch.float32, device=device),
+            torch.tensor(min_p if min_p is not None else [0.0] * len(temperature), dtype=torch.float32, device=device),
         )
 
     def select(self, index: Tensor) -> RowParams:
         """Only the rows at index (used when finished rows leave the batch)."""
-        return RowParams(self.temperature[index], self.top_k[index], self.top_p[index], self.repetition_penalty[index])
+        return RowParams(
+            self.temperature[index], self.top_k[index], self.top_p[index], self.repetition_penalty[index],
+            None if self.min_p is None else self.min_p[index],
+        )
 
 
 @dataclass(frozen=True)
 class SamplingGroups:
-    """Which rows of a batch are greedy, filtered (top-k or top-p) or plain samples, as index tensors on the
+    """Which rows of a batch are greedy, filtered (top-k, top-p or min-p) or plain samples, as index tensors on the
     logits' device (None: no such row), and what the filtered rows need: built on the host from the rows'
     parameters, so that choosing a path never reads the device."""
 
@@ -76,12 +84,16 @@ class SamplingGroups:
     """Some filtered row has top-p without top-k."""
 
     @classmethod
-    def of(cls, temperature: list[float], top_k: list[int], top_p: list[float], device: torch.device) -> SamplingGroups:
+    def of(
+        cls, temperature: list[float], top_k: list[int], top_p: list[float], device: torch.device,
+        min_p: list[float] | None = None,
+    ) -> SamplingGroups:
         greedy: list[int] = []
         filtered: list[int] = []
         plain: list[int] = []
-        for i, (t, k, p) in enumerate(zip(temperature, top_k, top_p)):
-            (greedy if t == 0 else filtered if k > 0 or p < 1.0 else plain).append(i)
+        min_p = min_p if min_p is not None else [0.0] * len(temperature)
+        for i, (t, k, p, m) in enumerate(zip(temperature, top_k, top_p, min_p)):
+            (greedy if t == 0 else filtered if k > 0 or p < 1.0 or m > 0 else plain).append(i)
 
         def index(rows: list[int]) -> Tensor | None:
             return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
@@ -94,7 +106,8 @@ class SamplingGroups:
     @classmethod
     def of_params(cls, params: RowParams) -> SamplingGroups:
         """From the parameter tensors themselves (reads them back: for tests and one-off calls, not for steps)."""
-        return cls.of(params.temperature.tolist(), params.top_k.tolist(), params.top_p.tolist(), params.temperature.device)
+        min_p = params.min_p.tolist() if params.min_p is not None else None
+        return cls.of(params.temperature.tolist(), params.top_k.tolist(), params.top_p.tolist(), params.temperature.device, min_p)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -106,9 +119,9 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 
 def top_candidates(
     logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES,
-    groups: SamplingGroups | None = None,
+    groups: SamplingGroups | None = None, min_p: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """What top-k and then top-p keep of each row of logits / temperature, as transformers' warpers keep it.
+    """What top-k, then top-p, then min-p keep of each row of logits / temperature, as transformers' warpers keep it.
 
     Returns (values, index, kept), each (rows, width): the row's `width` largest scaled logits in descending order,
     their token ids, and which of them are kept. Every kept token of the row is in there.
@@ -116,7 +129,8 @@ def top_candidates(
     Top-k keeps the top_k largest logits and ties with the k-th (0: no top-k). Top-p then keeps, among those, the
     smallest set of most likely tokens whose probability (renormalised over the top-k set, else over the whole
     row) reaches top_p: a token is kept while the tokens ranked above it hold less than top_p, so at least one is;
-    ties with the last kept logit are kept too.
+    ties with the last kept logit are kept too. Min-p then keeps a token whose probability is at least min_p times
+    the row's largest (min_keeps; renormalising after top-k/top-p changes no ratio to the largest).
 
     Sorting a vocabulary is slow (120 ms for 40 rows on one core), so only the `candidates` best tokens are
     ranked, and all of them again 16 times wider while some row keeps tokens beyond them. What is kept depends on
@@ -144,6 +158,8 @@ def top_candidates(
         below = (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p >= 1.0)[:, None]
         last = (in_k & below).sum(dim=-1, keepdim=True) - 1
         kept = values >= values.gather(-1, last)
+        if min_p is not None:
+            kept &= min_keeps(values, values[:, :1], min_p)
         # Complete when the list goes on past the kept tokens (ties included): nothing kept lies beyond it.
         if width == vocab or bool(kept[:, -1].logical_not().all()):
             return values, index, kept
@@ -161,9 +177,16 @@ BISECTIONS = 33
 """Halvings that narrow a range of int64 keys of float32 values (at most 2**33 wide) to one key."""
 
 
-def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """What top-k and then top-p keep of each row of scaled logits (logits / temperature), as a bool (rows, vocab)
-    mask: the same tokens top_candidates keeps, found without sorting and without reading the device.
+def min_keeps(scaled: Tensor, largest: Tensor, min_p: Tensor) -> Tensor:
+    """Min-p's mask: a token is kept when its probability is at least min_p times the row's largest, i.e.
+    exp(scaled - largest) >= min_p (as transformers' MinPLogitsWarper compares them); min_p 0 keeps every token
+    and the largest is always kept. scaled (rows, width), largest (rows, 1), min_p (rows,)."""
+    return (scaled.float() - largest.float()).exp() >= min_p[:, None]
+
+
+def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor | None = None) -> Tensor:
+    """What top-k, then top-p, then min-p keep of each row of scaled logits (logits / temperature), as a bool
+    (rows, vocab) mask: the same tokens top_candidates keeps, found without sorting and without reading the device.
 
     Top-k keeps the tokens at or above the k-th largest value: the largest key t with count(keys >= t) >= k.
     Top-p keeps a token while the probability of the tokens strictly above it is below top_p (ties kept alike):
@@ -190,7 +213,10 @@ def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
         mid = torch.div(lo + hi, 2, rounding_mode="floor")
         below = probs.masked_fill(keys <= mid[:, None], 0.0).sum(dim=-1) < top_p
         lo, hi = torch.where(below, lo, mid), torch.where(below, mid, hi)
-    return kept & ((keys >= hi[:, None]) | (top_p >= 1.0)[:, None])
+    kept &= (keys >= hi[:, None]) | (top_p >= 1.0)[:, None]
+    if min_p is not None:  # one compare against the row's largest: no bisection needed
+        kept &= min_keeps(scaled, scaled.max(dim=-1, keepdim=True).values, min_p)
+    return kept
 
 
 def sample_candidates(values: Tensor, index: Tensor, kept: Tensor, uniform: Tensor) -> Tensor:
@@ -265,10 +291,12 @@ def next_tokens(
         p = params.select(rows)
         if sort_free:
             scaled = logits.index_select(0, rows) / p.temperature[:, None]
-            kept = kept_by_threshold(scaled, p.top_k, p.top_p)
+            kept = kept_by_threshold(scaled, p.top_k, p.top_p, p.min_p)
             drawn = sample(scaled.masked_fill(~kept, -math.inf), uniform.index_select(0, rows))
         else:
-            values, index, kept = top_candidates(logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, groups=groups)
+            values, index, kept = top_candidates(
+                logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, groups=groups, min_p=p.min_p
+            )
             drawn = sample_candidates(values, index, kept, uniform.index_select(0, rows))
         tokens.index_copy_(0, rows, drawn)
     if groups.plain is not None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.sampling import MAX_BEAMS, MAX_N, MAX_TOP_LOGPROBS, RANGES  # noqa: F401 (their one statement)
+from contract.sampling import DEFAULT_MAX_NEW_TOKENS, RANGES, logit_bias_problems, token_id_problem
+from contract.sampling import MAX_BEAMS, MAX_N, MAX_TOP_LOGPROBS  # noqa: F401 (their one statement)
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0
@@ -29,6 +30,18 @@ class SamplingParams:
     """Return each generated token's log-probability (under the distribution it was sampled from)."""
     top_logprobs: int = 0
     """With logprobs: also the this many most likely tokens at each position (0-20)."""
+    min_p: float = 0.0
+    """Keep a token when its probability is at least min_p times the most likely token's (after top-k/top-p); 0 = off."""
+    min_tokens: int = 0
+    """No EOS and no stop_token_ids (they are masked) and no stop string end the row before this many tokens."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end the row like EOS ('stop'; not in the text or the count)."""
+    ignore_eos: bool = False
+    """EOS does not end the row (it runs to max_new_tokens, a stop string or a stop_token_id)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """OpenAI's: added to the token's logit before any other processing, in [-100, 100]."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the chat template (e.g. Qwen3's enable_thinking); chat requests only."""
 
     def problem(self) -> str | None:
         """The first out-of-range parameter, in vLLM's message pattern; None when every one is in range.
@@ -41,7 +54,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not ok(value):
                 return f"{name} must be {rule}, got {value}."
-        return None
+        for token in self.stop_token_ids:
+            if token_id_problem(token) is not None:
+                return f"stop_token_ids: {token_id_problem(token)}."
+        problems = logit_bias_problems(self.logit_bias)
+        return problems[0] + "." if problems else None
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +79,12 @@ class SamplingParams:
             "presence_penalty": self.presence_penalty,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
+            "min_p": self.min_p,
+            "min_tokens": self.min_tokens,
+            "stop_token_ids": list(self.stop_token_ids),
+            "ignore_eos": self.ignore_eos,
+            "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
+            "chat_template_kwargs": dict(self.chat_template_kwargs),
         }
 
 
@@ -92,6 +115,8 @@ class Sample:
     """Tokens speculative decoding proposed for this sample (workers.speculation)."""
     accepted_tokens: int = field(default=0, compare=False)
     """Of draft_tokens, those kept: each one saved a decode step."""
+    reasoning: str | None = None
+    """A reasoning model's thinking (workers.reasoning), when its chat template marks it; text is then the answer."""
 
 
 @dataclass
@@ -105,7 +130,8 @@ class GenerationResult:
 
 SAMPLING_FIELDS = (
     "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n", "num_beams",
-    "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs",
+    "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "min_p", "min_tokens", "stop_token_ids",
+    "ignore_eos", "logit_bias", "chat_template_kwargs",
 )
 
 
@@ -124,4 +150,6 @@ def resolve_params(job_defaults: dict[str, Any], overrides: dict[str, Any]) -> S
         merged["temperature"] = 0.0 if merged.get("num_beams", 1) > 1 else 1.0
     if "stop" in merged:
         merged["stop"] = list(merged["stop"])
+    if "logit_bias" in merged:  # stored as JSON: its keys are text
+        merged["logit_bias"] = {int(k): float(v) for k, v in merged["logit_bias"].items()}
     return SamplingParams(**merged)

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--model", default=None, help="Model that generates this job [env BULKGEN_MODEL].")
+@click.option("--model", default=None, help="Model that generates this job [env BULKGEN_MODEL]: an alias, a model directory, "
+              "a .gguf file or a Hugging Face id; a local path names one queue however it is spelt.")
+@click.option("--context-length", type=click.IntRange(min=1), default=None, metavar="TOKENS",
+              help="The model's context, for a model this machine does not hold (max_new_tokens is checked "
+                   "against it; each prompt's length is checked by the worker). Default: read from the model.")
 @click.option("--name", default=None, help="A name for the job.")
 @click.option("--max-new-tokens", type=int, default=None, help="Default max_new_tokens for lines without one.")
 @click.option("--temperature", type=float, default=None, help="Default temperature (0 = greedy; 1.0 if unset).")
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
 @click.option("--top-k", type=int, default=None, help="Default top_k (0 = off if unset).")
 @click.option("--seed", type=int, default=None, help="Default seed (a random one, recorded with each result, if unset).")
 @click.option("--n", "n", type=int, default=None, help="Default samples per prompt (1 if unset).")
+@click.option("--system-prompt", default=None, metavar="TEXT",
+              help="A system message put first in each chat request (messages) that has none; plain prompts are left as they are.")
 @click.option("--skip-invalid", is_flag=True, help="Enqueue the good lines; record the bad ones as rejects.")
 @click.option("--wait", is_flag=True, help="Show a live progress bar until the job ends.")
 @click.option("--resume", "resume_job", type=int, default=None, metavar="JOB",
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
                    "and only an empty cell is null.")
 @database_option
 @broker_option
-def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, seed, n, skip_invalid, wait, resume_job,  # type: ignore[no-untyped-def]
+def submit(file: Path, model, context_length, name, max_new_tokens, temperature, top_p, top_k, seed, n, system_prompt, skip_invalid, wait, resume_job,  # type: ignore[no-untyped-def]
            prompt_column, messages_column, id_column, column_pairs, csv_nulls, database_url, broker_url) -> None:
     """Validate FILE, store it as a job and enqueue it; print the job id.
 
@@ -79,14 +85,16 @@ def submit(file: Path, model, name, max_new_tokens, temperature, top_p, top_k, s
     settings = settings_with(database_url, broker_url)
     columns = _columns(prompt_column, messages_column, id_column, column_pairs)
     if resume_job is not None:
-        sent = api.resume(file, resume_job, settings=settings, columns=columns, csv_nulls=csv_nulls or None)
+        sent = api.resume(file, resume_job, settings=settings, columns=columns, csv_nulls=csv_nulls or None,
+                          context_length=context_length)
         say(f"job {resume_job}: {sent} requests without results enqueued again", job_id=resume_job, sent=sent)
         click.echo(resume_job)
         _wait(resume_job, settings, wait)
         return
-    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "n": n}
+    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "n": n,
+             "system_prompt": system_prompt}
     job = api.submit(file, model=model, name=name, skip_invalid=skip_invalid, settings=settings, columns=columns,
-                     csv_nulls=csv_nulls, **flags)
+                     csv_nulls=csv_nulls, context_length=context_length, **flags)
     report = job.report
     assert report is not None
     if report.rejected:
