@@ -84,8 +84,8 @@ def cascade_attention(
 
     q (rows, heads, tokens, d); shared_k_t (kv_heads, d, P) and shared_v (kv_heads, P, d): the prefix the rows
     see (all of it, or the positions shared_visible marks: (rows, P) for each row, or (rows, tokens, P) for each
-    query, as a sliding window needs); k_t (rows, kv_heads, d,
-    keys) and v (rows, kv_heads, keys, d): each row's own keys after it, with visible (rows, 1, tokens, keys).
+    query, as a sliding window needs); k_t (rows, kv_heads, d, keys) and v (rows, kv_heads, keys, d): each row's
+    own keys after it, with visible (rows, 1, tokens, keys); softcap: as attention()'s.
     The same function as attention() over the full keys, but the prefix's K/V are read once for all rows, not
     once per row, and its products have rows x heads x tokens rows instead of heads x tokens.
 
