@@ -178,7 +178,7 @@ def engine_mode(lines: list[dict[str, Any]], dtype: str, quantize: str, referenc
                 extras: bool = True, static: bool = False, prefix_cache_tokens: int | None = None,
                 speculative_tokens: int | None = None, batch_rows: int = 64, draft_model: str | None = None,
                 speculate_always: bool = False) -> dict[str, Any]:
-    """The engine in-process; static: on the path of architectures workers.llama does not run (static batches on
+    """The engine in-process; static: on the path of architectures workers.decoder does not run (static batches on
     transformers' forward), to measure what that path costs."""
     from workers.engine import Engine
     from contract.registry import resolve

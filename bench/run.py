@@ -13,7 +13,9 @@ parameters and seeds) it measures, each in a process of its own (so that peak RS
 (The GPU benchmark is `python -m bench.gpu`, run apart.) Prefix caching: on ../shared/bench/fewshot.jsonl
 (192 chat requests sharing a system prompt of ~600 tokens, 64 new tokens each) the engine in bfloat16 with its prefix
 cache, without it, and vLLM's CPU build (its automatic prefix caching on); and the bench workload in bfloat16 without
-the prefix cache, against (c) with it. It prints a table and writes docs/benchmarks.md.
+the prefix cache, against (c) with it. Each architecture of the fast engine (bench/architectures.py: Llama, Qwen2/3,
+Mistral, Phi-3, Gemma 2/3 at SmolLM2's size, random weights) against transformers' static batches, bfloat16, fixed
+output lengths. It prints a table and writes docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bench import architectures
 from bench.workload import DEFAULT_PROMPTS, QUALITY_PROMPTS, ROOT, machine
 
 ENGINE_MODES = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8")]
@@ -363,10 +366,10 @@ def analysis(results: dict[str, dict[str, Any]], verdicts: list[tuple[str, str, 
     static_path, fp32 = rate(results.get("engine float32, static-batch path", {})), rate(results.get("engine float32", {}))
     if static_path and fp32:
         lines += [
-            f"- **The static-batch path** (what architectures other than Llama get): {static_path:.0f} tokens/s in float32 against the",
+            f"- **The static-batch path** (what architectures off the fast engine get): {static_path:.0f} tokens/s in float32 against the",
             f"  continuous engine's {fp32:.0f} ({fp32 / static_path:.2f}×) on the same model and workload. It keeps every per-row",
             "  feature (it samples through the same RunningBatch), so it stays, in a module of its own, as the path for models",
-            "  workers/llama.py does not run; what it loses is a batch that drains before the next one starts.",
+            "  workers/architectures.py does not list; what it loses is a batch that drains before the next one starts.",
         ]
     peer = results.get(PEER, {})
     if rate(peer):
@@ -491,7 +494,7 @@ DETERMINISM = """\
 
 
 def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: str, best: str | None,
-           pipeline_key: str | None, wall: float) -> str:
+           pipeline_key: str | None, wall: float, per_architecture: dict[str, dict[str, Any]] | None = None) -> str:
     cpus = int(info["cpus"]) if info["cpus"].isdigit() else 1
     verdicts = judge(results, best, pipeline_key)
     lines = [
@@ -541,6 +544,7 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
                   "token: 2 x the Linear weights, LM head included):", ""]
         lines += [f"- {name}: {g:.0f} GFLOP/s = {g / per_token:.0f} tokens/s" for name, g in matmul["gflops"].items()]
         lines.append("")
+    lines += architectures.section(per_architecture or {})
     lines += prefix_section(results)
     lines += speculation_section(results)
     lines += occupancy_section(results, pipeline_key)
@@ -573,7 +577,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, static-path, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul (comma-separated).")
+                        "naive, static, static-path, archs, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -618,9 +622,16 @@ def main() -> None:
         # on between two runs off: this machine's speed drifts by more than the 2% this target allows
         for key, extra in ((NO_SPEC, ["--speculative-tokens", "0"]), (SPEC_BESIDE, []), (NO_SPEC_AGAIN, ["--speculative-tokens", "0"])):
             results[key] = child("engine", tmp, prompts, "--dtype", "bfloat16", "--timing-only", *extra, requests=args.requests)
-    if "static-path" not in skip:  # what architectures workers.llama does not run get: static batches, same sampling
+    if "static-path" not in skip:  # what architectures workers.decoder does not run get: static batches, same sampling
         results["engine float32, static-batch path"] = child(
             "engine", tmp, prompts, "--dtype", "float32", "--static", "--timing-only", requests=args.requests)
+    per_architecture: dict[str, dict[str, Any]] = {}
+    if "archs" not in skip:  # each architecture of the fast engine against static batches (bench/architectures.py)
+        for arch in architectures.ARCHITECTURES:
+            out = tmp / f"arch-{arch}.json"
+            command = [sys.executable, "-m", "bench.architectures", "--arch", arch, "--out", str(out), "--prompts", str(prompts)]
+            per_architecture[arch] = run_json(command + (["--requests", str(args.requests)] if args.requests else []), out,
+                                              f"architecture {arch}", 7200)
     if "aodynamic" not in skip:
         results["engine int8 torch.ao dynamic"] = child("aodynamic", tmp, prompts, "--reference", str(reference), requests=args.requests)
     results["naive"] = {} if "naive" in skip else child(
@@ -654,7 +665,7 @@ def main() -> None:
     for _, target, met, figure in judge(results, best, pipeline_key):
         print(f"{'–' if met is None else ('met   ' if met else 'MISSED')}  {target}: {figure}")
     if str(args.out) != "-":
-        args.out.write_text(report(results, info, command, best, pipeline_key, wall) + kept_by_hand(args.out))
+        args.out.write_text(report(results, info, command, best, pipeline_key, wall, per_architecture) + kept_by_hand(args.out))
         print(f"\nwrote {args.out}")
     (tmp / "results.json").write_text(json.dumps(results, indent=1))
     print(f"raw results: {tmp / 'results.json'}")

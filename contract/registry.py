@@ -141,9 +141,10 @@ def _gguf_spec(name: str, file: Path) -> ModelSpec:
 
 def _context_from_config(config_json: Path) -> int:
     config = json.loads(config_json.read_text())
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
+    for part in (config, config.get("text_config") or {}):  # a multimodal checkpoint's language model (Gemma 3)
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(part.get(key), int):
+                return part[key]
     return 2048
 
 

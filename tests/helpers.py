@@ -24,8 +24,8 @@ from bench.scale.services import create_database, drop_database, env_for, free_p
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from workers.decoder import DecoderRunner
     from workers.kv_cache import KVCache
-    from workers.llama import LlamaRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BULKGEN_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -193,8 +193,8 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, username=self.username, password=self.password)
 
 
-def prefill(runner: LlamaRunner, cache: KVCache, prompts: list[list[int]]) -> Tensor:
+def prefill(runner: DecoderRunner, cache: KVCache, prompts: list[list[int]]) -> Tensor:
     """Admit the prompts into the cache's next free slots and return each one's next-token logits (rows, vocab):
-    LlamaRunner.extend from position 0, as the scheduler admits rows without a cached prefix."""
+    DecoderRunner.extend from position 0, as the scheduler admits rows without a cached prefix."""
     first = cache.admit([0] * len(prompts))
     return runner.extend(cache, first, prompts)

@@ -165,7 +165,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(engine: Engine):  # noqa: 
 
 
 def test_static_batches_split_on_out_of_memory_too(engine: Engine, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
-    """Models workers.llama does not run decode in static batches on transformers' forward; they split as well."""
+    """Models workers.decoder does not run decode in static batches on transformers' forward; they split as well."""
     requests = varied_requests(10, seed=9)
     static = fresh(engine, max_batch_rows=8, static_batches=True)
     expected = one_at_a_time(fresh(engine, prefix_cache_tokens=0), requests)  # static batches cache no prefix

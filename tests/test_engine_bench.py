@@ -82,3 +82,25 @@ def test_the_pipeline_is_compared_with_the_engine_runs_before_and_after_it():
                       "engine bfloat16", "pipeline bfloat16", 60.0)
     assert "(d) vs (c)** (missed in this run)" in text and "`producer submit` (0.5 s of this run" in text
     assert "| pipeline bfloat16 | 1 | – | 700.0 | 95.0% | 93.0% | 80.0% | 90% |" in text  # the occupancy table
+
+
+def test_every_benchmarked_architecture_is_on_the_fast_engine_and_the_report_shows_each_ratio():
+    from transformers import AutoModelForCausalLM
+
+    from bench import architectures
+    from workers.architectures import ARCHITECTURES
+
+    for arch in architectures.ARCHITECTURES:
+        config = architectures.config_of(arch, 1000)
+        assert AutoModelForCausalLM._model_mapping[type(config)].__name__ in ARCHITECTURES, arch
+    measured = {
+        "qwen2": {"architecture": "Qwen2ForCausalLM", "ratio": 2.5, "engine": {"tokens": 500, "seconds": 1.0},
+                  "static": {"tokens": 500, "seconds": 2.5}},
+        "gemma2": {"architecture": "Gemma2ForCausalLM", "ratio": 1.5, "engine": {"tokens": 300, "seconds": 1.0},
+                   "static": {"tokens": 300, "seconds": 2.0}},
+        "phi3": {"error": "killed"},
+    }
+    text = "\n".join(architectures.section(measured))
+    assert "| Qwen2ForCausalLM | 500 | 200 | 2.50× | met |" in text
+    assert "| Gemma2ForCausalLM | 300 | 150 | 1.50× | **missed** |" in text and "| phi3 | – | – | – | killed |" in text
+    assert architectures.section({}) == []

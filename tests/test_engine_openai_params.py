@@ -61,7 +61,7 @@ def test_logprobs_are_the_models_own(engine: Engine) -> None:
 
 
 def test_static_batches_honour_penalties_and_logprobs_like_the_continuous_path(engine: Engine) -> None:
-    """Architectures workers.llama does not run (static batches on transformers' forward) sample through the
+    """Architectures workers.decoder does not run (static batches on transformers' forward) sample through the
     same per-row state: OpenAI penalties and logprobs are no longer refused there."""
     static = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, static_batches=True)
     requests = [

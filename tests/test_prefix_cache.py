@@ -171,7 +171,7 @@ def test_the_real_model_gives_the_same_greedy_text_with_a_cached_system_prompt(c
 
 
 def test_cascade_attention_is_attention_over_the_prefix_and_each_rows_own_keys() -> None:
-    from workers.llama import attention, cascade_attention
+    from workers.attention import attention, cascade_attention
 
     generator = torch.Generator().manual_seed(3)
     rows, heads, kv_heads, d, shared, own, tokens = 5, 6, 2, 8, 11, 7, 2
@@ -188,13 +188,14 @@ def test_cascade_attention_is_attention_over_the_prefix_and_each_rows_own_keys()
     assert torch.allclose(cascade_attention(q, prefix_k, prefix_v, k_t, v, visible, 0.3), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("masked_prefix", [False, True], ids=["whole-prefix", "part-of-prefix"])
+@pytest.mark.parametrize("prefix", ["whole", "part", "window"], ids=["whole-prefix", "part-of-prefix", "sliding-window"])
 @pytest.mark.parametrize("tokens", [1, 5], ids=["decode", "extend"])
-def test_fused_bfloat16_cascade_attention_is_as_close_to_exact_as_the_unfused_one(tokens: int, masked_prefix: bool) -> None:
+def test_fused_bfloat16_cascade_attention_is_as_close_to_exact_as_the_unfused_one(tokens: int, prefix: str) -> None:
     """bfloat16 on CPU takes the fused path (two FLASH_CPU calls merged by log-sum-exp): against attention() in
     float64 over the full keys, its error stays within bfloat16's rounding, no worse than the float32 softmax of
-    the unfused path; a row that reads none of the prefix, and queries that see no own key, come out right."""
-    from workers.llama import attention, cascade_attention, fused
+    the unfused path; a row that reads none of the prefix, and queries that see no own key, come out right; with a
+    sliding window, each query sees its own part of the prefix (shared_visible per query)."""
+    from workers.attention import attention, cascade_attention, fused
 
     generator = torch.Generator().manual_seed(7)
     rows, heads, kv_heads, d, shared, own = 6, 9, 3, 64, 96, 40
@@ -204,14 +205,19 @@ def test_fused_bfloat16_cascade_attention_is_as_close_to_exact_as_the_unfused_on
     k_t, v = cache_k[..., :own], torch.randn(rows, kv_heads, own, d, generator=generator).bfloat16()
     visible = (torch.arange(own)[None, None, None, :] <= torch.randint(0, own, (rows, 1, tokens, 1), generator=generator))
     shared_visible = None
-    if masked_prefix:
+    if prefix != "whole":
         reads = torch.tensor([shared, shared, 48, 48, 16, 0])
         shared_visible = torch.arange(shared)[None, :] < reads[:, None]
         visible[0, 0, 0] = False  # a query of a row that reads the whole prefix and none of its own keys
+    if prefix == "window":  # query t of row r sees the prefix's positions above 20 + 7 * r + t, up to what r reads
+        lowest = 20 + 7 * torch.arange(rows)[:, None, None] + torch.arange(tokens)[None, :, None]
+        shared_visible = shared_visible[:, None, :] & (torch.arange(shared)[None, None, :] > lowest)
     full_k = torch.cat([prefix_k.expand(rows, -1, -1, -1), k_t], dim=-1)
     full_v = torch.cat([prefix_v.expand(rows, -1, -1, -1), v], dim=-2)
     prefix_seen = torch.ones(rows, shared, dtype=torch.bool) if shared_visible is None else shared_visible
-    full_visible = torch.cat([prefix_seen[:, None, None, :].expand(rows, 1, tokens, shared), visible], dim=-1)
+    if prefix_seen.dim() == 2:
+        prefix_seen = prefix_seen[:, None, :].expand(rows, tokens, shared)
+    full_visible = torch.cat([prefix_seen[:, None], visible], dim=-1)
     exact = attention(q.double(), full_k.double(), full_v.double(), full_visible, 0.125)
 
     assert fused(q)
@@ -233,12 +239,12 @@ def test_the_base_holds_a_shared_prompt_once_and_rows_that_share_part_or_none_of
     they read (the own keys attended are fewer than the base's), and every text equals the one without a base."""
     import copy
 
-    import workers.llama
+    import workers.decoder
     import workers.scheduler
 
     model = copy.deepcopy(engine.model).double()
     seen: list[tuple[int, int]] = []
-    real = workers.llama.cascade_attention
+    real = workers.decoder.cascade_attention
 
     def counted(q, shared_k_t, shared_v, k_t, *args):  # type: ignore[no-untyped-def]
         seen.append((shared_k_t.shape[-1], k_t.shape[-1]))
@@ -256,7 +262,7 @@ def test_the_base_holds_a_shared_prompt_once_and_rows_that_share_part_or_none_of
                        speculative_tokens=speculative_tokens)
         return texts(fresh, requests)
 
-    monkeypatch.setattr(workers.llama, "cascade_attention", counted)
+    monkeypatch.setattr(workers.decoder, "cascade_attention", counted)
     monkeypatch.setattr(workers.scheduler, "MIN_SHARED", 10**9)
     alone = run()
     assert not seen

@@ -1,6 +1,6 @@
 """The one batch interface the engine drives, whichever way the rows are decoded.
 
-`Scheduler` (workers.scheduler: continuous batching over a slot KV cache, Llama-family models) and `StaticScheduler`
+`Scheduler` (workers.scheduler: continuous batching over a slot KV cache, the architectures of workers.architectures) and `StaticScheduler`
 (workers.static_batches: static batches on transformers' forward, every other architecture) both take rows with
 add(), give finished rows back from step(), and can drop waiting rows or forget everything; the engine holds one
 of them and never asks which.

@@ -1,5 +1,5 @@
 """Draft-model drafting for speculative decoding: a smaller model with the same tokenizer guesses a row's next
-tokens, which the worker's model then checks in one pass (workers.scheduler, LlamaRunner.verify).
+tokens, which the worker's model then checks in one pass (workers.scheduler, DecoderRunner.verify).
 
 Prompt lookup (workers.speculation.NgramDrafter) is free and right where a row copies its prompt; a draft model
 also guesses text that appears nowhere before, at the price of its own forward passes. It is used when the
@@ -31,7 +31,7 @@ class DraftModel:
             )
         self.model = model
         self.device = next(model.parameters()).device
-        self.context_length: int = model.config.max_position_embeddings
+        self.context_length: int = model.config.get_text_config().max_position_embeddings
 
     def drafter(self, prompt: list[int]) -> ModelDrafter:
         return ModelDrafter(self, prompt)

@@ -6,8 +6,8 @@ Two interfaces over one scheduler:
   queue messages (workers.worker); a request's result comes out of the step that finished its last row.
 
 A request is checked, rendered (chat template), tokenized and expanded into rows (request x sample;
-workers.rows), which go to the engine's one scheduler (workers.batch): Llama-family models run them with
-continuous batching (workers.scheduler over the KV cache of workers.kv_cache, forward passes in workers.llama);
+workers.rows), which go to the engine's one scheduler (workers.batch): the architectures of workers.architectures run them with
+continuous batching (workers.scheduler over the KV cache of workers.kv_cache, forward passes in workers.decoder);
 other architectures in static batches on transformers' forward (workers.static_batches.StaticScheduler), with the
 same per-row sampling; beam-search requests go through transformers' own beam search (workers.beam).
 """
@@ -22,12 +22,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.registry import ModelSpec
 from contract.sampling import ONE_INPUT, chat_template_kwargs_problems, combination_problems
+from workers.architectures import text_config
 from workers.batch import BatchScheduler, Finished, is_out_of_memory
 from workers.beam import beam_search
-from workers.finish import complete_greedy, eos_token_ids
+from workers.decoder import DecoderRunner, supports
 from workers.draft_model import DraftModel
+from workers.finish import complete_greedy, eos_token_ids
 from workers.kv_cache import kv_budget_tokens
-from workers.llama import LlamaRunner, supports
 from workers.loader import load_model
 from workers.prefix_cache import PREFIX_CACHE_TOKENS, PrefixCache
 from workers.quantize import QUANTIZE_MODES, check_combination, quantize_model
@@ -84,20 +85,20 @@ class Engine:
         65,536 on a CPU (fewer if they would take over 1 GiB), on a GPU what 90% of its free memory holds (workers.kv_cache.kv_budget_tokens).
 
         batch_invariant (default: on for float32 without quantization) pads matrix products so that a row's
-        numbers do not depend on its batch (see workers.llama.LlamaRunner): a seeded request then gives the same
+        numbers do not depend on its batch (see workers.decoder.DecoderRunner): a seeded request then gives the same
         text alone or in any batch. It costs a few percent; other precisions are not batch-invariant anyway.
         The model is used as given: load() quantizes it before it gets here.
 
         prefix_cache_tokens: the most prompt tokens whose K/V are kept for later rows that start with the same
-        tokens (workers.prefix_cache); 0 turns prefix caching off. Llama-family models only.
+        tokens (workers.prefix_cache); 0 turns prefix caching off. Fast-engine architectures only (workers.architectures).
 
         speculative_tokens: the most draft tokens a row proposes per step when speculative decoding pays
-        (workers.speculation: prompt lookup, exact); 0 turns it off. Llama-family models only.
+        (workers.speculation: prompt lookup, exact); 0 turns it off. Fast-engine architectures only (workers.architectures).
 
         draft_model: a smaller model with the same tokenizer that drafts in place of prompt lookup
         (workers.draft_model); None: prompt lookup.
 
-        static_batches: decode in static batches on transformers' forward even where workers.llama could run the
+        static_batches: decode in static batches on transformers' forward even where workers.decoder could run the
         model (what other architectures get; tests and benchmarks compare the two paths).
         """
         if quantize not in QUANTIZE_MODES:
@@ -111,7 +112,7 @@ class Engine:
         self.dtype = dtype
         self.quantize = quantize
         self.max_batch_rows = max_batch_rows
-        self.context_length: int = model.config.max_position_embeddings
+        self.context_length: int = text_config(model).max_position_embeddings
         self._eos_ids = eos_token_ids(model, tokenizer)
         self.marks_thinking = marks_thinking(tokenizer)
         """The chat template marks thinking: chat results keep it apart (Sample.reasoning)."""
@@ -119,7 +120,7 @@ class Engine:
             batch_invariant = dtype == "float32" and quantize == "none"
         self.batch_invariant = batch_invariant
         why_not = "asked for" if static_batches else supports(model)
-        runner = LlamaRunner(model, batch_invariant) if why_not is None else None
+        runner = DecoderRunner(model, batch_invariant) if why_not is None else None
         if why_not is not None:
             log.info("static batches on transformers' forward: %s", why_not)
         self.max_batch_tokens = kv_budget_tokens(self.device, runner.bytes_per_token() if runner is not None else None, max_batch_tokens)
@@ -188,7 +189,7 @@ class Engine:
         return isinstance(self.scheduler, Scheduler)
 
     @property
-    def runner(self) -> LlamaRunner | None:
+    def runner(self) -> DecoderRunner | None:
         """The forward passes of continuous batching; None on static batches."""
         return self.scheduler.runner if self.continuous else None  # type: ignore[attr-defined]
 
@@ -326,7 +327,7 @@ class Engine:
             return "messages: must not be empty"
         problems = combination_problems(lambda name: (getattr(request.params, name), ""))
         problems += chat_template_kwargs_problems(request.params.chat_template_kwargs, request.messages is not None)
-        vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
+        vocab = getattr(text_config(self.model), "vocab_size", None) or len(self.tokenizer)
         beyond = sorted(t for t in [*request.params.stop_token_ids, *request.params.logit_bias] if t >= vocab)
         if beyond:
             problems.append(f"token ids {beyond} are beyond the model's vocabulary of {vocab} (stop_token_ids, logit_bias)")

@@ -1,7 +1,7 @@
 """The KV cache and its one owner: every change to which slots are in use, and how long each row is, goes
 through the verbs of KVCache (admit, extend, advance, truncate, release, reshape).
 
-The forward pass (workers.llama) only writes K/V values at positions the cache gives it and reads views
+The forward pass (workers.decoder) only writes K/V values at positions the cache gives it and reads views
 of them; the scheduler (workers.scheduler) decides which rows come and go. Nothing else writes `rows` or
 `lengths`.
 
@@ -68,7 +68,7 @@ class KVCache:
     The base: one shared prefix (a job's system prompt) held once for every row that starts with it, instead of
     once per slot. offsets[r] is how many of the base's first positions row r uses (0: none); its slot then holds
     its tokens from position offsets[r] on, at slot positions 0.., so its whole length is offsets[r] + lengths[r].
-    The forward pass reads the base once for all rows (workers.llama.cascade_attention).
+    The forward pass reads the base once for all rows (workers.attention.cascade_attention).
 
     host_lengths and host_offsets mirror lengths and offsets of the slots in use, kept by the same verbs: what the
     host needs to know of the rows' lengths (how far attention reaches, which slots move) it reads there, so that

@@ -4,7 +4,7 @@ of being computed again (a job's shared system prompt, worked examples, a chat t
 As vLLM's automatic prefix caching does, a prompt is cut into blocks of BLOCK tokens and each full block is
 named by a hash chained over every block before it, so a block is found again only after the same tokens from
 position 0 (its K/V depend on all of them). A row looks up the longest run of its blocks from the start, gets
-their K/V copied into its slot (workers.kv_cache), and is prefilled from there on (LlamaRunner.extend, with the
+their K/V copied into its slot (workers.kv_cache), and is prefilled from there on (DecoderRunner.extend, with the
 rotary positions continuing). At least its last prompt token is always computed: its logits give the first
 new token. After a prefill, the row's full blocks not held yet are copied in.
 

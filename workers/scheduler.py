@@ -32,7 +32,7 @@ is batch-invariant (float32): a row's numbers must not depend on which rows shar
 
 Speculative decoding (workers.speculation): before each step every running row proposes a draft from its own text;
 when the policy expects more tokens per second from verifying them, the step feeds each row its last token and its
-draft in one pass (LlamaRunner.verify), keeps each row's tokens while they match what it draws, and truncates the
+draft in one pass (DecoderRunner.verify), keeps each row's tokens while they match what it draws, and truncates the
 rejected drafts' K/V. Either way every row gets at least one token per step, drawn exactly as a decode step draws it.
 
 Out of memory: the rows that were running start over from their prompts (fresh generators, so they give
@@ -53,8 +53,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from workers.batch import Finished, halved, is_out_of_memory, out_of_memory_alone
+from workers.decoder import DecoderRunner
 from workers.kv_cache import KVCache
-from workers.llama import LlamaRunner
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Row, RunningBatch
 from workers.speculation import SpeculationPolicy, SpeculationStats, plan_step, verify_step
@@ -102,7 +102,7 @@ class Scheduler:
 
     def __init__(
         self,
-        runner: LlamaRunner,
+        runner: DecoderRunner,
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: frozenset[int],
         device: torch.device,
@@ -122,7 +122,7 @@ class Scheduler:
         self.rows_limit = max_rows
         """max_rows, lowered for the scheduler's life after an out-of-memory error."""
         self.waiting: deque[Row] = deque()
-        self.batch = RunningBatch(runner.model.config.vocab_size, device, tokenizer, eos_ids)
+        self.batch = RunningBatch(runner.vocab_size, device, tokenizer, eos_ids)
         self.cache: KVCache | None = None
         self.budget = 0
         """prompt + max_new_tokens summed over the running rows."""

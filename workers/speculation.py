@@ -3,7 +3,7 @@
 A row that copies its prompt (rewriting, extraction, correction) keeps producing tokens that already appear
 earlier in its prompt or output. NgramDrafter finds the latest earlier occurrence of the row's last few tokens
 and proposes what followed it; the scheduler feeds the row's last token and the draft to the model in one
-forward pass (LlamaRunner.verify) and keeps the draft up to the first token the row would not have produced.
+forward pass (DecoderRunner.verify) and keeps the draft up to the first token the row would not have produced.
 
 Exactness: every position is sampled exactly as a plain decode step samples it (same penalties, same filters,
 the row's own generator, one draw per token), and a draft token is kept only if it is the token drawn. A row
@@ -31,8 +31,8 @@ import numpy
 from contract.settings import Settings
 
 if TYPE_CHECKING:  # the scheduler's parts; they import this module
+    from workers.decoder import DecoderRunner
     from workers.kv_cache import KVCache
-    from workers.llama import LlamaRunner
     from workers.rows import RowState, RunningBatch
     from workers.types import Sample
 
@@ -261,7 +261,7 @@ def plan_step(policy: SpeculationPolicy, states: list[RowState]) -> Plan | None:
 
 
 def verify_step(
-    plan: Plan, runner: LlamaRunner, cache: KVCache, batch: RunningBatch, policy: SpeculationPolicy, stats: SpeculationStats
+    plan: Plan, runner: DecoderRunner, cache: KVCache, batch: RunningBatch, policy: SpeculationPolicy, stats: SpeculationStats
 ) -> list[Sample | None]:
     """Feed every row its last token and its draft in one pass, keep what matches what the row draws, and truncate
     the rejected drafts' K/V; each row's Sample if it finished. Proposed and kept tokens are added to stats."""

@@ -1,4 +1,4 @@
-"""Static batches on transformers' own forward: the decode path of architectures workers.llama does not run.
+"""Static batches on transformers' own forward: the decode path of architectures workers.decoder does not run.
 
 StaticScheduler has the continuous scheduler's interface (workers.batch): each step() takes every waiting row,
 sorts the rows by prompt length and cuts them into batches of at most rows_limit rows (max_rows, halved after
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class KVBatch:
     """transformers' DynamicCache for one static batch, with its attention mask and each row's next position.
 
-    Only for architectures workers.llama does not run; the continuous path keeps its cache in workers.kv_cache.
+    Only for architectures workers.decoder does not run; the continuous path keeps its cache in workers.kv_cache.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
