@@ -45,7 +45,7 @@ or e.g. " (job default)"."""
 def combination_problems(value: Lookup) -> list[str]:
     """What breaks the rules between fields, one message per broken rule (`<field>: <rule>, got <values>`):
     top_logprobs needs logprobs; beam search takes no penalties, no logprobs, no sampling and at most num_beams
-    samples."""
+    samples, and no structured output (`constraint`: contract.structured)."""
     errors = []
     top_logprobs, logprobs = value("top_logprobs")[0], value("logprobs")[0]
     if top_logprobs and not logprobs:
@@ -55,6 +55,8 @@ def combination_problems(value: Lookup) -> list[str]:
     if beams is None or beams <= 1:
         return errors
     unsupported = [name for name in NOT_WITH_BEAMS if value(name)[0]]
+    if value("constraint")[0] is not None:
+        unsupported.append("structured output")
     if unsupported:
         errors.append(f"num_beams: beam search cannot be combined with {', '.join(unsupported)}, got num_beams={beams}")
     n, n_from = value("n")

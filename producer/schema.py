@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from contract.sampling import ONE_INPUT, RANGES, combination_problems, json_type, show
+from contract.structured import FIELDS as STRUCTURED_FIELDS
+from contract.structured import Constraint, constraint_of
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 16
@@ -125,6 +127,11 @@ class PromptLine(_JobSampling):
     top_logprobs: TopLogprobs | None = None
     """With logprobs: also this many most likely tokens at each position."""
     metadata: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    """Structured output (contract.structured): OpenAI's json_schema or json_object, or vLLM's guided_* below."""
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> PromptLine:
@@ -134,13 +141,19 @@ class PromptLine(_JobSampling):
 
     def sampling_params(self) -> dict[str, Any]:
         """Only the sampling values set on this line: they are stored as the request's overrides."""
-        return self.model_dump(exclude_none=True, exclude={"prompt", "messages", "custom_id", "metadata"})
+        return self.model_dump(exclude_none=True, exclude={"prompt", "messages", "custom_id", "metadata", *STRUCTURED_FIELDS})
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The structured output the line asks for (None: none, or one that check_against refuses)."""
+        return constraint_of({name: getattr(self, name) for name in STRUCTURED_FIELDS})[0]
 
     def check_against(self, defaults: Mapping[str, Any], context_length: int) -> list[str]:
         """Cross-field rules (contract.sampling), on the effective values: the line's, else the job default's."""
         errors = []
         if self.max_new_tokens is not None and self.max_new_tokens > context_length:
             errors.append(_too_long(self.max_new_tokens, context_length))
+        errors += constraint_of({name: getattr(self, name) for name in STRUCTURED_FIELDS})[1]
         return errors + combination_problems(lambda name: self._effective(name, defaults))
 
     def _effective(self, name: str, defaults: Mapping[str, Any]) -> tuple[Any, str]:
