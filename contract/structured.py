@@ -62,6 +62,8 @@ class Constraint:
 
     def problem(self) -> str | None:
         """Why the grammar engine cannot enforce it (one line), or None."""
+        if self.kind not in KINDS:
+            return f"unknown kind {self.kind!r}"
         return _problem(self.kind, self.spec)
 
 

@@ -315,7 +315,11 @@ class Engine:
         if request.messages is not None and not request.messages:
             return "messages: must not be empty"
         problems = combination_problems(lambda name: (getattr(request.params, name), ""))
-        return problems[0] if problems else None
+        if problems:
+            return problems[0]
+        constraint = request.params.constraint
+        problem = constraint.problem() if constraint is not None else None
+        return None if problem is None else f"structured output ({constraint.kind}) cannot be enforced: {problem}"
 
     def _check_length(self, prompt_tokens: int, params: SamplingParams) -> str | None:
         if prompt_tokens == 0:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.sampling import MAX_BEAMS, MAX_N, MAX_TOP_LOGPROBS, RANGES  # noqa: F401 (their one statement)
+from contract.structured import Constraint
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SamplingParams:
     """Return each generated token's log-probability (under the distribution it was sampled from)."""
     top_logprobs: int = 0
     """With logprobs: also the this many most likely tokens at each position (0-20)."""
+    constraint: Constraint | None = None
+    """Structured output: the text is decoded under this grammar (workers.grammar); None: free text."""
 
     def problem(self) -> str | None:
         """The first out-of-range parameter, in vLLM's message pattern; None when every one is in range.
