@@ -71,7 +71,7 @@ def compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _problem(kind: str, spec: str) -> str | None:
     """Checked once per distinct constraint: a job of a million lines with one schema compiles it once."""
     from llguidance import LLMatcher

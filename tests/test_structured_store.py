@@ -3,9 +3,13 @@ hands the worker the constraints of what it claimed, stats count constrained req
 out. Real SQLite and PostgreSQL, real Redis."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
+import pytest
 from click.testing import CliRunner
+from openai.types.chat import ChatCompletion
 from sqlalchemy import func, select
 
 from contract.structured import JSON_SCHEMA, REGEX, compact
@@ -14,7 +18,8 @@ from models.store import claim_requests
 from models.tables import OutputConstraint, Request
 from producer.cli import main
 from producer.stats import collect
-from tests.helpers import TINY, table_columns, write_jsonl
+from tests.helpers import TINY, WorkerProcess, env_for, producer, table_columns, wait_for_job, write_jsonl
+from tests.test_openai_batch import chat
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
 
@@ -51,3 +56,31 @@ def test_migration_0009_adds_and_drops_the_constraint_columns(sqlite_url: str) -
     command.upgrade(alembic_config(sqlite_url), "head")
     assert "constraint_key" in table_columns(sqlite_url, "requests") and "constrained" in table_columns(sqlite_url, "results")
     assert table_columns(sqlite_url, "output_constraints") == {"job_id", "key", "kind", "spec"}
+
+
+@pytest.mark.slow
+def test_an_openai_batch_file_with_response_format_goes_through_unchanged(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
+    """A real submit, a real worker on the tiny model, the OpenAI export: every answer that ends 'stop' validates,
+    the body keeps OpenAI's shape, and the stored results say they were constrained."""
+    small = {"type": "object", "properties": {"label": {"enum": ["red", "green"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["label", "n"], "additionalProperties": False}
+    lines = [chat(f"c{i}", max_tokens=40, seed=i, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": small, "strict": True}})
+             for i in range(6)]
+    lines.append(chat("free", max_tokens=5))
+    env = env_for(sqlite_url, broker_url)
+    submitted = producer(["submit", str(write_jsonl(tmp_path / "batch.jsonl", lines)), "--model", TINY], env, check=True)
+    job_id = int(submitted.stdout.strip().splitlines()[-1])
+    worker = WorkerProcess(env)
+    try:
+        assert wait_for_job(sqlite_url, job_id, timeout=300) == "completed"
+    finally:
+        worker.stop()
+    exported = [json.loads(x) for x in producer(["results", str(job_id), "--format", "openai"], env, check=True).stdout.splitlines()]
+    for line in exported:
+        body = ChatCompletion.model_validate(line["response"]["body"])
+        choice = body.choices[0]
+        if line["custom_id"] != "free":
+            assert choice.finish_reason == "stop", choice
+            jsonschema.validate(json.loads(choice.message.content or ""), small)
+    flat = [json.loads(x) for x in producer(["results", str(job_id), "--format", "jsonl"], env, check=True).stdout.splitlines()]
+    assert {r["custom_id"]: r["constrained"] for r in flat} == {**{f"c{i}": True for i in range(6)}, "free": False}
