@@ -107,9 +107,9 @@ def section(result: dict[str, Any]) -> list[str]:
         return [*lines, f"Not measured: {result['error']}", ""]
     runs = result["runs"]
     lines += [
-        f"The bench workload ({result['requests']} requests, {result['dtype']}) with the JSON schema "
-        "`bench.structured.WORKLOAD_SCHEMA` on every request, between two runs of the same requests without "
-        f"(llguidance masks, workers.grammar). Target: constrained ≥ {TARGET}× the mean of the free runs.",
+        (f"The bench workload ({result['requests']} requests, {result['dtype']}) with the JSON schema "
+         "`bench.structured.WORKLOAD_SCHEMA` on every request, between two runs of the same requests without "
+         f"(llguidance masks, workers.grammar). Target: constrained ≥ {TARGET}× the mean of the free runs."),
         "",
         "| run | tokens | seconds | tokens/s | ended 'stop' | answers that parse |",
         "|---|---:|---:|---:|---:|---:|",
