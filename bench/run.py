@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import architectures
+from bench.structured import section as structured_section
 from bench.workload import DEFAULT_PROMPTS, QUALITY_PROMPTS, ROOT, machine
 
 ENGINE_MODES = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8")]
@@ -45,6 +46,8 @@ TARGETS = {
     "occupancy": 0.9,  # share of the batch's slots busy until the last 5% of requests, in (d) and in the fleet run
 }
 FLEET = "fleet"
+STRUCTURED = "structured"
+"""The bench workload with and without a JSON schema on every request (bench.structured)."""
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_MODEL = ROOT / ".peers" / "smollm2-hf"
 PEER = "vLLM 0.32 CPU build (peer; seeds dropped)"
@@ -152,7 +155,7 @@ def build_rows(results: dict[str, dict[str, Any]], cpus: int) -> list[list[str]]
     base_ppl = results.get("engine float32", {}).get("perplexity")
     rows = []
     for key, result in results.items():
-        if key in ("matmul", FLEET) or key.startswith(("fewshot", "rewrite")) or not result or "skipped" in result:
+        if key in ("matmul", FLEET, STRUCTURED) or key.startswith(("fewshot", "rewrite")) or not result or "skipped" in result:
             continue
         if "error" in result:
             rows.append(error_row(key, result, len(HEADER)))
@@ -548,6 +551,7 @@ def report(results: dict[str, dict[str, Any]], info: dict[str, str], command: st
     lines += prefix_section(results)
     lines += speculation_section(results)
     lines += occupancy_section(results, pipeline_key)
+    lines += structured_section(results.get(STRUCTURED, {}))
     lines += ["## What bounds each figure, and what would move it", "", *analysis(results, verdicts, best), ""]
     lines += ["## Seeded sampling and batches", "", DETERMINISM, ""]
     lines += ["## GPU", "", GPU_NOTE, ""]
@@ -577,7 +581,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(mode_name(d, q) for d, q in ENGINE_MODES),
                         help="Engine modes: float32, bfloat16, int8+float32, int8+bfloat16 (comma-separated).")
     parser.add_argument("--skip", default="", help="Runs to leave out (a quick check, not a benchmark): "
-                        "naive, static, static-path, archs, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul (comma-separated).")
+                        "naive, static, static-path, archs, structured, aodynamic, fewshot, rewrite, peer, pipeline, fleet, matmul (comma-separated).")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379", help="Redis server for (d); an empty database index is used.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown report ('-': none).")
     args = parser.parse_args()
@@ -632,6 +636,11 @@ def main() -> None:
             command = [sys.executable, "-m", "bench.architectures", "--arch", arch, "--out", str(out), "--prompts", str(prompts)]
             per_architecture[arch] = run_json(command + (["--requests", str(args.requests)] if args.requests else []), out,
                                               f"architecture {arch}", 7200)
+    if "structured" not in skip:  # the workload with a JSON schema on every request, between two runs without
+        out = tmp / "structured.json"
+        command = [sys.executable, "-m", "bench.structured", "--out", str(out), "--prompts", str(prompts), "--dtype", "bfloat16"]
+        results[STRUCTURED] = run_json(command + (["--requests", str(args.requests)] if args.requests else []), out,
+                                       "structured output", 7200)
     if "aodynamic" not in skip:
         results["engine int8 torch.ao dynamic"] = child("aodynamic", tmp, prompts, "--reference", str(reference), requests=args.requests)
     results["naive"] = {} if "naive" in skip else child(

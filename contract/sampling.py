@@ -58,7 +58,8 @@ or e.g. " (job default)"."""
 def combination_problems(value: Lookup) -> list[str]:
     """What breaks the rules between fields, one message per broken rule (`<field>: <rule>, got <values>`):
     top_logprobs needs logprobs; min_tokens at most max_new_tokens; beam search takes no penalties, no logprobs,
-    no sampling, none of the newer knobs (NOT_WITH_BEAMS) and at most num_beams samples."""
+    no sampling, none of the newer knobs (NOT_WITH_BEAMS), no structured output (`constraint`:
+    contract.structured) and at most num_beams samples."""
     errors = []
     (min_tokens, min_from), (max_new, max_from) = value("min_tokens"), value("max_new_tokens")
     if min_tokens is not None and min_tokens > (max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS):
@@ -72,6 +73,8 @@ def combination_problems(value: Lookup) -> list[str]:
     if beams is None or beams <= 1:
         return errors
     unsupported = [name for name in NOT_WITH_BEAMS if value(name)[0]]
+    if value("constraint")[0] is not None:
+        unsupported.append("structured output")
     if unsupported:
         errors.append(f"num_beams: beam search cannot be combined with {', '.join(unsupported)}, got num_beams={beams}")
     n, n_from = value("n")

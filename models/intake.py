@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from models.db import utcnow
 from models.store import complete_job_if_finished
-from models.tables import Job, JobStatus, Reject, Request, RequestStatus
+from models.tables import Job, JobStatus, OutputConstraint, Reject, Request, RequestStatus
 
 
 def create_job(connection: Connection, *, name: str | None, model: str, source: str | None, defaults: dict[str, Any],
@@ -24,12 +24,14 @@ def create_job(connection: Connection, *, name: str | None, model: str, source: 
     ).scalar_one()
 
 
-REQUEST_COLUMNS = ("job_id", "line_no", "custom_id", "prompt", "messages", "params", "metadata", "status", "attempts")
+REQUEST_COLUMNS = (
+    "job_id", "line_no", "custom_id", "prompt", "messages", "params", "metadata", "constraint_key", "status", "attempts",
+)
 """The columns `insert_requests` fills; the others take their defaults (id from its sequence)."""
 
-RequestRow = tuple[int, str, str | None, str, str, str]
-"""A new request as `insert_requests` takes it: (line_no, custom_id, prompt, messages, params, metadata), the last
-three as JSON text (`request_row`). job_id, status (queued) and attempts (0) are the same for every row of a job."""
+RequestRow = tuple[int, str, str | None, str, str, str, str | None]
+"""A new request as `insert_requests` takes it: (line_no, custom_id, prompt, messages, params, metadata,
+constraint_key), messages, params and metadata as JSON text (`request_row`). job_id, status (queued) and attempts (0) are the same for every row of a job."""
 
 
 def _json_encoder() -> Callable[[Any], str]:
@@ -49,9 +51,16 @@ dump_json = _json_encoder()
 
 
 def request_row(line_no: int, custom_id: str, prompt: str | None, messages: list[dict[str, Any]] | None,
-                params: dict[str, Any], metadata: dict[str, Any] | None) -> RequestRow:
-    """A new request's row for `insert_requests`."""
-    return (line_no, custom_id, prompt, dump_json(messages), dump_json(params), dump_json(metadata))
+                params: dict[str, Any], metadata: dict[str, Any] | None, constraint_key: str | None = None) -> RequestRow:
+    """A new request's row for `insert_requests`; constraint_key names an `insert_constraints` row of its job."""
+    return (line_no, custom_id, prompt, dump_json(messages), dump_json(params), dump_json(metadata), constraint_key)
+
+
+def insert_constraints(connection: Connection, job_id: int, constraints: dict[str, tuple[str, str]]) -> None:
+    """A job's structured-output constraints, {key: (kind, spec)}, one row each (its requests name them by key)."""
+    if constraints:
+        rows = [{"job_id": job_id, "key": key, "kind": kind, "spec": spec} for key, (kind, spec) in constraints.items()]
+        connection.execute(insert(OutputConstraint), rows)
 
 
 def insert_requests(connection: Connection, job_id: int, chunks: Iterable[Sequence[RequestRow]]) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from contract.policy import gave_up_reason, gives_up
 from models.db import as_utc, utcnow
-from models.tables import Job, JobStatus, Request, RequestStatus, Result
+from models.tables import Job, JobStatus, OutputConstraint, Request, RequestStatus, Result
 
 OPEN_JOB_STATES = (JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -68,6 +68,8 @@ class Claim:
     """Ids this claim marked failed because they had been started max_attempts times already."""
     job_created_at: datetime | None = None
     """When the job was stored: the enqueue time of requests never re-enqueued (for queue-wait metrics)."""
+    constraints: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """The structured-output constraints its requests name (Request.constraint_key): {key: (kind, spec)}."""
 
 
 def lease_lapsed(now: datetime) -> ColumnElement[bool]:
@@ -125,9 +127,21 @@ def claim_requests(
         job.status = JobStatus.RUNNING
     if requests and job.started_at is None:
         job.started_at = now
-    claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up, job.created_at)
+    claim = Claim(job.id, job.model, dict(job.defaults or {}), requests, one_by_one, gave_up, job.created_at,
+                  _constraints(session, job_id, {r.constraint_key for r in requests if r.constraint_key is not None}))
     session.commit()
     return claim
+
+
+def _constraints(session: Session, job_id: int, keys: set[str]) -> dict[str, tuple[str, str]]:
+    """The job's constraints under these keys (one query; none when no request names one)."""
+    if not keys:
+        return {}
+    rows = session.execute(
+        select(OutputConstraint.key, OutputConstraint.kind, OutputConstraint.spec)
+        .where(OutputConstraint.job_id == job_id, OutputConstraint.key.in_(sorted(keys)))
+    ).all()
+    return {row.key: (row.kind, row.spec) for row in rows}
 
 
 def _give_up(session: Session, job_id: int, among: ColumnElement[bool], max_attempts: int, now: datetime) -> list[int]:
@@ -205,6 +219,7 @@ class ResultRow(TypedDict):
     accepted_draft_tokens: int | None
     reasoning_content: NotRequired[str | None]
     """A reasoning model's thinking (absent or None: none kept apart)."""
+    constrained: bool
 
 
 @dataclass

@@ -5,7 +5,9 @@ from datetime import datetime
 from enum import StrEnum, nonmember
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigId
@@ -92,6 +94,8 @@ class Request(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """Only the sampling values set on this request's line."""
     meta: Mapped[Optional[dict[str, Any]]] = mapped_column("metadata", JSON)
+    constraint_key: Mapped[Optional[str]] = mapped_column(String(64))
+    """The structured output it asks for: the key of its job's OutputConstraint (NULL: free text)."""
     status: Mapped[str] = mapped_column(String(20), default=RequestStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """Times a worker started generating it; capped by the max_attempts setting."""
@@ -150,9 +154,30 @@ class Result(Base):
     reasoning_content: Mapped[Optional[str]] = mapped_column(Text)
     """A reasoning model's thinking, when its chat template marks it (text is then the answer alone); None
     otherwise (workers.reasoning)."""
+    constrained: Mapped[Optional[bool]] = mapped_column(Boolean)
+    """Its text was constrained while decoding to its request's schema, regex or choices (None: written before the
+    column existed)."""
 
     def __repr__(self) -> str:
         return f"Result(request_id={self.request_id}, sample={self.sample_index}, finish={self.finish_reason!r})"
+
+
+class OutputConstraint(Base):
+    """A structured-output constraint (contract.structured.Constraint) that requests of a job ask for, stored once
+    per job under its key however many requests ask for it."""
+
+    __tablename__ = "output_constraints"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """sha256 of kind and spec."""
+    kind: Mapped[str] = mapped_column(String(20))
+    """json_schema, json_object, regex or choice."""
+    spec: Mapped[str] = mapped_column(Text)
+    """The schema as compact JSON, the regex, or the choices as a JSON array."""
+
+    def __repr__(self) -> str:
+        return f"OutputConstraint(job_id={self.job_id}, key={self.key[:12]!r}, kind={self.kind!r})"
 
 
 class Reject(Base):

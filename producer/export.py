@@ -21,7 +21,8 @@ from models.tables import Request, RequestStatus, Result
 FORMATS = ("jsonl", "csv", "parquet", "openai")
 FLAT_COLUMNS = (
     "custom_id", "sample_index", "status", "text", "finish_reason", "prompt_tokens", "cached_prompt_tokens",
-    "completion_tokens", "draft_tokens", "accepted_draft_tokens", "seed", "error", "metadata", "reasoning_content",
+    "completion_tokens", "draft_tokens", "accepted_draft_tokens", "seed", "constrained", "error", "metadata",
+    "reasoning_content",
 )
 """reasoning_content: a reasoning model's thinking when its template marks it (text is then the answer alone);
 JSONL lines carry it only when there is some."""
@@ -64,6 +65,7 @@ def flat_records(db: Engine, job_id: int, logprobs: bool = False) -> Iterator[di
                 "accepted_draft_tokens": result.accepted_draft_tokens,
                 "seed": result.seed,
                 "reasoning_content": result.reasoning_content,
+                "constrained": result.constrained,
             }
             if logprobs and result.logprobs is not None:
                 record["logprobs"] = result.logprobs
@@ -103,7 +105,8 @@ def arrow_schema():  # type: ignore[no-untyped-def]
         ("custom_id", pa.string()), ("sample_index", pa.int32()), ("status", pa.string()), ("text", pa.string()),
         ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("cached_prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()), ("draft_tokens", pa.int32()), ("accepted_draft_tokens", pa.int32()),
-        ("seed", pa.int64()), ("error", pa.string()), ("metadata", pa.string()), ("reasoning_content", pa.string()),
+        ("seed", pa.int64()), ("constrained", pa.bool_()), ("error", pa.string()), ("metadata", pa.string()),
+        ("reasoning_content", pa.string()),
     ])
 
 

@@ -6,8 +6,9 @@ native rules then validate it, and their errors are renamed to the field the use
 `body.max_tokens: must be >= 1, got 0`. Every body field of the two endpoints (as of the openai SDK's
 CompletionCreateParams, plus vLLM's sampling extras: VLLM_FIELDS) is either honoured, kept in the request's
 metadata (harmless ones), or refused with an error naming it; none is dropped silently. A refused field is
-accepted when it is null or holds the value that turns it off (`"stream": false`, `"tools": []`,
-`"response_format": {"type": "text"}`).
+accepted when it is null or holds the value that turns it off (`"stream": false`, `"tools": []`). Chat's
+`response_format` (json_schema, json_object, text) is honoured: the answer is constrained to it while decoding
+(contract.structured).
 
 `body.model` is recorded in the metadata; the job runs on its own model (`--model`), whatever the lines name.
 """
@@ -61,7 +62,6 @@ _REFUSED: dict[str, dict[str, tuple[Any, str]]] = {
         "function_call": ("none", "function calling"),
         "audio": (_OFF, "audio output"),
         "modalities": (["text"], "output modalities other than text"),
-        "response_format": ({"type": "text"}, "structured output (JSON mode, JSON schema)"),
         "prediction": (_OFF, "predicted outputs"),
         "reasoning_effort": (_OFF, "reasoning effort"),
         "verbosity": (_OFF, "verbosity control"),
@@ -80,7 +80,8 @@ _REFUSED: dict[str, dict[str, tuple[Any, str]]] = {
 _ALSO_OFF = {"service_tier": ("default",)}
 
 _HONOURED = {
-    CHAT: ("model", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", *_SAME_NAME, *_CHAT_SAME_NAME),
+    CHAT: ("model", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+           *_SAME_NAME, *_CHAT_SAME_NAME),
     COMPLETIONS: ("model", "prompt", "max_tokens", "logprobs", "best_of", *_SAME_NAME),
 }
 BODY_FIELDS = {url: (*_HONOURED[url], *_KEPT[url], *_REFUSED[url]) for url in ENDPOINTS}
@@ -205,6 +206,7 @@ def _body(url: str, body: dict[str, Any], out: Translation) -> None:
     if url == CHAT:
         for name in _CHAT_SAME_NAME:
             _copy(body, name, name, line, names)
+        _copy(body, "response_format", "response_format", line, names)  # structured output: contract.structured
         _copy(body, "logprobs", "logprobs", line, names)
         _copy(body, "top_logprobs", "top_logprobs", line, names)
     else:

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from contract.errors import EmptyInput, InputFileError
 from producer.limits import MAX_ROW_BYTES
+from contract.structured import Constraint
 from producer.openai_batch import is_openai_line, translate
 from producer.schema import PromptLine, json_type, show, validate_line
 
@@ -40,6 +41,8 @@ class ValidRequest:
     params: dict[str, Any]
     """Only the sampling values set on this line (stop as a list); the job's defaults are stored on the job."""
     metadata: dict[str, Any] | None
+    constraint: Constraint | None = None
+    """The structured output it asks for (contract.structured), stored once per job under its key."""
 
 
 @dataclass(slots=True)
@@ -316,6 +319,7 @@ def _request(line_no: int, custom_id: str, line: PromptLine) -> ValidRequest:
         messages=messages,
         params=line.sampling_params(),
         metadata=line.metadata,
+        constraint=line.constraint,
     )
 
 

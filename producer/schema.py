@@ -23,6 +23,8 @@ from contract.sampling import (
     logit_bias_problems,
     show,
 )
+from contract.structured import FIELDS as STRUCTURED_FIELDS
+from contract.structured import Constraint, constraint_of
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 16
@@ -156,6 +158,11 @@ class PromptLine(_JobSampling):
     chat_template_kwargs: dict[str, Any] | None = None
     """Passed to the model's chat template (Qwen3: {"enable_thinking": false}); chat requests only."""
     metadata: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    """Structured output (contract.structured): OpenAI's json_schema or json_object, or vLLM's guided_* below."""
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> PromptLine:
@@ -165,7 +172,12 @@ class PromptLine(_JobSampling):
 
     def sampling_params(self) -> dict[str, Any]:
         """Only the sampling values set on this line: they are stored as the request's overrides."""
-        return self.model_dump(exclude_none=True, exclude={"prompt", "messages", "custom_id", "metadata"})
+        return self.model_dump(exclude_none=True, exclude={"prompt", "messages", "custom_id", "metadata", *STRUCTURED_FIELDS})
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The structured output the line asks for (None: none, or one that check_against refuses)."""
+        return constraint_of({name: getattr(self, name) for name in STRUCTURED_FIELDS})[0]
 
     def check_against(self, defaults: Mapping[str, Any], context_length: int) -> list[str]:
         """Cross-field rules (contract.sampling), on the effective values: the line's, else the job default's."""
@@ -175,6 +187,7 @@ class PromptLine(_JobSampling):
         if self.logit_bias is not None:
             errors += logit_bias_problems(self.logit_bias)
         errors += chat_template_kwargs_problems(self.chat_template_kwargs, self.messages is not None)
+        errors += constraint_of({name: getattr(self, name) for name in STRUCTURED_FIELDS})[1]
         return errors + combination_problems(lambda name: self._effective(name, defaults))
 
     def with_system_prompt(self, system_prompt: str | None) -> PromptLine:

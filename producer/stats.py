@@ -50,6 +50,7 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
                 func.sum(Result.draft_tokens), func.sum(Result.accepted_draft_tokens),
             ).where(*on_results)
         ).one()
+        constrained = session.scalar(select(func.count()).where(*on_requests, Request.constraint_key.is_not(None)))
         groups = {}
         for name, column in (("workers", Result.worker_host), ("models", Result.model)):
             groups[name] = [
@@ -88,6 +89,7 @@ def collect(db: Engine, job_id: int | None = None) -> dict[str, Any]:
         "job": job_id,
         "jobs": jobs,
         "requests": int(total),
+        "constrained_requests": int(constrained or 0),
         "by_state": by_state,
         "prompt_tokens": int(prompt_tokens),
         "prefix_hit_rate": _share(cached, counted),

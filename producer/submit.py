@@ -30,6 +30,7 @@ from sqlalchemy import Engine
 from models.intake import (
     RequestRow,
     create_job,
+    insert_constraints,
     insert_rejects,
     insert_requests,
     iter_request_ids,
@@ -58,6 +59,8 @@ class Validation:
     error_count: int = 0
     spool: Spool | None = field(default=None, repr=False)
     """The validated rows, ready for store_job; None when the file must be read again."""
+    constraints: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """The distinct structured-output constraints the good rows ask for, {key: (kind, spec)}: stored once each."""
 
 
 class Spool:
@@ -119,6 +122,8 @@ def validate_file(
             if request is not None:
                 summary.valid += 1
                 summary.samples += _samples(defaults, request.params)
+                if request.constraint is not None:
+                    summary.constraints.setdefault(request.constraint.key, (request.constraint.kind, request.constraint.spec))
                 if rows is not None:
                     rows.add_row(request)
             else:
@@ -168,6 +173,7 @@ def store_job(
         with db.begin() as connection:
             job_id = create_job(connection, name=name, model=model, source=data.path, defaults=defaults,
                                 input_columns=getattr(data, "record", None))
+            insert_constraints(connection, job_id, validation.constraints)
             if spool is not None:
                 chunks: Callable[[], Iterator[tuple[list[RequestRow], list[tuple[int, str]]]]] = spool.chunks
             else:
@@ -218,7 +224,8 @@ def _chunks_from_input(data: Input, defaults: dict[str, Any], context_length: in
 
 def _row(request: ValidRequest | None) -> RequestRow:
     assert request is not None
-    return request_row(request.line_no, request.custom_id, request.prompt, request.messages, request.params, request.metadata)
+    key = request.constraint.key if request.constraint is not None else None
+    return request_row(request.line_no, request.custom_id, request.prompt, request.messages, request.params, request.metadata, key)
 
 
 def _interruptible(chunks: Iterator[list[RequestRow]]) -> Iterator[list[RequestRow]]:

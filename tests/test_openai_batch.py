@@ -114,7 +114,6 @@ REFUSED_CHAT = {
     "function_call": "auto",
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
-    "response_format": {"type": "json_object"},
     "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "low",
     "verbosity": "low",

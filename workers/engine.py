@@ -331,7 +331,11 @@ class Engine:
         beyond = sorted(t for t in [*request.params.stop_token_ids, *request.params.logit_bias] if t >= vocab)
         if beyond:
             problems.append(f"token ids {beyond} are beyond the model's vocabulary of {vocab} (stop_token_ids, logit_bias)")
-        return problems[0] if problems else None
+        if problems:
+            return problems[0]
+        constraint = request.params.constraint
+        problem = constraint.problem() if constraint is not None else None
+        return None if problem is None else f"structured output ({constraint.kind}) cannot be enforced: {problem}"
 
     def _check_length(self, prompt_tokens: int, params: SamplingParams) -> str | None:
         if prompt_tokens == 0:

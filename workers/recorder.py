@@ -127,7 +127,7 @@ class Recorder:
                 **per_request, sample_index=index, text=storable(sample.text), finish_reason=sample.finish_reason,
                 completion_tokens=sample.completion_tokens, params=params | {"seed": sample.seed}, seed=sample.seed,
                 logprobs=sample.logprobs, cached_prompt_tokens=sample.cached_tokens, draft_tokens=sample.draft_tokens,
-                accepted_draft_tokens=sample.accepted_tokens,
+                accepted_draft_tokens=sample.accepted_tokens, constrained=h.generation.params.constraint is not None,
                 reasoning_content=None if sample.reasoning is None else storable(sample.reasoning),
             )
             for index, sample in enumerate(result.samples)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from workers.finish import ending_ids, finish
+from workers.finish import decode, ending_ids, finish
+from workers.grammar import Grammars, advance, grammars_for
 from workers.prefix_cache import BlockKey
 from workers.sampling import RowParams, SamplingGroups, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
@@ -91,6 +92,8 @@ class RowState:
     """Built the first time the row is drafted for (speculative decoding)."""
     acceptance: Acceptance = field(default_factory=Acceptance)
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
+    matcher: Any = None
+    """Structured output: the row's llguidance matcher (workers.grammar), in step with generated; None: free text."""
 
     def draft_limit(self, limit: int) -> int:
         """How many draft tokens the row may take: never past max_new_tokens."""
@@ -104,7 +107,10 @@ class RowState:
         if self.drafter is None:
             self.drafter = make_drafter(self.row.prompt_ids)
         self.drafter.sync(self.generated)
-        return self.drafter.propose(limit)
+        draft = self.drafter.propose(limit)
+        if self.matcher is not None and draft:  # a constrained row's draft stops where its grammar would refuse it
+            draft = draft[: self.matcher.validate_tokens(draft)]
+        return draft
 
 
 def start_row(row: Row) -> RowState:
@@ -152,6 +158,8 @@ class RunningBatch:
         """bool (rows, vocab): the tokens of each penalised row's prompt and output (other rows: unused)."""
         self.counts: Tensor | None = None
         """float (rows, vocab): how often each token was generated, while a row has an OpenAI penalty."""
+        self.grammars: Grammars = grammars_for(tokenizer, vocab, eos_ids)
+        """Compiled structured-output constraints, shared by the worker's batches."""
 
     def __len__(self) -> int:
         return len(self.states)
@@ -159,6 +167,9 @@ class RunningBatch:
     def add(self, rows: list[Row]) -> list[RowState]:
         """New rows join at the end (the next slots)."""
         states = [start_row(row) for row in rows]
+        for state in states:
+            if state.row.params.constraint is not None:
+                state.matcher = self.grammars.matcher(state.row.params.constraint)
         first = len(self.states)
         self.states += states
         self.last = torch.cat([self.last, self.last.new_zeros(len(rows))])
@@ -282,6 +293,9 @@ class RunningBatch:
         params = RowParams(*(t[at] for t in _fields(self.params)))
         seen = self.seen[at] if self.seen is not None else None
         groups = self.groups if whole else self._groups_of(states)
+        guided = [i for i, s in enumerate(states) if s.matcher is not None]
+        if guided:
+            logits = self.grammars.apply(logits, guided, [states[i].matcher for i in guided])
         uniform = draw_uniforms([s.generator for s in states], self.device)
         tokens = next_tokens(logits, params, seen, uniform, groups, self.sort_free)
         if self.seen is not None or self.counts is not None:
@@ -300,7 +314,10 @@ class RunningBatch:
         finished: list[Sample | None] = []
         for state, token in zip(states, generated):
             state.generated.append(token)
-            sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
+            if state.matcher is not None and advance(state.matcher, token, self.eos_ids):
+                sample: Sample | None = Sample(decode(self.tokenizer, state.generated), "stop", len(state.generated), state.row.seed)
+            else:
+                sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
             if sample is not None and state.row.params.logprobs:
                 sample.logprobs = state.logprobs[: sample.completion_tokens]
             finished.append(sample)

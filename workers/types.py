@@ -6,6 +6,7 @@ from typing import Any
 
 from contract.sampling import DEFAULT_MAX_NEW_TOKENS, RANGES, logit_bias_problems, token_id_problem
 from contract.sampling import MAX_BEAMS, MAX_N, MAX_TOP_LOGPROBS  # noqa: F401 (their one statement)
+from contract.structured import Constraint
 
 
 @dataclass
@@ -42,6 +43,8 @@ class SamplingParams:
     """OpenAI's: added to the token's logit before any other processing, in [-100, 100]."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the chat template (e.g. Qwen3's enable_thinking); chat requests only."""
+    constraint: Constraint | None = None
+    """Structured output: the text is decoded under this grammar (workers.grammar); None: free text."""
 
     def problem(self) -> str | None:
         """The first out-of-range parameter, in vLLM's message pattern; None when every one is in range.

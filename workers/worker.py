@@ -37,6 +37,7 @@ from contract.errors import WrongModel
 from contract.logs import about
 from contract.policy import RELEASE_WITHIN_S, TransientError, with_store_retry
 from contract.settings import Settings
+from contract.structured import Constraint
 from models.db import as_utc, utcnow
 from models.store import Claim, claim_requests, record_outcomes, release_requests
 from workers import metrics
@@ -44,7 +45,7 @@ from workers.held import Held, Work
 from workers.leases import LeaseKeeper
 from workers.recorder import Finished, Record, Recorder
 from workers.standin import WholeBatches
-from workers.types import GenerationRequest, GenerationResult, resolve_params
+from workers.types import GenerationRequest, GenerationResult, SamplingParams, resolve_params
 
 log = logging.getLogger("bulkgen.worker")
 
@@ -186,7 +187,7 @@ class Worker:
     @staticmethod
     def _held_of(claimed: Claim, now: datetime) -> list[Held]:
         return [
-            Held(claimed.job_id, r, GenerationRequest(params=resolve_params(claimed.defaults, r.params or {}), prompt=r.prompt, messages=r.messages), now)
+            Held(claimed.job_id, r, GenerationRequest(params=_params(claimed, r), prompt=r.prompt, messages=r.messages), now)
             for r in claimed.requests
         ]
 
@@ -424,3 +425,13 @@ def _observe_queue_wait(model: str, claimed: Claim, now: datetime) -> None:
         since = as_utc(request.enqueued_at or claimed.job_created_at)
         if since is not None:
             metrics.QUEUE_WAIT.labels(model).observe(max(0.0, (now - since).total_seconds()))
+
+
+def _params(claimed: Claim, request: Any) -> SamplingParams:
+    """A claimed request's sampling parameters: the job's defaults, its own values, its structured-output constraint."""
+    params = resolve_params(claimed.defaults, request.params or {})
+    key = request.constraint_key
+    if key is not None:
+        kind, spec = claimed.constraints.get(key, (f"missing (the job stores no constraint {key[:12]})", ""))
+        params.constraint = Constraint(kind, spec)
+    return params

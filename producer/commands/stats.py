@@ -35,7 +35,7 @@ def stats(job_id: int | None, as_json: bool, database_url: str | None) -> None:
 
     console = Console()
     summary = Table(title=f"job {job_id}" if job_id is not None else f"all {info['jobs']} jobs", show_header=False)
-    for key in ("requests", "prompt_tokens", "prefix_hit_rate", "completion_tokens", "draft_tokens", "accepted_draft_tokens",
+    for key in ("requests", "constrained_requests", "prompt_tokens", "prefix_hit_rate", "completion_tokens", "draft_tokens", "accepted_draft_tokens",
                 "speculation_acceptance", "elapsed_s", "tokens_per_s", "eta_s"):
         summary.add_row(key, "" if info[key] is None else str(info[key]))
     for state, count in sorted(info["by_state"].items()):
