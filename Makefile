@@ -42,7 +42,8 @@ SOAK_MINUTES ?= 30
 soak: install services
 	HF_HUB_OFFLINE=1 $(PY) -m tests.faults.soak --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
-# The generation benchmark: writes docs/benchmarks.md (about 20-30 minutes on 2 cores; needs the local Redis).
+# The generation benchmark: writes docs/benchmarks.md (about 20-30 minutes on 2 cores, plus an estimated 1-1.5 hours for
+# the fast engine's seven architectures against static batches, which `-m bench.run --skip archs` leaves out; needs the local Redis).
 bench: install services
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 
