@@ -57,7 +57,8 @@ or e.g. " (job default)"."""
 
 def combination_problems(value: Lookup) -> list[str]:
     """What breaks the rules between fields, one message per broken rule (`<field>: <rule>, got <values>`):
-    top_logprobs needs logprobs; min_tokens at most max_new_tokens; beam search takes no penalties, no logprobs,
+    top_logprobs needs logprobs; min_tokens at most max_new_tokens; structured output takes no min_tokens and no
+    ignore_eos (its grammar ends the answer); beam search takes no penalties, no logprobs,
     no sampling, none of the newer knobs (NOT_WITH_BEAMS), no structured output (`constraint`:
     contract.structured) and at most num_beams samples."""
     errors = []
@@ -69,11 +70,17 @@ def combination_problems(value: Lookup) -> list[str]:
     if top_logprobs and not logprobs:
         got = "not given" if logprobs is None else show(logprobs)
         errors.append(f"top_logprobs: needs logprobs set to true, got top_logprobs={top_logprobs}, logprobs {got}")
+    constrained = value("constraint")[0] is not None
+    for name in ("min_tokens", "ignore_eos"):
+        given, source = value(name)
+        if constrained and given:
+            errors.append(f"{name}: cannot be combined with structured output (a constrained answer ends when its "
+                          f"grammar is complete), got {name}={show(given)}{source}")
     beams = value("num_beams")[0]
     if beams is None or beams <= 1:
         return errors
     unsupported = [name for name in NOT_WITH_BEAMS if value(name)[0]]
-    if value("constraint")[0] is not None:
+    if constrained:
         unsupported.append("structured output")
     if unsupported:
         errors.append(f"num_beams: beam search cannot be combined with {', '.join(unsupported)}, got num_beams={beams}")

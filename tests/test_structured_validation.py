@@ -82,6 +82,16 @@ REFUSED = {
         line(response_format={"type": "json_object", "json_schema": {"schema": PERSON}}),
         "response_format: unknown field 'json_schema' for type 'json_object'",
     ),
+    "with min_tokens": (
+        line(guided_choice=["a"], min_tokens=3),
+        "min_tokens: cannot be combined with structured output (a constrained answer ends when its grammar is "
+        "complete), got min_tokens=3",
+    ),
+    "with ignore_eos": (
+        line(guided_regex="[0-9]+", ignore_eos=True),
+        "ignore_eos: cannot be combined with structured output (a constrained answer ends when its grammar is "
+        "complete), got ignore_eos=true",
+    ),
     "with beam search": (
         line(guided_choice=["a"], num_beams=2, temperature=0),
         "num_beams: beam search cannot be combined with structured output, got num_beams=2",
