@@ -100,6 +100,18 @@ def wait_for_job(database_url: str, job_id: int, timeout: float = 300) -> str:
     raise AssertionError(f"job {job_id} did not finish within {timeout}s (status {status})")
 
 
+def submit_and_complete(source: Path, env: dict[str, str], database_url: str, model: str = TINY) -> int:
+    """`producer submit` source, run a real worker until the job completes, stop it; the job's id."""
+    submitted = producer(["submit", str(source), "--model", model], env, check=True)
+    job_id = int(submitted.stdout.strip().splitlines()[-1])
+    worker = WorkerProcess(env)
+    try:
+        assert wait_for_job(database_url, job_id, timeout=300) == "completed"
+    finally:
+        worker.stop()
+    return job_id
+
+
 def table_columns(database_url: str, table: str) -> set[str]:
     """The names of a table's columns in the store, as the database reports them."""
     from sqlalchemy import inspect

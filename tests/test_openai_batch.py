@@ -22,7 +22,7 @@ from sqlalchemy import text as sql
 
 from producer.openai_batch import BODY_FIELDS, CHAT, COMPLETIONS, VLLM_FIELDS
 from producer.reader import LineOutcome, read_requests
-from tests.helpers import TINY, WorkerProcess, accepted_and_peak, env_for, producer, wait_for_job, write_jsonl
+from tests.helpers import TINY, accepted_and_peak, env_for, producer, submit_and_complete, write_jsonl
 
 CONTEXT = 2048
 
@@ -291,13 +291,7 @@ ROUND_TRIP = [
 def test_openai_batch_round_trip(sqlite_url: str, broker_url: str, tmp_path: Path) -> None:
     env = env_for(sqlite_url, broker_url)
     source = write_jsonl(tmp_path / "batch_input.jsonl", ROUND_TRIP)
-    submitted = producer(["submit", str(source), "--model", TINY], env, check=True)
-    job_id = int(submitted.stdout.strip().splitlines()[-1])
-    worker = WorkerProcess(env)
-    try:
-        assert wait_for_job(sqlite_url, job_id, timeout=300) == "completed"
-    finally:
-        worker.stop()
+    job_id = submit_and_complete(source, env, sqlite_url)
     exported = producer(["results", str(job_id), "--format", "openai"], env, check=True)
     lines = [json.loads(x) for x in exported.stdout.splitlines()]
     by_id = {line["custom_id"]: line for line in lines}

@@ -18,7 +18,7 @@ from models.store import claim_requests
 from models.tables import OutputConstraint, Request
 from producer.cli import main
 from producer.stats import collect
-from tests.helpers import TINY, WorkerProcess, env_for, producer, table_columns, wait_for_job, write_jsonl
+from tests.helpers import TINY, env_for, producer, submit_and_complete, table_columns, write_jsonl
 from tests.test_openai_batch import chat
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
@@ -68,13 +68,7 @@ def test_an_openai_batch_file_with_response_format_goes_through_unchanged(sqlite
              for i in range(6)]
     lines.append(chat("free", max_tokens=5))
     env = env_for(sqlite_url, broker_url)
-    submitted = producer(["submit", str(write_jsonl(tmp_path / "batch.jsonl", lines)), "--model", TINY], env, check=True)
-    job_id = int(submitted.stdout.strip().splitlines()[-1])
-    worker = WorkerProcess(env)
-    try:
-        assert wait_for_job(sqlite_url, job_id, timeout=300) == "completed"
-    finally:
-        worker.stop()
+    job_id = submit_and_complete(write_jsonl(tmp_path / "batch.jsonl", lines), env, sqlite_url)
     exported = [json.loads(x) for x in producer(["results", str(job_id), "--format", "openai"], env, check=True).stdout.splitlines()]
     for line in exported:
         body = ChatCompletion.model_validate(line["response"]["body"])
