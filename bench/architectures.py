@@ -80,14 +80,10 @@ def measure_engine(model, tokenizer, lines: list[dict[str, Any]]) -> dict[str, A
 def measure_static(model, tokenizer, lines: list[dict[str, Any]]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     import torch
 
-    from bench.measure import hf_kwargs
+    from bench.measure import hf_kwargs, static_batches
 
     requests = fixed_lengths(lines)
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
-        p = r.params
-        groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty), []).append(i)
-    batches = [ids[i : i + STATIC_BATCH] for ids in groups.values() for i in range(0, len(ids), STATIC_BATCH)]
+    batches = static_batches(requests, STATIC_BATCH)
 
     def run(batch: list[int]) -> int:
         texts = [tokenizer.decode(prompt_ids(tokenizer, requests[i])) for i in batch]

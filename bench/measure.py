@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.workload import (
     MODEL,
@@ -40,6 +40,9 @@ from bench.workload import (
     to_requests,
     tree_rss_mib,
 )
+
+if TYPE_CHECKING:
+    from workers.types import GenerationRequest
 
 STATIC_BATCH = 64
 BATCH_ROWS = 64
@@ -67,6 +70,15 @@ def hf_kwargs(params, eos_ids: list[int], pad_id: int) -> dict[str, Any]:  # typ
     return common | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
 
 
+def static_batches(requests: list[GenerationRequest], batch_size: int) -> list[list[int]]:
+    """Request indexes in batches of at most batch_size whose sampling parameters are one generate() call's."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        p = r.params
+        groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty), []).append(i)
+    return [ids[i : i + batch_size] for ids in groups.values() for i in range(0, len(ids), batch_size)]
+
+
 def hf_generate(lines: list[dict[str, Any]], batch_size: int, dtype: str) -> dict[str, Any]:
     """transformers generate over lines, in batches of identical parameters (batch_size 1: one at a time)."""
     import torch
@@ -78,11 +90,7 @@ def hf_generate(lines: list[dict[str, Any]], batch_size: int, dtype: str) -> dic
     model, tokenizer = load_model(resolve(MODEL), "cpu", dtype)
     eos = sorted(eos_token_ids(model, tokenizer))
     requests = to_requests(lines)
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
-        p = r.params
-        groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty), []).append(i)
-    batches = [ids[i : i + batch_size] for ids in groups.values() for i in range(0, len(ids), batch_size)]
+    batches = static_batches(requests, batch_size)
 
     def run(batch: list[int]) -> int:
         texts = [tokenizer.decode(prompt_ids(tokenizer, requests[i])) for i in batch]
