@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from models.base import Base
 from producer.cli import main
 from tests.helpers import env_for, producer
 from tests.test_export import _job_with_results
@@ -86,7 +87,7 @@ def test_sqlite_refuses_everything_but_reading_and_leaves_no_file(sqlite_url: st
         assert c.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert c.execute(text("PRAGMA user_version")).scalar_one() == 0
         assert {r[0] for r in c.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))} == {
-            "alembic_version", "jobs", "requests", "results", "rejects"}
+            "alembic_version", *Base.metadata.tables}
     engine.dispose()
 
 
