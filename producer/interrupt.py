@@ -9,15 +9,19 @@ a Ctrl-C'd submit ended with exit 0; its stderr was not kept, so that this was t
 So while `remembering()` is active a Ctrl-C still raises KeyboardInterrupt at once, as before, and is also
 remembered: `check()`, called between chunks and right before each commit, raises it again if it was pressed
 and nobody stopped for it. The handler is installed only where Python's own default handler is (the main
-thread, no handler of the caller's), and the previous one is restored on the way out.
+thread, no handler of the caller's), and the previous one is restored on the way out. Meanwhile a Ctrl-C
+dropped in a finalizer is not printed as "Exception ignored ... Traceback" (sys.unraisablehook): check()
+raises it where the submit can stop cleanly ("Aborted!"), so the user sees no traceback.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 _pressed = threading.Event()
 
@@ -34,6 +38,15 @@ def _remember(signum: int, frame: FrameType | None) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def _quiet_if_remembered(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt) and _pressed.is_set():
+            return  # remembered: check() raises it again
+        previous(unraisable)
+
+    return hook
+
+
 @contextmanager
 def remembering() -> Iterator[None]:
     """Within: Ctrl-C raises KeyboardInterrupt as usual and is remembered for check()."""
@@ -41,9 +54,12 @@ def remembering() -> Iterator[None]:
         yield
         return
     _pressed.clear()
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_if_remembered(previous_hook)
     signal.signal(signal.SIGINT, _remember)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
         _pressed.clear()

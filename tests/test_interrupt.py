@@ -41,6 +41,22 @@ def test_a_ctrl_c_dropped_in_a_finalizer_is_raised_again_by_check() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_remembered_ctrl_c_dropped_in_a_finalizer_prints_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    reported: list[object] = []
+    previous, sys.unraisablehook = sys.unraisablehook, reported.append
+    try:
+        with interrupt.remembering():
+            PressedDuringFinalizer()
+            with pytest.raises(KeyboardInterrupt):
+                interrupt.check()
+    finally:
+        sys.unraisablehook = previous
+    assert reported == []  # the hook of the caller's never saw it; check() raised it instead
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_ctrl_c_still_raises_at_once() -> None:
     with interrupt.remembering():
         with pytest.raises(KeyboardInterrupt):
