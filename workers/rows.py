@@ -186,26 +186,28 @@ class RunningBatch:
             for i, row in enumerate(rows):
                 if row.params.repetition_penalty != 1.0:
                     seen[i, torch.tensor(row.prompt_ids, dtype=torch.long, device=self.device)] = True
-            old = self.seen if self.seen is not None else torch.zeros((first, self.vocab), dtype=torch.bool, device=self.device)
-            self.seen = torch.cat([old, seen])
+            self.seen = self._grown(self.seen, seen, first)
         if self.counts is not None or any(r.params.frequency_penalty or r.params.presence_penalty for r in rows):
-            old = self.counts if self.counts is not None else torch.zeros((first, self.vocab), device=self.device)
-            self.counts = torch.cat([old, torch.zeros((len(rows), self.vocab), device=self.device)])
+            self.counts = self._grown(self.counts, torch.zeros((len(rows), self.vocab)), first)
         if self.bias is not None or any(r.params.logit_bias for r in rows):
             bias = torch.zeros((len(rows), self.vocab), dtype=torch.float32)
             for i, row in enumerate(rows):
                 for token, value in row.params.logit_bias.items():
                     bias[i, token] = value
-            old = self.bias if self.bias is not None else torch.zeros((first, self.vocab), device=self.device)
-            self.bias = torch.cat([old, bias.to(self.device)])
+            self.bias = self._grown(self.bias, bias, first)
         if self.held_back is not None or any(r.params.min_tokens for r in rows):
             held = torch.zeros((len(rows), self.vocab), dtype=torch.bool)
             for i, row in enumerate(rows):
                 if row.params.min_tokens:
                     held[i, sorted(t for t in ending_ids(row.params, self.eos_ids) if t < self.vocab)] = True
-            old = self.held_back if self.held_back is not None else torch.zeros((first, self.vocab), dtype=torch.bool, device=self.device)
-            self.held_back = torch.cat([old, held.to(self.device)])
+            self.held_back = self._grown(self.held_back, held, first)
         return states
+
+    def _grown(self, old: Tensor | None, new: Tensor, first: int) -> Tensor:
+        """A (rows, vocab) tensor with new's rows after old's first rows (None: no row needed it yet, zeros)."""
+        if old is None:
+            old = torch.zeros((first, self.vocab), dtype=new.dtype, device=self.device)
+        return torch.cat([old, new.to(self.device)])
 
     def keep(self, order: list[int]) -> None:
         """Keep the rows at these old positions, in this order (the others left the batch)."""
@@ -218,14 +220,9 @@ class RunningBatch:
         self._groups = None
         self.params = self.params.select(index)
         self.frequency, self.presence = self.frequency[index], self.presence[index]
-        if self.seen is not None:
-            self.seen = self.seen[index]
-        if self.counts is not None:
-            self.counts = self.counts[index]
-        if self.bias is not None:
-            self.bias = self.bias[index]
-        if self.held_back is not None:
-            self.held_back = self.held_back[index]
+        self.seen, self.counts, self.bias, self.held_back = (
+            None if t is None else t[index] for t in (self.seen, self.counts, self.bias, self.held_back)
+        )
 
     def clear(self) -> None:
         self.states = []
