@@ -8,10 +8,13 @@ A sampled row's randomness is one uniform number per step from that row's own to
 token by inverse-CDF lookup in vocabulary order. No draw depends on the other rows, so a request with a given
 seed yields the same tokens alone or inside any batch.
 
-Two ways to find what top-k and top-p keep, with the same result: on a CPU, rank a few best candidates
-(top_candidates: cheap there, but how many it ranks depends on the logits, so it reads them back); on a GPU,
-without sorting or reading anything back (kept_by_threshold: a fixed number of bisection passes over the
-vocabulary, each one compare and one sum, which a GPU does in microseconds and which a CUDA graph can hold).
+Ways to find what top-k and top-p keep, with the same result: on a CPU, rank a few best candidates
+(top_candidates: cheap there, but how many it ranks depends on the logits, so it reads them back), and for a row
+without top-k that keeps more than those (a flat row: a random model's, a high temperature's) split its values into
+ranges and rank only the range where top-p's cut-off falls (kept_by_buckets: no sort of the vocabulary, which cost
+a full sort per flat row per step); on a GPU, without sorting or reading anything back (kept_by_threshold: a fixed
+number of bisection passes over the vocabulary, each one compare and one sum, which a GPU does in microseconds and
+which a CUDA graph can hold).
 Which rows are greedy, filtered or plain is known on the host from their parameters (SamplingGroups), so that
 no step asks the device.
 """
@@ -82,6 +85,10 @@ class SamplingGroups:
     """The largest top_k of the filtered rows (0: none has one)."""
     some_without_k: bool
     """Some filtered row has top-p without top-k."""
+    with_k: Tensor | None = None
+    """The filtered rows with a top-k (what the ranked candidates of the CPU path always hold)."""
+    without_k: Tensor | None = None
+    """The filtered rows without one (top-p, min-p): a flat row keeps thousands of tokens."""
 
     @classmethod
     def of(
@@ -100,7 +107,8 @@ class SamplingGroups:
 
         return cls(
             index(greedy), index(filtered), index(plain), max((top_k[i] for i in filtered), default=0),
-            any(top_k[i] <= 0 for i in filtered),
+            any(top_k[i] <= 0 for i in filtered), index([i for i in filtered if top_k[i] > 0]),
+            index([i for i in filtered if top_k[i] <= 0]),
         )
 
     @classmethod
@@ -119,7 +127,7 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 
 def top_candidates(
     logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES,
-    groups: SamplingGroups | None = None, min_p: Tensor | None = None,
+    groups: SamplingGroups | None = None, min_p: Tensor | None = None, widen: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What top-k, then top-p, then min-p keep of each row of logits / temperature, as transformers' warpers keep it.
 
@@ -137,7 +145,8 @@ def top_candidates(
     each row's own logits and parameters only, never on `candidates` or on the other rows.
 
     groups (of these rows): what the host knows of their top_k, so that fewer questions go to the device (this
-    path reads it anyway: the CPU's).
+    path reads it anyway: the CPU's). widen False: rank only the first `width` tokens (max(candidates, the largest
+    top_k + 1)); a row whose last candidate is kept may keep more (kept_by_buckets finds those).
     """
     rows, vocab = logits.shape
     k = top_k.clamp(max=vocab)
@@ -161,7 +170,7 @@ def top_candidates(
         if min_p is not None:
             kept &= min_keeps(values, values[:, :1], min_p)
         # Complete when the list goes on past the kept tokens (ties included): nothing kept lies beyond it.
-        if width == vocab or bool(kept[:, -1].logical_not().all()):
+        if not widen or width == vocab or bool(kept[:, -1].logical_not().all()):
             return values, index, kept
         width = min(vocab, width * 16)
 
@@ -217,6 +226,61 @@ def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tenso
     if min_p is not None:  # one compare against the row's largest: no bisection needed
         kept &= min_keeps(scaled, scaled.max(dim=-1, keepdim=True).values, min_p)
     return kept
+
+
+BUCKETS = 4096
+"""How many equal ranges of its scaled logits kept_by_buckets splits a row into."""
+
+
+def kept_by_buckets(scaled: Tensor, top_p: Tensor, min_p: Tensor | None = None) -> Tensor:
+    """What top-p, then min-p keep of each row of scaled logits (logits / temperature; rows without top-k), as a
+    bool (rows, vocab) mask: the tokens top_candidates keeps, found without ranking the whole vocabulary.
+
+    A flat row (a random model's, or a high temperature's) keeps most of a 50k vocabulary, which top_candidates
+    can only find by sorting it (1.7 ms a row on one core, and transformers' top-p sorts every row so). Here the
+    row's values are split into BUCKETS equal ranges, each range's probability summed (one scatter_add); the range
+    where the mass above reaches top_p holds the cut-off, and only its few tokens are ranked (topk) and summed in
+    order, after the mass of the ranges above. Same rule as top_candidates (a token is kept while the tokens above
+    it hold less than top_p, ties with the last kept alike); the sums run in another order, so a token whose cut-off
+    falls within float32 rounding of top_p may be decided the other way (never a different law). Reads back one
+    number: the most tokens any row's cut-off range holds.
+    """
+    rows, vocab = scaled.shape
+    scaled = scaled.float()
+    probs = scaled.softmax(dim=-1)
+    low, high = scaled.aminmax(dim=-1)
+    if bool((low == -math.inf).any()):  # masked tokens (a grammar's, a bias'): the ranges span what is left possible
+        low = scaled.masked_fill(scaled == -math.inf, math.inf).amin(dim=-1)
+    spread = torch.where(high > low, BUCKETS / (high - low), 0.0)  # a row of equal values: one range, all kept
+    # The range of each value, non-decreasing in the value; masked tokens (-inf, no probability) fall into the first.
+    bucket = ((scaled - low[:, None]).clamp_(min=0) * spread[:, None]).clamp_(max=BUCKETS - 1).long()
+    mass = torch.zeros((rows, BUCKETS), dtype=probs.dtype, device=scaled.device).scatter_add_(1, bucket, probs)
+    at_or_above = mass.flip(-1).cumsum(dim=-1).flip(-1)  # the mass of each range and those above it
+    cut_range = ((at_or_above >= top_p[:, None]).sum(dim=-1) - 1).clamp(min=0)  # never grows along a row
+    above = torch.where(
+        cut_range + 1 < BUCKETS, at_or_above.gather(-1, (cut_range + 1).clamp(max=BUCKETS - 1)[:, None])[:, 0], 0.0
+    )
+    inside = bucket == cut_range[:, None]
+    width = int(inside.sum(dim=-1).max())
+    values = scaled.masked_fill(~inside, -math.inf).topk(width, dim=-1).values  # the range's tokens, descending
+    p = (values - scaled.logsumexp(dim=-1, keepdim=True)).exp()
+    before = above[:, None] + p.cumsum(dim=-1) - p  # the mass of the tokens above each
+    last = ((before < top_p[:, None]) & (values > -math.inf)).sum(dim=-1, keepdim=True).clamp(min=1) - 1
+    cut = torch.where(top_p >= 1.0, -math.inf, values.gather(-1, last)[:, 0])  # ties with the last kept are kept
+    kept = scaled >= cut[:, None]
+    if min_p is not None:
+        kept &= min_keeps(scaled, high[:, None], min_p)
+    return kept
+
+
+def sample_kept(scaled: Tensor, kept: Tensor, uniform: Tensor) -> Tensor:
+    """Inverse-CDF sampling in token-id order among the tokens kept marks (bool (rows, vocab)) of scaled logits
+    (rows, vocab): the same numbers, so the same token, as sample_candidates given the same kept tokens."""
+    weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp().masked_fill(~kept, 0.0)
+    cdf = weights.double().cumsum(dim=-1)  # adding the zeros of tokens not kept changes no sum
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform.to(cdf.device, torch.float64)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def sample_candidates(values: Tensor, index: Tensor, kept: Tensor, uniform: Tensor) -> Tensor:
@@ -287,19 +351,52 @@ def next_tokens(
     if groups.greedy is not None:
         tokens.index_copy_(0, groups.greedy, logits.index_select(0, groups.greedy).argmax(dim=-1))
     if groups.filtered is not None:
-        rows = groups.filtered
-        p = params.select(rows)
         if sort_free:
+            rows = groups.filtered
+            p = params.select(rows)
             scaled = logits.index_select(0, rows) / p.temperature[:, None]
             kept = kept_by_threshold(scaled, p.top_k, p.top_p, p.min_p)
             drawn = sample(scaled.masked_fill(~kept, -math.inf), uniform.index_select(0, rows))
+            tokens.index_copy_(0, rows, drawn)
         else:
-            values, index, kept = top_candidates(
-                logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, groups=groups, min_p=p.min_p
-            )
-            drawn = sample_candidates(values, index, kept, uniform.index_select(0, rows))
-        tokens.index_copy_(0, rows, drawn)
+            _ranked(tokens, logits, params, uniform, groups)
     if groups.plain is not None:
         rows = groups.plain
         tokens.index_copy_(0, rows, sample(logits.index_select(0, rows) / params.temperature[rows, None], uniform.index_select(0, rows)))
     return tokens
+
+
+def _ranked(tokens: Tensor, logits: Tensor, params: RowParams, uniform: Tensor, groups: SamplingGroups) -> None:
+    """The CPU's draws for the filtered rows, into tokens: rows with top-k among their ranked candidates
+    (top_candidates); rows without, among their first CANDIDATES ranked tokens when that is all they keep (a
+    peaked row: a trained model's, mostly), else what kept_by_buckets finds over the whole vocabulary. Which way a
+    row goes depends on its own logits alone, and both ways keep the same tokens."""
+    if groups.with_k is not None:
+        rows = groups.with_k
+        p = params.select(rows)
+        values, index, kept = top_candidates(
+            logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, min_p=p.min_p,
+            groups=SamplingGroups(None, None, None, groups.max_top_k, False),
+        )
+        tokens.index_copy_(0, rows, sample_candidates(values, index, kept, uniform.index_select(0, rows)))
+    if groups.without_k is None:
+        return
+    rows = groups.without_k
+    p = params.select(rows)
+    values, index, kept = top_candidates(
+        logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, min_p=p.min_p, widen=False,
+        groups=SamplingGroups(None, None, None, 0, True),
+    )
+    wide = kept[:, -1].tolist()
+    narrow = [i for i, w in enumerate(wide) if not w]
+    if narrow:
+        at = torch.tensor(narrow, device=logits.device)
+        drawn = sample_candidates(values[at], index[at], kept[at], uniform.index_select(0, rows[at]))
+        tokens.index_copy_(0, rows[at], drawn)
+    if len(narrow) < len(wide):
+        at = torch.tensor([i for i, w in enumerate(wide) if w], device=logits.device)
+        flat = rows[at]
+        scaled = logits.index_select(0, flat) / params.temperature[flat, None]
+        min_p = None if params.min_p is None else params.min_p[flat]
+        kept_all = kept_by_buckets(scaled, params.top_p[flat], min_p)
+        tokens.index_copy_(0, flat, sample_kept(scaled, kept_all, uniform.index_select(0, flat)))
