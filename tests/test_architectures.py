@@ -257,3 +257,26 @@ def test_a_worker_holding_a_model_outside_the_table_says_why_and_completes_its_j
         worker.stop()
     log = worker.output()
     assert "static batches on transformers' forward: architecture GPT2LMHeadModel is not on the fast engine" in log
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_joint_qk_norm_gives_q_norm_and_k_norm_exactly(tokenizer, name: str, dtype: torch.dtype) -> None:
+    """The runner norms q's and k's heads in one call (workers.decoder.joint_qk_norm): with q_norm's and k_norm's
+    weights made different (a fresh model's are equal), each is what the model's own two modules give."""
+    from workers.decoder import DecoderRunner
+
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](len(tokenizer))).to(dtype)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_()
+            layer.self_attn.k_norm.weight.normal_()
+    runner = DecoderRunner(model, batch_invariant=False)
+    assert all(norm is not None for norm in runner.qk_norms)
+    h = torch.randn(3, 5, SHAPE["hidden_size"], dtype=dtype)
+    with torch.inference_mode():
+        for layer, joint in zip(model.model.layers, runner.qk_norms):
+            together, apart = runner._qkv(layer.self_attn, h, joint), runner._qkv(layer.self_attn, h, None)
+            for got, expected in zip(together, apart):
+                assert torch.equal(got, expected)

@@ -17,6 +17,7 @@ The K/V live in workers.kv_cache.KVCache, which alone decides which slots are us
 """
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 from operator import attrgetter
@@ -38,6 +39,23 @@ QUERY_ROWS = 8
 def supports(model: PreTrainedModel) -> str | None:
     """None when model can run on DecoderRunner, else why not (the engine then uses transformers' forward)."""
     return describe(model)[1]
+
+
+def joint_qk_norm(attn: torch.nn.Module, heads: int, kv_heads: int) -> torch.nn.Module | None:
+    """One module that norms q's heads and k's heads together (Qwen3's and Gemma 3's per-head RMSNorm): a copy of
+    attn.q_norm whose weight holds q_norm's for each of the `heads` query heads, then k_norm's for each key head, to
+    be called on q and k concatenated along the heads. Each head's vector is normed on its own as either module
+    does it, so the numbers are the same, but a layer runs the norm's eight small operations once, not twice (the
+    two norms took about 7% of Qwen3's decode step at SmolLM2's size on a CPU, by torch.profiler). None when the
+    two modules differ in anything but their weight."""
+    q_norm, k_norm = attn.q_norm, attn.k_norm
+    settings = [{k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"} for m in (q_norm, k_norm)]
+    if type(q_norm) is not type(k_norm) or settings[0] != settings[1] or q_norm.weight.dim() != 1:
+        return None
+    joint = copy.deepcopy(q_norm)
+    weight = torch.cat([q_norm.weight.detach().expand(heads, -1), k_norm.weight.detach().expand(kv_heads, -1)])
+    joint.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return joint
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,7 @@ class DecoderRunner:
         self.min_rows = ALIGN if batch_invariant else 1
         self.min_queries = QUERY_ROWS if batch_invariant else 1
         self.dtype = self.text.embed_tokens.weight.dtype
+        self.qk_norms = [joint_qk_norm(layer.self_attn, self.heads, self.kv_heads) if decoder.qk_norm else None for layer in self.layers]
 
     def aligned(self, n: int) -> int:
         return -(-n // self.align) * self.align
@@ -242,7 +261,7 @@ class DecoderRunner:
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             sight = sights[self.windows[index]]
-            q, k, v = self._qkv(attn, layer.input_layernorm(x))
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), self.qk_norms[index])
             q, k = self.rotate(q, k, *rope[self.rope_kinds[index]])
             cache.write(index, first, k, v, None if read_cache is None else positions, written)
             if read_cache is None:  # a prefill from position 0: the new rows attend to their own tokens
@@ -265,8 +284,9 @@ class DecoderRunner:
             return {kind: self.text.rotary_emb(x, rotary, kind) for kind in set(self.rope_kinds)}
         return {"": self.text.rotary_emb(x, rotary)}
 
-    def _qkv(self, attn: torch.nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q (rows, heads, tokens, d), k and v (rows, kv_heads, tokens, d) of the normed hidden states h, before rope."""
+    def _qkv(self, attn: torch.nn.Module, h: Tensor, joint_norm: torch.nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q (rows, heads, tokens, d), k and v (rows, kv_heads, tokens, d) of the normed hidden states h, before rope;
+        joint_norm: the layer's joint_qk_norm, if it has one."""
         rows, tokens, _ = h.shape
         if self.decoder.fused_qkv:
             qkv = attn.qkv_proj(h)
@@ -276,7 +296,10 @@ class DecoderRunner:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q = q.reshape(rows, tokens, self.heads, self.head_dim)
         k = k.reshape(rows, tokens, self.kv_heads, self.head_dim)
-        if self.decoder.qk_norm:  # over each head's dimensions, before rope
+        if joint_norm is not None:  # over each head's dimensions, before rope
+            qk = joint_norm(torch.cat([q, k], dim=2))
+            q, k = qk[:, :, : self.heads], qk[:, :, self.heads :]
+        elif self.decoder.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         v = v.reshape(rows, tokens, self.kv_heads, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
