@@ -83,11 +83,9 @@ class SamplingGroups:
     plain: Tensor | None
     max_top_k: int
     """The largest top_k of the filtered rows (0: none has one)."""
-    some_without_k: bool
-    """Some filtered row has top-p without top-k."""
-    with_k: Tensor | None = None
+    with_k: Tensor | None
     """The filtered rows with a top-k (what the ranked candidates of the CPU path always hold)."""
-    without_k: Tensor | None = None
+    without_k: Tensor | None
     """The filtered rows without one (top-p, min-p): a flat row keeps thousands of tokens."""
 
     @classmethod
@@ -107,8 +105,7 @@ class SamplingGroups:
 
         return cls(
             index(greedy), index(filtered), index(plain), max((top_k[i] for i in filtered), default=0),
-            any(top_k[i] <= 0 for i in filtered), index([i for i in filtered if top_k[i] > 0]),
-            index([i for i in filtered if top_k[i] <= 0]),
+            index([i for i in filtered if top_k[i] > 0]), index([i for i in filtered if top_k[i] <= 0]),
         )
 
     @classmethod
@@ -127,7 +124,7 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 
 def top_candidates(
     logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = CANDIDATES,
-    groups: SamplingGroups | None = None, min_p: Tensor | None = None, widen: bool = True,
+    min_p: Tensor | None = None, widen: bool = True, max_top_k: int | None = None, some_without_k: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What top-k, then top-p, then min-p keep of each row of logits / temperature, as transformers' warpers keep it.
 
@@ -144,15 +141,15 @@ def top_candidates(
     ranked, and all of them again 16 times wider while some row keeps tokens beyond them. What is kept depends on
     each row's own logits and parameters only, never on `candidates` or on the other rows.
 
-    groups (of these rows): what the host knows of their top_k, so that fewer questions go to the device (this
-    path reads it anyway: the CPU's). widen False: rank only the first `width` tokens (max(candidates, the largest
+    max_top_k, some_without_k (of these rows): what the host knows of their top_k, so that fewer questions go to
+    the device (this path reads it anyway: the CPU's). widen False: rank only the first `width` tokens (max(candidates, the largest
     top_k + 1)); a row whose last candidate is kept may keep more (kept_by_buckets finds those).
     """
     rows, vocab = logits.shape
     k = top_k.clamp(max=vocab)
     no_k = k == 0
-    some_without_k = bool(no_k.any()) if groups is None else groups.some_without_k
-    max_k = int(k.max()) if groups is None else min(groups.max_top_k, vocab)
+    some_without_k = bool(no_k.any()) if some_without_k is None else some_without_k
+    max_k = int(k.max()) if max_top_k is None else min(max_top_k, vocab)
     log_z_all = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
     if some_without_k:  # top-p without top-k: probabilities over the whole row
         log_z_all[no_k] = (logits[no_k] / temperature[no_k, None]).logsumexp(dim=-1)
@@ -376,7 +373,7 @@ def _ranked(tokens: Tensor, logits: Tensor, params: RowParams, uniform: Tensor, 
         p = params.select(rows)
         values, index, kept = top_candidates(
             logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, min_p=p.min_p,
-            groups=SamplingGroups(None, None, None, groups.max_top_k, False),
+            max_top_k=groups.max_top_k, some_without_k=False,
         )
         tokens.index_copy_(0, rows, sample_candidates(values, index, kept, uniform.index_select(0, rows)))
     if groups.without_k is None:
@@ -385,7 +382,7 @@ def _ranked(tokens: Tensor, logits: Tensor, params: RowParams, uniform: Tensor, 
     p = params.select(rows)
     values, index, kept = top_candidates(
         logits.index_select(0, rows), p.temperature, p.top_k, p.top_p, min_p=p.min_p, widen=False,
-        groups=SamplingGroups(None, None, None, 0, True),
+        max_top_k=0, some_without_k=True,
     )
     wide = kept[:, -1].tolist()
     narrow = [i for i, w in enumerate(wide) if not w]
@@ -395,8 +392,7 @@ def _ranked(tokens: Tensor, logits: Tensor, params: RowParams, uniform: Tensor, 
         tokens.index_copy_(0, rows[at], drawn)
     if len(narrow) < len(wide):
         at = torch.tensor([i for i, w in enumerate(wide) if w], device=logits.device)
-        flat = rows[at]
-        scaled = logits.index_select(0, flat) / params.temperature[flat, None]
-        min_p = None if params.min_p is None else params.min_p[flat]
-        kept_all = kept_by_buckets(scaled, params.top_p[flat], min_p)
+        flat, flat_p = rows[at], p.select(at)
+        scaled = logits.index_select(0, flat) / flat_p.temperature[:, None]
+        kept_all = kept_by_buckets(scaled, flat_p.top_p, flat_p.min_p)
         tokens.index_copy_(0, flat, sample_kept(scaled, kept_all, uniform.index_select(0, flat)))
