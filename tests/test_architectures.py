@@ -23,6 +23,7 @@ from tests.test_prefix_cache import QUESTIONS, chat, texts
 from tests.test_speculation import COPY_ME
 from workers import loader
 from workers.engine import Engine
+from workers.graphs import DecodeGraphs
 from workers.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(not _smollm2_available(), reason="the tokenizer comes from the bundled SmolLM2 GGUF")
@@ -121,9 +122,13 @@ def forward_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-def test_logits_are_transformers_on_the_prefill_and_every_decode_step(engine: Engine) -> None:
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_logits_are_transformers_on_the_prefill_and_every_decode_step(engine: Engine, static: bool) -> None:
+    """static: the decode steps in the shapes a CUDA graph records (workers.graphs: attention over the cache's
+    whole capacity, every sliding window masked), run eagerly."""
     runner, model = engine.runner, engine.model
     assert runner is not None
+    decode = DecodeGraphs(runner, capture=False).decode if static else runner.decode
     prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     assert max(map(len, prompts)) > WINDOW
     sequences = [list(p) for p in prompts]
@@ -137,7 +142,7 @@ def test_logits_are_transformers_on_the_prefill_and_every_decode_step(engine: En
             tokens = logits.argmax(-1)
             for ids, token in zip(sequences, tokens.tolist()):
                 ids.append(token)
-            logits = runner.decode(cache, tokens)
+            logits = decode(cache, tokens)
 
 
 def test_greedy_text_is_transformers_generate(engine: Engine) -> None:

@@ -203,6 +203,19 @@ class DecoderRunner:
         cache.advance()
         return self._logits(hidden[:rows, 0])
 
+    def decode_graphable(self, cache: KVCache, tokens: Tensor) -> Tensor:
+        """decode() in shapes that depend on len(tokens) and the cache's shape alone, reading nothing on the host:
+        what a CUDA graph captures (workers.graphs). Feeds tokens[i] to slot i for every i < len(tokens), which may
+        run past the rows in use (padding: free slots hold length 0, their outputs are dropped); attention spans
+        the cache's whole capacity (positions past a row's length are masked) and every sliding window is masked.
+        Only while no row reads the base. The caller advances the cache (KVCache.advance)."""
+        rows = tokens.shape[0]
+        assert rows <= cache.slots and not cache.uses_base, f"{rows} rows of a cache of {cache.slots} slots, base {cache.uses_base}"
+        positions = cache.lengths[:rows, None]  # in the slot, which is the row's position (no base)
+        sights = self._sights(positions, cache.capacity, cache.offsets[:rows], None, None)
+        hidden = self._layers(cache, tokens[:, None], positions, positions, sights, 0, True, cache.capacity, None)
+        return self._logits(hidden[:, 0])
+
     @staticmethod
     def _base_visible(cache: KVCache, offsets: Tensor, host_offsets: list[int]) -> tuple[Tensor, bool] | None:
         """Which of the base's positions each row reads (rows, P), and whether every row reads all of them; None
@@ -214,18 +227,19 @@ class DecoderRunner:
         return torch.arange(cache.base_length, device=offsets.device)[None, :] < offsets[:, None], whole
 
     def _sights(
-        self, queries: Tensor, keys: int, offsets: Tensor, base: tuple[Tensor, bool] | None, reach: int
+        self, queries: Tensor, keys: int, offsets: Tensor, base: tuple[Tensor, bool] | None, reach: int | None
     ) -> dict[int | None, Sight]:
         """What queries at slot positions queries (rows, tokens) see of slot positions 0..keys-1 and of the base
         (base: _base_visible's), for full attention (key None) and for each sliding window of the layers; reach:
         one past the furthest position of any row's real query, counted from the row's start (the base's
-        positions included), which the host knows: a window no query has outgrown is full attention."""
+        positions included), which the host knows: a window no query has outgrown is full attention (None: not
+        known, every window is masked)."""
         key_positions = torch.arange(keys, device=queries.device)
         own = key_positions <= queries[..., None]  # (rows, tokens, keys)
         full = Sight(own[:, None], None if base is None or base[1] else base[0])
         sights: dict[int | None, Sight] = {None: full}
         for window in set(self.windows) - {None}:
-            if reach <= window:
+            if reach is not None and reach <= window:
                 sights[window] = full
                 continue
             # A query sees the keys less than `window` positions behind it (transformers' sliding_window_overlay).

@@ -54,6 +54,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.batch import Finished, halved, is_out_of_memory, out_of_memory_alone
 from workers.decoder import DecoderRunner
+from workers.graphs import DecodeGraphs
 from workers.kv_cache import KVCache
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Row, RunningBatch
@@ -111,7 +112,9 @@ class Scheduler:
         admit_at: int | None = None,
         prefix: PrefixCache | None = None,
         speculation: SpeculationPolicy | None = None,
+        graphs: bool | None = None,
     ) -> None:
+        """graphs: decode steps through CUDA graphs (workers.graphs); None: when the device is CUDA."""
         if max_rows < 1 or max_tokens < 1:
             raise ValueError(f"max_rows and max_tokens must be at least 1, got {max_rows} and {max_tokens}")
         self.runner = runner
@@ -135,6 +138,8 @@ class Scheduler:
         self.base_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.speculated = SpeculationStats()
         """Draft tokens proposed and kept over the scheduler's life."""
+        self.graphs = DecodeGraphs(runner) if (device.type == "cuda" if graphs is None else graphs) else None
+        """The decode steps' CUDA graphs (workers.graphs); None: every step eager."""
         self.on_step: Callable[[int, int], None] | None = None
         """Called after every decode step with (rows running, rows the cache's shape allows): occupancy."""
 
@@ -182,6 +187,8 @@ class Scheduler:
         self.budget = 0
         if self.cache is not None:
             self.cache.clear()
+        if self.graphs is not None:
+            self.graphs.clear()
         return rows
 
     def step(self) -> list[Finished]:
@@ -210,7 +217,8 @@ class Scheduler:
         started = time.perf_counter()  # drafting counts: a draft model's passes are part of what speculation costs
         plan = plan_step(self.speculation, self.batch.states) if self.speculation is not None else None
         if plan is None:
-            logits = self.runner.decode(self.cache, self.batch.last_tokens())
+            decode = self.graphs.decode if self.graphs is not None else self.runner.decode
+            logits = decode(self.cache, self.batch.last_tokens())
             ended = self.batch.sample(logits)
         else:
             assert self.speculation is not None
@@ -410,6 +418,8 @@ class Scheduler:
         self.batch.clear()
         self.budget = 0
         self.cache = None
+        if self.graphs is not None:
+            self.graphs.clear()  # they hold the old cache and their memory pool
         self.base, self.base_kv = [], None
         for row in rows:
             row.offset = 0

@@ -1,0 +1,133 @@
+"""The decode step in static shapes (workers.graphs), as a CUDA graph records it, checked on the CPU: the same
+numbers and texts as the eager step, no read of the device, buckets, and graphs that follow the cache they belong to.
+(Recording and replaying a CUDA graph needs a GPU: bench.gpu measures it there.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import prefill
+from tests.test_engine import PROMPTS, cache_dir, engine  # noqa: F401
+from tests.test_sync_free import mixed_requests
+from workers.decoder import DecoderRunner
+from workers.engine import Engine
+from workers.graphs import CAPTURE_AT, DecodeGraphs, row_bucket
+from workers.scheduler import Scheduler
+from workers.syncs import count_syncs
+from workers.types import GenerationRequest, SamplingParams
+
+
+def test_row_buckets_pad_at_most_a_quarter_and_stay_within_the_slots():
+    seen = set()
+    for slots in (1, 7, 16, 100, 512):
+        for rows in range(1, slots + 1):
+            bucket = row_bucket(rows, slots)
+            assert rows <= bucket <= slots
+            assert bucket == slots or bucket - rows <= rows // 4, (rows, slots, bucket)
+            seen.add(bucket)
+    assert sorted(b for b in seen if b <= 64) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+    assert [row_bucket(r, 512) for r in (1, 3, 9, 17, 33, 65, 129, 257)] == [1, 3, 10, 20, 40, 80, 160, 320]
+    assert row_bucket(3, 512, min_rows=16) == 16 and row_bucket(3, 8, min_rows=16) == 8
+
+
+def fresh(engine: Engine, cuda_graphs: bool, **kwargs) -> Engine:  # noqa: F811
+    return Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, cuda_graphs=cuda_graphs, **kwargs)
+
+
+def more_requests() -> list[GenerationRequest]:
+    """Rows without a shared prefix, ending at different steps, so that the running rows pass through several
+    buckets as they leave."""
+    return [
+        GenerationRequest(SamplingParams(max_new_tokens=4 + 2 * i, temperature=0.9 if i % 2 else 0.0, top_k=30, seed=i), prompt=PROMPTS[i % 4])
+        for i in range(16)
+    ]
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "cascade"])
+def test_static_steps_give_the_eager_steps_texts(engine: Engine, batch_invariant: bool):  # noqa: F811
+    """Every way of sampling, rows ending at different steps (buckets shrink), float32: the same texts."""
+    requests = mixed_requests() + (more_requests() if batch_invariant else [])
+    eager = fresh(engine, False, max_batch_rows=32, speculative_tokens=0, batch_invariant=batch_invariant)
+    static = fresh(engine, True, max_batch_rows=32, speculative_tokens=0, batch_invariant=batch_invariant)
+    assert isinstance(static.scheduler, Scheduler) and static.scheduler.graphs is not None
+    assert eager.generate(requests) == static.generate(requests)
+    if batch_invariant:
+        assert static.scheduler.graphs.recorded >= 3  # buckets of 32, 28, 24, 20, 16 rows as rows leave
+    else:
+        assert static.scheduler.graphs.recorded == 0  # a shared base throughout: the cascade stays eager
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "not"])
+def test_static_step_logits_are_the_eager_steps(engine: Engine, batch_invariant: bool):  # noqa: F811
+    """Rows of different lengths, with padding rows and attention over the whole capacity: the eager step's logits
+    (exactly when batch-invariant; else within float32 rounding of products of other shapes)."""
+    runner = DecoderRunner(engine.model, batch_invariant)
+    tolerance = 0 if batch_invariant else 1e-5
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in (PROMPTS * 3)[:9]]
+    caches = [runner.new_cache(12, 48, engine.device) for _ in range(2)]  # a bucket of 10 rows, or 16
+    graphs = DecodeGraphs(runner, capture=False)
+    with torch.inference_mode():
+        logits = [prefill(runner, cache, prompts) for cache in caches]
+        for step in range(6):
+            tokens = logits[0].argmax(-1)
+            torch.testing.assert_close(logits[1], logits[0], rtol=tolerance, atol=tolerance, msg=lambda m, step=step: f"step {step}: {m}")
+            logits = [runner.decode(caches[0], tokens), graphs.decode(caches[1], tokens.clone())]
+            assert caches[0].host_lengths == caches[1].host_lengths
+            assert torch.equal(caches[0].lengths, caches[1].lengths)
+    assert graphs.recorded == 1  # one bucket over six steps (16 rows when batch-invariant, else 10)
+
+
+def test_a_static_step_reads_nothing_on_the_host(engine: Engine):  # noqa: F811
+    runner = engine.runner
+    assert runner is not None
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    cache = runner.new_cache(4, 64, engine.device)
+    with torch.inference_mode():
+        tokens = prefill(runner, cache, prompts).argmax(-1)
+        with count_syncs() as counted:
+            runner.decode_graphable(cache, torch.cat([tokens, tokens.new_zeros(cache.slots - 4)]))
+    assert counted.calls == {}
+
+
+def test_graphs_belong_to_one_cache_and_a_bucket_is_recorded_at_its_capture_step(engine: Engine):  # noqa: F811
+    runner = engine.runner
+    assert runner is not None
+    graphs = DecodeGraphs(runner, capture=False)
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    first, second = runner.new_cache(4, 64, engine.device), runner.new_cache(4, 64, engine.device)
+    with torch.inference_mode():
+        tokens = prefill(runner, first, prompts).argmax(-1)
+        prefill(runner, second, prompts)
+        for step in range(1, CAPTURE_AT + 2):
+            graphs.decode(first, tokens)
+            assert graphs.recorded == (1 if step >= CAPTURE_AT else 0)
+        graphs.decode(second, tokens)  # another cache: the first one's graphs are dropped
+        assert graphs.recorded == 1 and len(graphs._graphs) == 0
+        for _ in range(CAPTURE_AT):
+            graphs.decode(second, tokens)
+        assert graphs.recorded == 2 and len(graphs._graphs) == 1
+
+
+def test_a_worker_engine_on_the_cpu_keeps_eager_steps(engine: Engine):  # noqa: F811
+    """Static steps attend over the whole capacity: on a CPU, where nothing is graphed, they would only cost."""
+    scheduler = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype).scheduler
+    assert isinstance(scheduler, Scheduler) and scheduler.graphs is None
+
+
+def test_a_static_step_reads_the_device_once_per_step(engine: Engine):  # noqa: F811
+    busy = fresh(engine, True, max_batch_rows=16, speculative_tokens=0)
+    assert isinstance(busy.scheduler, Scheduler)
+    busy.scheduler.batch.sort_free = True
+    busy.eos_ids = frozenset()
+    for i in range(8):
+        busy.submit(i, GenerationRequest(SamplingParams(max_new_tokens=10 + i, temperature=0.8, top_p=0.9, seed=i), prompt=PROMPTS[i % 4]))
+    with torch.inference_mode():
+        while busy.scheduler.waiting:
+            busy.step()
+        steps = 0
+        while not busy.idle:
+            with count_syncs() as counted:
+                busy.step()
+            assert counted.calls == {"host_read": 1}, f"step {steps}: {counted.calls}"
+            steps += 1
+    assert steps >= 10 and busy.scheduler.graphs is not None and busy.scheduler.graphs.recorded >= 1
