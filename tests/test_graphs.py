@@ -131,3 +131,21 @@ def test_a_static_step_reads_the_device_once_per_step(engine: Engine):  # noqa: 
             assert counted.calls == {"host_read": 1}, f"step {steps}: {counted.calls}"
             steps += 1
     assert steps >= 10 and busy.scheduler.graphs is not None and busy.scheduler.graphs.recorded >= 1
+
+
+def test_a_step_that_cannot_be_recorded_leaves_every_later_step_eager(engine: Engine, monkeypatch, caplog):  # noqa: F811
+    """Recording fails (as a kernel that a CUDA graph cannot hold would make it): same texts, said once, no retry."""
+    def unsupported(self: DecodeGraphs, graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_record", unsupported)
+    requests = more_requests()
+    expected = fresh(engine, False, max_batch_rows=32, speculative_tokens=0).generate(requests)
+    static = fresh(engine, True, max_batch_rows=32, speculative_tokens=0)
+    with caplog.at_level("WARNING", logger="workers.graphs"):
+        assert static.generate(requests) == expected
+    graphs = static.scheduler.graphs  # type: ignore[attr-defined]
+    assert graphs.failed == "RuntimeError: operation not permitted when stream is capturing" and graphs.recorded == 0
+    assert [r.getMessage() for r in caplog.records if "stay eager" in r.getMessage()] == [
+        f"decode steps stay eager: recording a CUDA graph of 16 rows failed ({graphs.failed})"
+    ]

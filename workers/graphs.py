@@ -18,6 +18,7 @@ static step can run without capture (capture=False: the shapes and buffers of th
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -26,8 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from workers.batch import is_out_of_memory
 from workers.decoder import DecoderRunner
 from workers.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 ROW_STEPS = 4
 """Buckets per power of two of the rows a graph runs (at most 25% padding rows): 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14,
@@ -67,6 +71,8 @@ class DecodeGraphs:
         self._pool: tuple[int, int] | None = None
         self.recorded = 0
         """Buckets recorded over the object's life (as CUDA graphs when capturing; tests and logs)."""
+        self.failed: str | None = None
+        """Why recording a CUDA graph failed, if it did: every step is eager from then on."""
 
     @staticmethod
     def eligible(cache: KVCache) -> bool:
@@ -76,7 +82,7 @@ class DecodeGraphs:
     def decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
         """DecoderRunner.decode's result (logits (rows, vocab) of rows 0..len(tokens)-1), through the bucket's graph
         when the step can be graphed; the cache advances either way. The logits are valid until the next call."""
-        if not self.eligible(cache):
+        if self.failed is not None or not self.eligible(cache):
             return self.runner.decode(cache, tokens)
         if self._cache is None or self._cache() is not cache:
             self.clear()
@@ -92,7 +98,7 @@ class DecodeGraphs:
             graph.tokens[:rows].copy_(tokens)
             logits = graph.run()  # eagerly: the step's result (and, before a capture, its warm-up)
             if self._steps[bucket] >= CAPTURE_AT:
-                self._graphs[bucket] = self._record(graph)
+                self._record_or_give_up(bucket, graph)
         else:
             graph.tokens[:rows].copy_(tokens)
             logits = graph.run()
@@ -112,6 +118,19 @@ class DecodeGraphs:
             return runner.decode_graphable(cache, tokens)
 
         return step
+
+    def _record_or_give_up(self, bucket: int, graph: Graph) -> None:
+        """Record the bucket's graph; if the step cannot be captured (an operation a graph cannot hold: a model's
+        quantized kernels, say), say why once and run every later step eagerly: slower, never wrong. Out of
+        memory propagates (the scheduler retries with fewer rows)."""
+        try:
+            self._graphs[bucket] = self._record(graph)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            self.failed = f"{type(exc).__name__}: {exc}"
+            self.clear()
+            log.warning("decode steps stay eager: recording a CUDA graph of %d rows failed (%s)", bucket, self.failed)
 
     def _record(self, graph: Graph) -> Graph:
         """The bucket's step as a CUDA graph, when capturing; as it is otherwise. Recording runs nothing: the
