@@ -11,7 +11,8 @@ from tests.test_engine import PROMPTS, cache_dir, engine  # noqa: F401
 from tests.test_sync_free import mixed_requests
 from workers.decoder import DecoderRunner
 from workers.engine import Engine
-from workers.graphs import CAPTURE_AT, DecodeGraphs, row_bucket
+from workers.graphs import CAPTURE_AT, DecodeGraphs, SamplingGraphs, row_bucket
+from workers.sampling import RowParams, apply_repetition_penalty, next_tokens, sort_free_tokens
 from workers.scheduler import Scheduler
 from workers.syncs import count_syncs
 from workers.types import GenerationRequest, SamplingParams
@@ -43,14 +44,21 @@ def more_requests() -> list[GenerationRequest]:
     ]
 
 
-@pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "cascade"])
-def test_static_steps_give_the_eager_steps_texts(engine: Engine, batch_invariant: bool):  # noqa: F811
-    """Every way of sampling, rows ending at different steps (buckets shrink), float32: the same texts."""
+@pytest.mark.parametrize(
+    "batch_invariant,sort_free", [(True, False), (True, True), (False, True)], ids=["batch-invariant", "sort-free", "cascade"]
+)
+def test_static_steps_give_the_eager_steps_texts(engine: Engine, batch_invariant: bool, sort_free: bool):  # noqa: F811
+    """Every way of sampling, rows ending at different steps (buckets shrink), float32: the same texts. sort_free:
+    the draws too go through SamplingGraphs (what a CUDA engine does) against next_tokens' sort-free draws."""
     requests = mixed_requests() + (more_requests() if batch_invariant else [])
     eager = fresh(engine, False, max_batch_rows=32, speculative_tokens=0, batch_invariant=batch_invariant)
     static = fresh(engine, True, max_batch_rows=32, speculative_tokens=0, batch_invariant=batch_invariant)
     assert isinstance(static.scheduler, Scheduler) and static.scheduler.graphs is not None
+    eager.scheduler.batch.sort_free = static.scheduler.batch.sort_free = sort_free  # type: ignore[attr-defined]
     assert eager.generate(requests) == static.generate(requests)
+    draws = static.scheduler.batch.draws
+    assert draws is not None and draws.failed is None
+    assert draws.recorded >= 3 if sort_free else draws.recorded == 0  # the draws of several buckets, or none graphed
     if batch_invariant:
         assert static.scheduler.graphs.recorded >= 3  # buckets of 32, 28, 24, 20, 16 rows as rows leave
     else:
@@ -149,3 +157,26 @@ def test_a_step_that_cannot_be_recorded_leaves_every_later_step_eager(engine: En
     assert [r.getMessage() for r in caplog.records if "stay eager" in r.getMessage()] == [
         f"decode steps stay eager: recording a CUDA graph of 16 rows failed ({graphs.failed})"
     ]
+
+
+def test_sort_free_tokens_draw_as_next_tokens_does():
+    """One fixed-shape draw for every row (greedy, plain, top-k, top-p, min-p, penalised; flat and peaked logits)
+    gives next_tokens' sort-free tokens exactly, and a row's token does not depend on the bucket's padding."""
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 24, 3000
+    logits = torch.randn(rows, vocab, generator=generator) * torch.tensor([0.5, 4.0, 12.0]).repeat(8)[:, None]
+    temperature = [0.0, 0.7, 1.0, 1.3] * 6
+    top_k = [0, 0, 20, 0, 50, 0] * 4
+    top_p = [1.0, 0.9, 1.0, 0.8, 0.95, 1.0] * 4
+    min_p = [0.0] * 20 + [0.05, 0.1, 0.0, 0.2]
+    params = RowParams.build(temperature, top_k, top_p, [1.0, 1.2] * 12, torch.device("cpu"), min_p)
+    seen = torch.rand(rows, vocab, generator=generator) < 0.05
+    draws = SamplingGraphs(capture=False)
+    for step in range(4):
+        uniform = torch.rand(rows, generator=generator, dtype=torch.float64)
+        expected = next_tokens(logits, params, seen, uniform, sort_free=True)
+        penalised = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        assert torch.equal(sort_free_tokens(penalised, params, uniform), expected)
+        some = 17 - step  # fewer rows each step: the bucket's buffers hold the earlier rows' values past them
+        assert torch.equal(draws.tokens(penalised[:some], params.select(torch.arange(some)), uniform[:some]), expected[:some])
+    assert draws.recorded == 1  # buckets of 20 (17 rows), 16 (16 and 15 rows: recorded at its second draw), 14

@@ -1,4 +1,4 @@
-"""CUDA graphs of the decode step: the whole forward pass of a step replayed by one launch instead of ~1,200.
+"""CUDA graphs of the decode step: a step's forward pass and its draw replayed by two launches instead of ~1,700.
 
 An eager decode step on a GPU is bound by the host: at 256 rows of a 1B model the card was busy 23% of each step,
 waiting for Python to launch the next of its kernels. A CUDA graph records a step's kernels once and replays them
@@ -6,15 +6,19 @@ with one call, so the step takes what the card needs. A graph replays fixed shap
 step it records is DecoderRunner.decode_graphable: rows padded to a bucket (ROW_STEPS per power of two), attention
 over the cache's whole capacity, inputs read from the cache's own tensors (lengths) and one token buffer per bucket.
 
-One set of graphs belongs to one KVCache (its tensors' addresses are baked in): when the scheduler reshapes the
-cache, the graphs are dropped and recaptured for the new one as it is used. A bucket is captured at its
-CAPTURE_AT-th step on the same cache (the steps before run the same function eagerly), so that shapes the
-scheduler passes through while the batch fills or drains cost no capture. Every bucket's graph shares one
-memory pool (they never run at once, and each step's logits are consumed before the next replay).
+Two kinds, each by row bucket: DecodeGraphs, the forward pass; SamplingGraphs, the draw of every running row
+(workers.sampling.sort_free_tokens: ~500 small kernels of bisection passes, which the eager step launched one by
+one). What a row needs beyond the filters (logit bias, penalties, grammars) is applied eagerly before the draw.
+
+Decode graphs belong to one KVCache (its tensors' addresses are baked in): when the scheduler reshapes the cache,
+they are dropped and recaptured for the new one as it is used. A bucket is captured at its CAPTURE_AT-th run (the
+runs before run the same function eagerly), so that shapes the scheduler passes through while the batch fills or
+drains cost no capture. Each kind's graphs share one memory pool (they never run at once, and a run's output is
+consumed before the next replay). A graph that cannot be recorded leaves its kind eager, said once in the log.
 
 Not graphed (they run eagerly, as before): steps while some row reads the shared base (cascade attention), the
-verify passes of speculative decoding, prefills, and the sampling after the forward pass. On a CPU the same
-static step can run without capture (capture=False: the shapes and buffers of the GPU path, for tests).
+verify passes of speculative decoding and their draws, and prefills. On a CPU the same static functions can run
+without capture (capture=False: the shapes and buffers of the GPU path, for tests).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from torch import Tensor
 from workers.batch import is_out_of_memory
 from workers.decoder import DecoderRunner
 from workers.kv_cache import KVCache
+from workers.sampling import RowParams, sort_free_tokens
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +55,88 @@ def row_bucket(rows: int, slots: int, min_rows: int = 1) -> int:
 
 @dataclass
 class Graph:
-    """One bucket's step: tokens, the static input (each row's token, padding rows' included); run() performs the
-    step (a graph replay, or the static step eagerly) and returns its logits (bucket, vocab), valid until the next run."""
+    """One bucket's work: its static inputs (filled before each run) and run(), which performs it (a graph replay,
+    or the same function eagerly) and returns its output, valid until the next run of any graph of its owner."""
 
-    tokens: Tensor
+    inputs: dict[str, Tensor]
     run: Callable[[], Tensor]
 
 
-class DecodeGraphs:
-    """The decode steps of one DecoderRunner through CUDA graphs, by row bucket, for the cache in use."""
+class BucketGraphs:
+    """Graphs by bucket, each recorded at its CAPTURE_AT-th run (the runs before are eager, and warm up what the
+    capture needs), all in one memory pool; a bucket that cannot be recorded leaves every later run eager."""
 
-    def __init__(self, runner: DecoderRunner, capture: bool | None = None) -> None:
-        """capture: record CUDA graphs (default: when the model is on CUDA); False runs the same static step eagerly."""
-        self.runner = runner
-        self.capture = runner.model.device.type == "cuda" if capture is None else capture
-        self._cache: weakref.ref[KVCache] | None = None
+    def __init__(self, capture: bool, what: str) -> None:
+        """capture: record CUDA graphs; False runs the same static functions eagerly (a CPU's tests)."""
+        self.capture = capture
+        self.what = what
         self._graphs: dict[int, Graph] = {}
-        self._steps: Counter[int] = Counter()
-        """Steps per bucket on the current cache."""
+        self._runs: Counter[int] = Counter()
         self._pool: tuple[int, int] | None = None
         self.recorded = 0
         """Buckets recorded over the object's life (as CUDA graphs when capturing; tests and logs)."""
         self.failed: str | None = None
-        """Why recording a CUDA graph failed, if it did: every step is eager from then on."""
+        """Why recording a CUDA graph failed, if it did: callers run eagerly from then on."""
+
+    def clear(self) -> None:
+        """Drop every graph (what they hold is gone, or its memory is needed back)."""
+        self._graphs.clear()
+        self._runs.clear()
+
+    def run(self, bucket: int, make: Callable[[], Graph], fill: Callable[[Graph], None]) -> Tensor:
+        """The bucket's output: its graph (made by make() until recorded) with its inputs filled by fill()."""
+        self._runs[bucket] += 1
+        graph = self._graphs.get(bucket)
+        if graph is not None:
+            fill(graph)
+            return graph.run()
+        graph = make()
+        fill(graph)
+        out = graph.run()  # eagerly: this run's result (and, before a capture, its warm-up)
+        if self._runs[bucket] >= CAPTURE_AT:
+            self._record_or_give_up(bucket, graph)
+        return out
+
+    def _record_or_give_up(self, bucket: int, graph: Graph) -> None:
+        """Record the bucket's graph; if it cannot be captured (an operation a graph cannot hold: a model's
+        quantized kernels, say), say why once and leave every later run eager: slower, never wrong. Out of memory
+        propagates (the scheduler retries with fewer rows)."""
+        try:
+            self._graphs[bucket] = self._record(graph)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            self.failed = f"{type(exc).__name__}: {exc}"
+            self.clear()
+            log.warning("%s stay eager: recording a CUDA graph of %d rows failed (%s)", self.what, bucket, self.failed)
+
+    def _record(self, graph: Graph) -> Graph:
+        """The graph recorded, when capturing; as it is otherwise. Recording runs nothing: the caller's eager run
+        of the same inputs just now did this run's work."""
+        self.recorded += 1
+        if not self.capture:
+            return graph
+        cuda_graph = torch.cuda.CUDAGraph()
+        # thread_local: a worker's other threads (heartbeats, the store) may touch CUDA state meanwhile
+        with torch.cuda.graph(cuda_graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = graph.run()
+        self._pool = cuda_graph.pool()
+
+        def replay() -> Tensor:
+            cuda_graph.replay()
+            return out
+
+        return Graph(graph.inputs, replay)
+
+
+class DecodeGraphs(BucketGraphs):
+    """The decode steps of one DecoderRunner through CUDA graphs, by row bucket, for the cache in use."""
+
+    def __init__(self, runner: DecoderRunner, capture: bool | None = None) -> None:
+        """capture: record CUDA graphs (default: when the model is on CUDA); False runs the same static step eagerly."""
+        super().__init__(runner.model.device.type == "cuda" if capture is None else capture, "decode steps")
+        self.runner = runner
+        self._cache: weakref.ref[KVCache] | None = None
 
     @staticmethod
     def eligible(cache: KVCache) -> bool:
@@ -90,62 +154,64 @@ class DecodeGraphs:
         rows = tokens.shape[0]
         assert rows == cache.rows, f"decode feeds {rows} tokens to a batch of {cache.rows} rows"
         bucket = row_bucket(rows, cache.slots, self.runner.min_rows)
-        self._steps[bucket] += 1
-        graph = self._graphs.get(bucket)
-        if graph is None:
-            graph = Graph(torch.zeros(bucket, dtype=torch.long, device=tokens.device), lambda: torch.empty(0))
-            graph.run = self._static(cache, graph.tokens)
-            graph.tokens[:rows].copy_(tokens)
-            logits = graph.run()  # eagerly: the step's result (and, before a capture, its warm-up)
-            if self._steps[bucket] >= CAPTURE_AT:
-                self._record_or_give_up(bucket, graph)
-        else:
-            graph.tokens[:rows].copy_(tokens)
-            logits = graph.run()
+        runner, held = self.runner, self._cache  # a weak reference: a cache the scheduler dropped is freed at once
+
+        def make() -> Graph:
+            inputs = {"tokens": torch.zeros(bucket, dtype=torch.long, device=tokens.device)}
+            return Graph(inputs, lambda: runner.decode_graphable(_alive(held), inputs["tokens"]))
+
+        def fill(graph: Graph) -> None:
+            graph.inputs["tokens"][:rows].copy_(tokens)
+
+        logits = self.run(bucket, make, fill)
         cache.advance()
         return logits[:rows]
 
     def clear(self) -> None:
-        """Drop every graph (their cache is gone, or memory is needed back)."""
-        self._graphs.clear()
-        self._steps.clear()
+        super().clear()
         self._cache = None
 
-    def _static(self, cache: KVCache, tokens: Tensor) -> Callable[[], Tensor]:
-        runner = self.runner
 
-        def step() -> Tensor:
-            return runner.decode_graphable(cache, tokens)
+def _alive(held: weakref.ref[KVCache]) -> KVCache:
+    cache = held()
+    assert cache is not None, "a graph ran for a cache that is gone"
+    return cache
 
-        return step
 
-    def _record_or_give_up(self, bucket: int, graph: Graph) -> None:
-        """Record the bucket's graph; if the step cannot be captured (an operation a graph cannot hold: a model's
-        quantized kernels, say), say why once and run every later step eagerly: slower, never wrong. Out of
-        memory propagates (the scheduler retries with fewer rows)."""
-        try:
-            self._graphs[bucket] = self._record(graph)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise
-            self.failed = f"{type(exc).__name__}: {exc}"
-            self.clear()
-            log.warning("decode steps stay eager: recording a CUDA graph of %d rows failed (%s)", bucket, self.failed)
+class SamplingGraphs(BucketGraphs):
+    """A step's draw for every running row (workers.sampling.sort_free_tokens) through CUDA graphs, by row bucket:
+    the ~500 small kernels of the sort-free filters in one launch. The logits (already penalised), the rows'
+    parameters and their uniforms are copied into the bucket's buffers; padding rows draw from what their buffers
+    last held, and their tokens are dropped."""
 
-    def _record(self, graph: Graph) -> Graph:
-        """The bucket's step as a CUDA graph, when capturing; as it is otherwise. Recording runs nothing: the
-        caller's eager run of the same step just now did this step's work."""
-        self.recorded += 1
-        if not self.capture:
-            return graph
-        cuda_graph = torch.cuda.CUDAGraph()
-        # thread_local: a worker's other threads (heartbeats, the store) may touch CUDA state meanwhile
-        with torch.cuda.graph(cuda_graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = graph.run()
-        self._pool = cuda_graph.pool()
+    def __init__(self, capture: bool) -> None:
+        super().__init__(capture, "draws")
 
-        def replay() -> Tensor:
-            cuda_graph.replay()
-            return logits
+    def tokens(self, logits: Tensor, params: RowParams, uniform: Tensor) -> Tensor:
+        """sort_free_tokens(logits, params, uniform), valid until the next call."""
+        assert params.min_p is not None, "a running batch's RowParams always has min_p (RowParams.build)"
+        rows, vocab = logits.shape
+        bucket = row_bucket(rows, 2 * rows)
+        device = logits.device
 
-        return Graph(graph.tokens, replay)
+        def make() -> Graph:
+            inputs = {
+                "logits": torch.zeros((bucket, vocab), dtype=torch.float32, device=device),
+                "temperature": torch.ones(bucket, dtype=torch.float32, device=device),
+                "top_k": torch.zeros(bucket, dtype=torch.long, device=device),
+                "top_p": torch.ones(bucket, dtype=torch.float32, device=device),
+                "min_p": torch.zeros(bucket, dtype=torch.float32, device=device),
+                "uniform": torch.zeros(bucket, dtype=torch.float64, device=device),
+            }
+            filters = RowParams(inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["temperature"], inputs["min_p"])
+            return Graph(inputs, lambda: sort_free_tokens(inputs["logits"], filters, inputs["uniform"]))
+
+        def fill(graph: Graph) -> None:
+            given = {
+                "logits": logits, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                "min_p": params.min_p, "uniform": uniform,
+            }
+            for name, value in given.items():
+                graph.inputs[name][:rows].copy_(value)
+
+        return self.run(bucket, make, fill)[:rows]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -21,10 +21,13 @@ from transformers import PreTrainedTokenizerBase
 from workers.finish import decode, ending_ids, finish
 from workers.grammar import Grammars, advance, grammars_for
 from workers.prefix_cache import BlockKey
-from workers.sampling import RowParams, SamplingGroups, draw_uniforms, next_tokens
+from workers.sampling import RowParams, SamplingGroups, apply_repetition_penalty, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
 from workers.syncs import host_read
 from workers.types import Sample, SamplingParams
+
+if TYPE_CHECKING:
+    from workers.graphs import SamplingGraphs
 
 SEED_LIMIT = 2**31
 """Seeds the engine picks stay below this (and seed + i too), so they fit a 32-bit integer column."""
@@ -160,6 +163,9 @@ class RunningBatch:
         """float (rows, vocab): how often each token was generated, while a row has an OpenAI penalty."""
         self.grammars: Grammars = grammars_for(tokenizer, vocab, eos_ids)
         """Compiled structured-output constraints, shared by the worker's batches."""
+        self.draws: SamplingGraphs | None = None
+        """The sort-free draw of a whole batch through CUDA graphs (workers.graphs), when the scheduler graphs its
+        steps; None: next_tokens, eagerly."""
 
     def __len__(self) -> int:
         return len(self.states)
@@ -289,12 +295,16 @@ class RunningBatch:
             logits = logits - penalty.to(logits.dtype)
         params = RowParams(*(t[at] for t in _fields(self.params)))
         seen = self.seen[at] if self.seen is not None else None
-        groups = self.groups if whole else self._groups_of(states)
         guided = [i for i, s in enumerate(states) if s.matcher is not None]
         if guided:
             logits = self.grammars.apply(logits, guided, [states[i].matcher for i in guided])
         uniform = draw_uniforms([s.generator for s in states], self.device)
-        tokens = next_tokens(logits, params, seen, uniform, groups, self.sort_free)
+        if self.draws is not None and self.draws.failed is None and whole and self.sort_free:
+            if seen is not None:
+                logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+            tokens = self.draws.tokens(logits, params, uniform)
+        else:
+            tokens = next_tokens(logits, params, seen, uniform, self.groups if whole else self._groups_of(states), self.sort_free)
         if self.seen is not None or self.counts is not None:
             # (row, token) pairs need an index tensor: a slice beside tokens would pair every row with every token
             index = at if isinstance(at, Tensor) else torch.tensor(slots, dtype=torch.long, device=self.device)

@@ -363,6 +363,20 @@ def next_tokens(
     return tokens
 
 
+def sort_free_tokens(logits: Tensor, params: RowParams, uniform: Tensor) -> Tensor:
+    """next_tokens' tokens, sort_free, for logits already penalised, in shapes fixed by logits' alone (no groups, no
+    index): what a CUDA graph holds (workers.graphs). Every row goes through the filters and the draw, a plain
+    row's keeping every token (top_k 0, top_p 1, min_p 0), so it draws as next_tokens draws it; greedy rows
+    (temperature 0) take the argmax instead."""
+    assert params.min_p is not None, "a running batch's RowParams always has min_p (RowParams.build)"
+    logits = logits.float()
+    greedy = params.temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, params.temperature)[:, None]
+    kept = kept_by_threshold(scaled, params.top_k, params.top_p, params.min_p)
+    drawn = sample(scaled.masked_fill(~kept, -math.inf), uniform)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
 def _ranked(tokens: Tensor, logits: Tensor, params: RowParams, uniform: Tensor, groups: SamplingGroups) -> None:
     """The CPU's draws for the filtered rows, into tokens: rows with top-k among their ranked candidates
     (top_candidates); rows without, among their first CANDIDATES ranked tokens when that is all they keep (a

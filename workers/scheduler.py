@@ -54,7 +54,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.batch import Finished, halved, is_out_of_memory, out_of_memory_alone
 from workers.decoder import DecoderRunner
-from workers.graphs import DecodeGraphs
+from workers.graphs import DecodeGraphs, SamplingGraphs
 from workers.kv_cache import KVCache
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Row, RunningBatch
@@ -140,6 +140,8 @@ class Scheduler:
         """Draft tokens proposed and kept over the scheduler's life."""
         self.graphs = DecodeGraphs(runner) if (device.type == "cuda" if graphs is None else graphs) else None
         """The decode steps' CUDA graphs (workers.graphs); None: every step eager."""
+        if self.graphs is not None:
+            self.batch.draws = SamplingGraphs(self.graphs.capture)
         self.on_step: Callable[[int, int], None] | None = None
         """Called after every decode step with (rows running, rows the cache's shape allows): occupancy."""
 
@@ -419,7 +421,9 @@ class Scheduler:
         self.budget = 0
         self.cache = None
         if self.graphs is not None:
-            self.graphs.clear()  # they hold the old cache and their memory pool
+            self.graphs.clear()  # their memory pool
+        if self.batch.draws is not None:
+            self.batch.draws.clear()
         self.base, self.base_kv = [], None
         for row in rows:
             row.offset = 0
