@@ -3,7 +3,8 @@
 Random-weight Llama models of real shapes (TinyLlama-1.1B, Llama-3-8B; SmolLM2-135M on request), built on the
 device in bfloat16, with SmolLM2's tokenizer; every request generates exactly --new-tokens tokens (EOS ignored).
 Steps (--steps, comma-separated), each one JSON line per result, a failing one recorded and the rest run on:
-  tput     our Engine, tokens/s, per shape and rows (every request submitted at once, max_batch_rows = rows)
+  tput     our Engine, tokens/s, per shape and rows (every request submitted at once, max_batch_rows = rows), with
+           CUDA graphs on and off (--graphs; workers.graphs), and how many graphs it recorded
   hf       transformers' generate on static batches of `rows` (left padding, min_new_tokens = max_new_tokens)
   profile  torch.profiler over --profile-steps decode steps of the engine with every row running: wall time,
            GPU-busy time (the union of kernel intervals), kernel launches and host synchronisations per step
@@ -122,18 +123,28 @@ def free_memory() -> None:
 # --- the steps ---------------------------------------------------------------------------------------------------
 
 
-def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, rows: int):  # -> Engine
+def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, rows: int, graphs: bool):  # -> Engine
     from workers.engine import Engine
 
-    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=rows)
+    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=rows, cuda_graphs=graphs)
     engine.eos_ids = frozenset()  # fixed output lengths: every row runs to max_new_tokens
     return engine
 
 
+def graph_counts(engine) -> dict[str, Any]:  # engine: Engine
+    """How many decode and draw graphs the engine recorded, and why recording failed, if it did (workers.graphs)."""
+    scheduler = engine.scheduler
+    graphs, draws = getattr(scheduler, "graphs", None), getattr(getattr(scheduler, "batch", None), "draws", None)
+    if graphs is None:
+        return {}
+    return dict(decode_graphs=graphs.recorded, draw_graphs=draws.recorded if draws is not None else 0,
+                graphs_failed=graphs.failed or (draws.failed if draws is not None else None))
+
+
 def measure_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                   rows: int) -> dict[str, Any]:
-    """Our engine on every request at once, after a short warm-up."""
-    engine = engine_of(model, tokenizer, device, rows)
+                   rows: int, graphs: bool) -> dict[str, Any]:
+    """Our engine on every request at once, after a short warm-up (which records the full batch's graphs)."""
+    engine = engine_of(model, tokenizer, device, rows, graphs)
     engine.generate(to_requests([dict(line, max_new_tokens=4) for line in lines[:rows]]))  # warm-up at full width
     sync(device)
     started = time.perf_counter()
@@ -144,7 +155,8 @@ def measure_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, 
     errors = [r.error for r in results if r.error]
     return dict(tokens=sum(counts), seconds=round(seconds, 3), tok_s=round(sum(counts) / seconds, 1),
                 every_row_full=all(c == lines[0]["max_new_tokens"] for c in counts) and not errors, errors=errors[:3],
-                kv_budget_tokens=engine.max_batch_tokens, fast_path=engine.runner is not None, **peak_memory(device))
+                kv_budget_tokens=engine.max_batch_tokens, fast_path=engine.runner is not None, **graph_counts(engine),
+                **peak_memory(device))
 
 
 def peak_memory(device: str) -> dict[str, Any]:
@@ -179,9 +191,9 @@ def measure_hf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, devi
 
 
 def fill_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                rows: int, steps: int):  # -> Engine
+                rows: int, steps: int, graphs: bool):  # -> Engine
     """An engine with `rows` rows running and none waiting, each with tokens left for 3 x steps more decode steps."""
-    engine = engine_of(model, tokenizer, device, rows)
+    engine = engine_of(model, tokenizer, device, rows, graphs)
     if not engine.continuous:
         raise RuntimeError("the engine runs this model on static batches: no decode steps to profile")
     for i, request in enumerate(to_requests([dict(line, max_new_tokens=3 * steps + 200) for line in lines[:rows]])):
@@ -194,14 +206,14 @@ def fill_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, dev
 
 
 def profile_decode(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                   rows: int, steps: int) -> dict[str, Any]:
+                   rows: int, steps: int, graphs: bool) -> dict[str, Any]:
     """`steps` decode steps timed plainly, `steps` more counting the host's reads of device values (count_syncs), then
     `steps` more under torch.profiler; per-step counts from its events."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from workers.syncs import count_syncs
 
-    engine = fill_engine(model, tokenizer, device, lines, rows, steps)
+    engine = fill_engine(model, tokenizer, device, lines, rows, steps, graphs)
     for _ in range(3):
         engine.step()
     sync(device)
@@ -224,7 +236,8 @@ def profile_decode(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, 
         sync(device)
         profiled = time.perf_counter() - started
     return dict(steps=steps, rows_at_end=engine.running_rows, plain_wall_s=round(plain, 4), profiled_wall_s=round(profiled, 4),
-                step_ms=round(plain / steps * 1e3, 2), **reads, **event_counts(prof.events(), steps, plain, cuda))
+                step_ms=round(plain / steps * 1e3, 2), **reads, **event_counts(prof.events(), steps, plain, cuda),
+                **graph_counts(engine))
 
 
 def event_counts(events: list[Any], steps: int, plain_wall: float, cuda: bool) -> dict[str, Any]:
@@ -390,16 +403,18 @@ def verdicts(records: list[dict[str, Any]], small: bool) -> list[tuple[str, str,
 
     out = []
     for (shape, rows), target in TOKENS_TARGETS.items():
-        ours = find("tput", shape=shape, rows=rows)
+        ours = find("tput", shape=shape, rows=rows, graphs="on") or find("tput", shape=shape, rows=rows)
         value = ours["tok_s"] if ours else None
-        figure = "–" if value is None else f"{value:,.0f} tokens/s"
+        figure = "–" if value is None else f"{value:,.0f} tokens/s" + (" (graphs)" if ours and ours.get("graphs") == "on" else "")
+        eager = find("tput", shape=shape, rows=rows, graphs="off")
+        figure += f"; eager {eager['tok_s']:,.0f}" if eager and eager is not ours else ""
         for step, label in (("hf", "generate"), ("probe", "graph_probe"), ("vllm", "vLLM")):
             other = find(step, shape=shape, rows=rows)
             figure += f"; {label} {other['tok_s']:,.0f}" if other else ""
         out.append((f"{shape} at {rows} rows ≥ {target:,} tokens/s", figure, judged(value, value is not None and value >= target)))
     for r in (r for r in records if r["step"] == "profile" and "error" not in r and "skipped" not in r):
         busy, syncs = r.get("gpu_busy_fraction"), r.get("syncs_per_step")
-        at = f"{r['shape']} at {r['rows']} rows"
+        at = f"{r['shape']} at {r['rows']} rows" + (f", graphs {r['graphs']}" if "graphs" in r else "")
         out.append((f"GPU busy ≥ {BUSY_TARGET:.0%} of decode wall time ({at})", "–" if busy is None else f"{busy:.0%}",
                     judged(busy, busy is not None and busy >= BUSY_TARGET)))
         out.append((f"≤ {SYNCS_TARGET:.0f} host synchronisation per decode step ({at})", "–" if syncs is None else f"{syncs:.2f}",
@@ -428,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="the workload (JSON lines; default ../shared/bench/prompts.jsonl)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer saved with save_pretrained (default: the bundled GGUF's)")
+    parser.add_argument("--graphs", default="on,off", help="our engine with CUDA graphs on, off, or both (workers.graphs; default both)")
     parser.add_argument("--out", type=Path, default=None, help="append each JSON line to this file too")
     parser.add_argument("--small", action="store_true", help="tiny shapes (hidden 64, 2 layers), few requests: runs on a CPU in seconds")
     args = parser.parse_args(argv)
@@ -438,12 +454,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.profile_steps = args.profile_steps or (8 if small else 32)
     args.shapes = args.shapes.split(",")
     args.steps = set(args.steps.split(","))
+    graphs = args.graphs.split(",")
+    if any(g not in ("on", "off") for g in graphs):
+        parser.error(f"--graphs: {args.graphs!r} is not on, off, or on,off")
+    args.graphs = [g == "on" for g in graphs]
     for name in args.shapes:
         if name not in SHAPES:
             parser.error(f"--shapes: {name!r} is not one of {', '.join(SHAPES)}")
     for name in args.steps - set(STEPS):
         parser.error(f"--steps: {name!r} is not one of {', '.join(STEPS)}")
     return args
+
+
+def on_off(graphs: bool) -> str:
+    return "on" if graphs else "off"
 
 
 def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, lines: list[dict[str, Any]], rec: Recorder) -> None:
@@ -454,7 +478,9 @@ def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     for rows in args.rows:
         where = dict(shape=name, rows=rows, requests=len(lines), new_tokens=args.new_tokens, parameters=parameters)
         if "tput" in args.steps:
-            rec.attempt("tput", lambda: measure_engine(model, tokenizer, args.device, lines, rows), **where)
+            for graphs in args.graphs:
+                rec.attempt("tput", lambda: measure_engine(model, tokenizer, args.device, lines, rows, graphs),
+                            **where, graphs=on_off(graphs))
         if "hf" in args.steps:
             rec.attempt("hf", lambda: measure_hf(model, tokenizer, args.device, lines, rows), **where)
         if "probe" in args.steps:
@@ -462,8 +488,9 @@ def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     if "profile" in args.steps:
         rows = PROFILE_ROWS if PROFILE_ROWS in args.rows else args.rows[0]
         profile_lines = workload(args.prompts, rows, args.new_tokens)
-        rec.attempt("profile", lambda: profile_decode(model, tokenizer, args.device, profile_lines, rows, args.profile_steps),
-                    shape=name, rows=rows, parameters=parameters)
+        for graphs in args.graphs:
+            rec.attempt("profile", lambda: profile_decode(model, tokenizer, args.device, profile_lines, rows, args.profile_steps, graphs),
+                        shape=name, rows=rows, parameters=parameters, graphs=on_off(graphs))
     del model
     free_memory()
     if "vllm" in args.steps:

@@ -48,15 +48,18 @@ def test_profile_counts_come_from_the_decode_window_and_the_kernels():
 
 
 def test_the_summary_judges_only_what_was_measured():
-    records = [{"step": "tput", "shape": "1b", "rows": 256, "tok_s": 41_000.0},
+    records = [{"step": "tput", "shape": "1b", "rows": 256, "tok_s": 6_000.0, "graphs": "off"},
+               {"step": "tput", "shape": "1b", "rows": 256, "tok_s": 41_000.0, "graphs": "on"},
                {"step": "hf", "shape": "1b", "rows": 256, "tok_s": 5_000.0},
                {"step": "tput", "shape": "8b", "rows": 256, "error": "OutOfMemoryError: ..."},
-               {"step": "profile", "shape": "1b", "rows": 256, "gpu_busy_fraction": 0.5, "syncs_per_step": 1.0}]
+               {"step": "profile", "shape": "1b", "rows": 256, "gpu_busy_fraction": 0.5, "syncs_per_step": 1.0, "graphs": "on"}]
     table = {target: (figure, verdict) for target, figure, verdict in verdicts(records, small=False)}
-    assert table["1b at 256 rows ≥ 40,000 tokens/s"] == ("41,000 tokens/s; generate 5,000", "met")
+    assert table["1b at 256 rows ≥ 40,000 tokens/s"] == ("41,000 tokens/s (graphs); eager 6,000; generate 5,000", "met")
     assert table["8b at 256 rows ≥ 20,000 tokens/s"][1] == "not measured"
-    assert table["GPU busy ≥ 85% of decode wall time (1b at 256 rows)"] == ("50%", "not met")
-    assert table["≤ 1 host synchronisation per decode step (1b at 256 rows)"] == ("1.00", "met")
+    assert table["GPU busy ≥ 85% of decode wall time (1b at 256 rows, graphs on)"] == ("50%", "not met")
+    assert table["≤ 1 host synchronisation per decode step (1b at 256 rows, graphs on)"] == ("1.00", "met")
+    eager_only = verdicts([dict(records[0]), dict(records[2])], small=False)
+    assert eager_only[0][1:] == ("6,000 tokens/s; generate 5,000", "not met")  # without a graphed run, the eager one is judged
 
 
 @pytest.mark.slow
@@ -74,8 +77,13 @@ def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    records = {r["step"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(records) == {"env", "tput", "hf", "profile"}
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["step"], r.get("graphs")) for r in lines] == [
+        ("env", None), ("tput", "on"), ("tput", "off"), ("hf", None), ("profile", "on"), ("profile", "off")
+    ]
+    graphed = [r for r in lines if r.get("graphs") == "on"]
+    assert all(r["decode_graphs"] >= 1 and r["graphs_failed"] is None for r in graphed), graphed  # static steps, run eagerly
+    records = {r["step"]: r for r in lines if r.get("graphs") != "on"}
     assert records["env"]["skipped"] == "no CUDA device"
     assert all("error" not in r for r in records.values()), [r.get("error") for r in records.values()]
     assert records["tput"]["tok_s"] > 0 and records["tput"]["every_row_full"]
