@@ -12,7 +12,7 @@ from tests.test_sync_free import mixed_requests
 from workers.decoder import DecoderRunner
 from workers.engine import Engine
 from workers.graphs import CAPTURE_AT, DecodeGraphs, SamplingGraphs, row_bucket
-from workers.sampling import RowParams, apply_repetition_penalty, next_tokens, sort_free_tokens
+from workers.sampling import Filters, RowParams, apply_repetition_penalty, kept_by_threshold, next_tokens, sort_free_tokens
 from workers.scheduler import Scheduler
 from workers.syncs import count_syncs
 from workers.types import GenerationRequest, SamplingParams
@@ -178,5 +178,24 @@ def test_sort_free_tokens_draw_as_next_tokens_does():
         penalised = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         assert torch.equal(sort_free_tokens(penalised, params, uniform), expected)
         some = 17 - step  # fewer rows each step: the bucket's buffers hold the earlier rows' values past them
-        assert torch.equal(draws.tokens(penalised[:some], params.select(torch.arange(some)), uniform[:some]), expected[:some])
+        filters = Filters.of(top_k[:some], top_p[:some], min_p[:some])
+        assert torch.equal(draws.tokens(penalised[:some], params.select(torch.arange(some)), uniform[:some], filters), expected[:some])
     assert draws.recorded == 1  # buckets of 20 (17 rows), 16 (16 and 15 rows: recorded at its second draw), 14
+
+
+@pytest.mark.parametrize("filters", [Filters(False, True, False), Filters(True, False, False), Filters(False, False, True),
+                                     Filters(False, False, False)], ids=["top-p", "top-k", "min-p", "none"])
+def test_a_draw_skips_the_filters_no_row_uses_and_draws_the_same(filters: Filters):
+    generator = torch.Generator().manual_seed(1)
+    rows, vocab = 12, 2000
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    top_k = [20 * (i % 3) for i in range(rows)] if filters.top_k else [0] * rows
+    top_p = [1.0 - 0.05 * (i % 4) for i in range(rows)] if filters.top_p else [1.0] * rows
+    min_p = [0.05 * (i % 2) for i in range(rows)] if filters.min_p else [0.0] * rows
+    params = RowParams.build([0.0, 0.8, 1.2] * 4, top_k, top_p, [1.0] * rows, torch.device("cpu"), min_p)
+    assert Filters.of(top_k, top_p, min_p) == filters
+    kept = kept_by_threshold(logits, params.top_k, params.top_p, params.min_p, filters)
+    assert torch.equal(kept, kept_by_threshold(logits, params.top_k, params.top_p, params.min_p))
+    uniform = torch.rand(rows, generator=generator, dtype=torch.float64)
+    assert torch.equal(sort_free_tokens(logits, params, uniform, filters), sort_free_tokens(logits, params, uniform))
+    assert torch.equal(sort_free_tokens(logits, params, uniform, filters), next_tokens(logits, params, None, uniform, sort_free=True))

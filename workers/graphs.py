@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 from workers.batch import is_out_of_memory
 from workers.decoder import DecoderRunner
 from workers.kv_cache import KVCache
-from workers.sampling import RowParams, sort_free_tokens
+from workers.sampling import Filters, RowParams, sort_free_tokens
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,9 @@ class BucketGraphs:
         """capture: record CUDA graphs; False runs the same static functions eagerly (a CPU's tests)."""
         self.capture = capture
         self.what = what
-        self._graphs: dict[int, Graph] = {}
-        self._runs: Counter[int] = Counter()
+        self._graphs: dict[tuple[int, Hashable], Graph] = {}
+        """By (rows, what else fixes the function): (bucket, None) for decode steps, (bucket, Filters) for draws."""
+        self._runs: Counter[tuple[int, Hashable]] = Counter()
         self._pool: tuple[int, int] | None = None
         self.recorded = 0
         """Buckets recorded over the object's life (as CUDA graphs when capturing; tests and logs)."""
@@ -83,32 +84,32 @@ class BucketGraphs:
         self._graphs.clear()
         self._runs.clear()
 
-    def run(self, bucket: int, make: Callable[[], Graph], fill: Callable[[Graph], None]) -> Tensor:
-        """The bucket's output: its graph (made by make() until recorded) with its inputs filled by fill()."""
-        self._runs[bucket] += 1
-        graph = self._graphs.get(bucket)
+    def run(self, key: tuple[int, Hashable], make: Callable[[], Graph], fill: Callable[[Graph], None]) -> Tensor:
+        """The output of key's graph (made by make() until recorded) with its inputs filled by fill()."""
+        self._runs[key] += 1
+        graph = self._graphs.get(key)
         if graph is not None:
             fill(graph)
             return graph.run()
         graph = make()
         fill(graph)
         out = graph.run()  # eagerly: this run's result (and, before a capture, its warm-up)
-        if self._runs[bucket] >= CAPTURE_AT:
-            self._record_or_give_up(bucket, graph)
+        if self._runs[key] >= CAPTURE_AT:
+            self._record_or_give_up(key, graph)
         return out
 
-    def _record_or_give_up(self, bucket: int, graph: Graph) -> None:
+    def _record_or_give_up(self, key: tuple[int, Hashable], graph: Graph) -> None:
         """Record the bucket's graph; if it cannot be captured (an operation a graph cannot hold: a model's
         quantized kernels, say), say why once and leave every later run eager: slower, never wrong. Out of memory
         propagates (the scheduler retries with fewer rows)."""
         try:
-            self._graphs[bucket] = self._record(graph)
+            self._graphs[key] = self._record(graph)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise
             self.failed = f"{type(exc).__name__}: {exc}"
             self.clear()
-            log.warning("%s stay eager: recording a CUDA graph of %d rows failed (%s)", self.what, bucket, self.failed)
+            log.warning("%s stay eager: recording a CUDA graph of %d rows failed (%s)", self.what, key[0], self.failed)
 
     def _record(self, graph: Graph) -> Graph:
         """The graph recorded, when capturing; as it is otherwise. Recording runs nothing: the caller's eager run
@@ -163,7 +164,7 @@ class DecodeGraphs(BucketGraphs):
         def fill(graph: Graph) -> None:
             graph.inputs["tokens"][:rows].copy_(tokens)
 
-        logits = self.run(bucket, make, fill)
+        logits = self.run((bucket, None), make, fill)
         cache.advance()
         return logits[:rows]
 
@@ -187,8 +188,8 @@ class SamplingGraphs(BucketGraphs):
     def __init__(self, capture: bool) -> None:
         super().__init__(capture, "draws")
 
-    def tokens(self, logits: Tensor, params: RowParams, uniform: Tensor) -> Tensor:
-        """sort_free_tokens(logits, params, uniform), valid until the next call."""
+    def tokens(self, logits: Tensor, params: RowParams, uniform: Tensor, filters: Filters) -> Tensor:
+        """sort_free_tokens(logits, params, uniform, filters), valid until the next call."""
         assert params.min_p is not None, "a running batch's RowParams always has min_p (RowParams.build)"
         rows, vocab = logits.shape
         bucket = row_bucket(rows, 2 * rows)
@@ -203,15 +204,15 @@ class SamplingGraphs(BucketGraphs):
                 "min_p": torch.zeros(bucket, dtype=torch.float32, device=device),
                 "uniform": torch.zeros(bucket, dtype=torch.float64, device=device),
             }
-            filters = RowParams(inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["temperature"], inputs["min_p"])
-            return Graph(inputs, lambda: sort_free_tokens(inputs["logits"], filters, inputs["uniform"]))
+            given = RowParams(inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["temperature"], inputs["min_p"])
+            return Graph(inputs, lambda: sort_free_tokens(inputs["logits"], given, inputs["uniform"], filters))
 
         def fill(graph: Graph) -> None:
-            given = {
+            values = {
                 "logits": logits, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                 "min_p": params.min_p, "uniform": uniform,
             }
-            for name, value in given.items():
+            for name, value in values.items():
                 graph.inputs[name][:rows].copy_(value)
 
-        return self.run(bucket, make, fill)[:rows]
+        return self.run((bucket, filters), make, fill)[:rows]

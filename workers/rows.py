@@ -302,7 +302,7 @@ class RunningBatch:
         if self.draws is not None and self.draws.failed is None and whole and self.sort_free:
             if seen is not None:
                 logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-            tokens = self.draws.tokens(logits, params, uniform)
+            tokens = self.draws.tokens(logits, params, uniform, self.groups.filters)
         else:
             tokens = next_tokens(logits, params, seen, uniform, self.groups if whole else self._groups_of(states), self.sort_free)
         if self.seen is not None or self.counts is not None:

@@ -73,6 +73,23 @@ class RowParams:
 
 
 @dataclass(frozen=True)
+class Filters:
+    """Which filters some row of a batch uses, known on the host from the rows' parameters: a sort-free draw skips
+    the passes of a filter that no row uses (each of top-k's and top-p's is 33 passes over the vocabulary)."""
+
+    top_k: bool = True
+    top_p: bool = True
+    min_p: bool = True
+
+    @classmethod
+    def of(cls, top_k: list[int], top_p: list[float], min_p: list[float]) -> Filters:
+        return cls(any(k > 0 for k in top_k), any(p < 1.0 for p in top_p), any(m > 0 for m in min_p))
+
+
+EVERY_FILTER = Filters()
+
+
+@dataclass(frozen=True)
 class SamplingGroups:
     """Which rows of a batch are greedy, filtered (top-k, top-p or min-p) or plain samples, as index tensors on the
     logits' device (None: no such row), and what the filtered rows need: built on the host from the rows'
@@ -87,6 +104,8 @@ class SamplingGroups:
     """The filtered rows with a top-k (what the ranked candidates of the CPU path always hold)."""
     without_k: Tensor | None
     """The filtered rows without one (top-p, min-p): a flat row keeps thousands of tokens."""
+    filters: Filters = EVERY_FILTER
+    """The filters some row of the batch uses."""
 
     @classmethod
     def of(
@@ -103,9 +122,11 @@ class SamplingGroups:
         def index(rows: list[int]) -> Tensor | None:
             return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
 
+        sampled = [i for i, t in enumerate(temperature) if t != 0]
         return cls(
             index(greedy), index(filtered), index(plain), max((top_k[i] for i in filtered), default=0),
             index([i for i in filtered if top_k[i] > 0]), index([i for i in filtered if top_k[i] <= 0]),
+            Filters.of([top_k[i] for i in sampled], [top_p[i] for i in sampled], [min_p[i] for i in sampled]),
         )
 
     @classmethod
@@ -190,7 +211,9 @@ def min_keeps(scaled: Tensor, largest: Tensor, min_p: Tensor) -> Tensor:
     return (scaled.float() - largest.float()).exp() >= min_p[:, None]
 
 
-def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor | None = None) -> Tensor:
+def kept_by_threshold(
+    scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor | None = None, filters: Filters = EVERY_FILTER
+) -> Tensor:
     """What top-k, then top-p, then min-p keep of each row of scaled logits (logits / temperature), as a bool
     (rows, vocab) mask: the same tokens top_candidates keeps, found without sorting and without reading the device.
 
@@ -200,18 +223,30 @@ def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tenso
     keys (ordered_keys), BISECTIONS passes of one compare and one sum each; rows without top-k (0) or top-p (1.0)
     keep everything for that filter. Sums are in float32 in another order than top_candidates' running sum, so a
     token whose cut-off falls within rounding of top_p may be decided the other way (never a different law).
+    filters: which filters some row uses (the others' passes are skipped: every row keeps everything for them).
     """
     rows, vocab = scaled.shape
     keys = ordered_keys(scaled)
     low, high = keys.min(dim=-1).values, keys.max(dim=-1).values
-    k = top_k.clamp(max=vocab)
-    # top-k: invariant count(keys >= lo) >= k > count(keys >= hi)
-    lo, hi = low, high + 1
-    for _ in range(BISECTIONS):
-        mid = torch.div(lo + hi, 2, rounding_mode="floor")
-        enough = (keys >= mid[:, None]).sum(dim=-1) >= k
-        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
-    kept = (keys >= lo[:, None]) | (k <= 0)[:, None]
+    kept = torch.ones_like(scaled, dtype=torch.bool)
+    if filters.top_k:
+        k = top_k.clamp(max=vocab)
+        # top-k: invariant count(keys >= lo) >= k > count(keys >= hi)
+        lo, hi = low, high + 1
+        for _ in range(BISECTIONS):
+            mid = torch.div(lo + hi, 2, rounding_mode="floor")
+            enough = (keys >= mid[:, None]).sum(dim=-1) >= k
+            lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+        kept = (keys >= lo[:, None]) | (k <= 0)[:, None]
+    if filters.top_p:
+        kept &= _top_p_keeps(scaled, keys, kept, low, high, top_p)
+    if min_p is not None and filters.min_p:  # one compare against the row's largest: no bisection needed
+        kept &= min_keeps(scaled, scaled.max(dim=-1, keepdim=True).values, min_p)
+    return kept
+
+
+def _top_p_keeps(scaled: Tensor, keys: Tensor, kept: Tensor, low: Tensor, high: Tensor, top_p: Tensor) -> Tensor:
+    """kept_by_threshold's top-p pass over what top-k kept (kept), by bisection over the keys."""
     probs = scaled.float().masked_fill(~kept, -math.inf).softmax(dim=-1)
     # top-p: invariant mass(keys > lo) >= top_p > mass(keys > hi)
     lo, hi = low - 1, high
@@ -219,10 +254,7 @@ def kept_by_threshold(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tenso
         mid = torch.div(lo + hi, 2, rounding_mode="floor")
         below = probs.masked_fill(keys <= mid[:, None], 0.0).sum(dim=-1) < top_p
         lo, hi = torch.where(below, lo, mid), torch.where(below, mid, hi)
-    kept &= (keys >= hi[:, None]) | (top_p >= 1.0)[:, None]
-    if min_p is not None:  # one compare against the row's largest: no bisection needed
-        kept &= min_keeps(scaled, scaled.max(dim=-1, keepdim=True).values, min_p)
-    return kept
+    return (keys >= hi[:, None]) | (top_p >= 1.0)[:, None]
 
 
 BUCKETS = 4096
@@ -352,7 +384,7 @@ def next_tokens(
             rows = groups.filtered
             p = params.select(rows)
             scaled = logits.index_select(0, rows) / p.temperature[:, None]
-            kept = kept_by_threshold(scaled, p.top_k, p.top_p, p.min_p)
+            kept = kept_by_threshold(scaled, p.top_k, p.top_p, p.min_p, groups.filters)
             drawn = sample(scaled.masked_fill(~kept, -math.inf), uniform.index_select(0, rows))
             tokens.index_copy_(0, rows, drawn)
         else:
@@ -363,17 +395,18 @@ def next_tokens(
     return tokens
 
 
-def sort_free_tokens(logits: Tensor, params: RowParams, uniform: Tensor) -> Tensor:
+def sort_free_tokens(logits: Tensor, params: RowParams, uniform: Tensor, filters: Filters = EVERY_FILTER) -> Tensor:
     """next_tokens' tokens, sort_free, for logits already penalised, in shapes fixed by logits' alone (no groups, no
     index): what a CUDA graph holds (workers.graphs). Every row goes through the filters and the draw, a plain
     row's keeping every token (top_k 0, top_p 1, min_p 0), so it draws as next_tokens draws it; greedy rows
-    (temperature 0) take the argmax instead."""
+    (temperature 0) take the argmax instead. filters: those some sampled row uses (none: a plain draw)."""
     assert params.min_p is not None, "a running batch's RowParams always has min_p (RowParams.build)"
     logits = logits.float()
     greedy = params.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, params.temperature)[:, None]
-    kept = kept_by_threshold(scaled, params.top_k, params.top_p, params.min_p)
-    drawn = sample(scaled.masked_fill(~kept, -math.inf), uniform)
+    if filters.top_k or filters.top_p or filters.min_p:
+        scaled = scaled.masked_fill(~kept_by_threshold(scaled, params.top_k, params.top_p, params.min_p, filters), -math.inf)
+    drawn = sample(scaled, uniform)
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 
