@@ -80,6 +80,7 @@ class Engine:
         draft_model: DraftModel | None = None,
         static_batches: bool = False,
         cuda_graphs: bool | None = None,
+        overlap: bool | None = None,
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
@@ -104,6 +105,9 @@ class Engine:
 
         cuda_graphs: replay decode steps from CUDA graphs (workers.graphs); None: on CUDA. True on a CPU runs the
         same static-shape steps eagerly (tests); False: every step eager.
+
+        overlap: launch each decode step before recording the last one's tokens, so that the device computes while
+        the host does its bookkeeping (workers.scheduler.Scheduler.step); None: on CUDA. Fast-engine architectures only.
         """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -134,7 +138,7 @@ class Engine:
                 runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
                 prefix=PrefixCache(prefix_cache_tokens), speculation=SpeculationPolicy(
                     speculative_tokens, drafter=draft_model.drafter if draft_model is not None else None
-                ), graphs=cuda_graphs,
+                ), graphs=cuda_graphs, overlap=overlap,
             )
         else:
             self.scheduler = StaticScheduler(model, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens)
@@ -155,6 +159,7 @@ class Engine:
         draft_spec: ModelSpec | None = None,
         static_batches: bool = False,
         cuda_graphs: bool | None = None,
+        overlap: bool | None = None,
     ) -> Engine:
         """draft_spec: the draft model (Engine's draft_model), loaded on the same device in the same dtype."""
         problem = check_combination(device, dtype, quantize)  # before the slow load
@@ -168,7 +173,7 @@ class Engine:
         return cls(
             model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens,
             prefix_cache_tokens=prefix_cache_tokens, speculative_tokens=speculative_tokens, draft_model=draft,
-            static_batches=static_batches, cuda_graphs=cuda_graphs,
+            static_batches=static_batches, cuda_graphs=cuda_graphs, overlap=overlap,
         )
 
     @property

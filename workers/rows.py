@@ -23,7 +23,7 @@ from workers.grammar import Grammars, advance, grammars_for
 from workers.prefix_cache import BlockKey
 from workers.sampling import RowParams, SamplingGroups, apply_repetition_penalty, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
-from workers.syncs import host_read
+from workers.syncs import PendingRead, start_read
 from workers.types import Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -97,6 +97,10 @@ class RowState:
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
     matcher: Any = None
     """Structured output: the row's llguidance matcher (workers.grammar), in step with generated; None: free text."""
+    pending: int = 0
+    """Tokens drawn on the device and not yet recorded in generated (RunningBatch.launch, collect)."""
+    done: bool = False
+    """The row has produced its Sample: a token drawn after it (a launched step's) is dropped."""
 
     def draft_limit(self, limit: int) -> int:
         """How many draft tokens the row may take: never past max_new_tokens."""
@@ -116,6 +120,16 @@ class RowState:
         return draft
 
 
+@dataclass
+class Drawn:
+    """A draw whose tokens are on their way to the host: the rows it drew for (in slot order at the time), which
+    of them (positions) asked for logprobs, and the pending read of the tokens and those logprobs."""
+
+    states: list[RowState]
+    wanted: list[int]
+    read: PendingRead
+
+
 def start_row(row: Row) -> RowState:
     """A fresh RowState: the generator is seeded here, so a row restarted after an out-of-memory error draws the same."""
     sampled = row.sampled and row.seed is not None
@@ -130,8 +144,10 @@ class RunningBatch:
     allocated only while some row needs them and built on the host when rows join (never read back). Rows join
     with add() and leave with keep(order), which follows the cache's own compaction.
 
-    A draw asks the device once (workers.syncs.host_read) for its tokens and logprobs; each row's latest token
-    stays on the device too (last), for the next decode step to feed. sort_free (default: on CUDA) finds what
+    A draw asks the device once (workers.syncs.start_read) for its tokens and logprobs; each row's latest token
+    stays on the device too (last), for the next decode step to feed. A decode step's draw can be launched and
+    collected later (launch, collect), so that the next step runs on the device while the host records this one.
+    sort_free (default: on CUDA) finds what
     top-k and top-p keep without sorting or reading the device (workers.sampling.kept_by_threshold).
     """
 
@@ -169,6 +185,11 @@ class RunningBatch:
 
     def __len__(self) -> int:
         return len(self.states)
+
+    @property
+    def guided(self) -> bool:
+        """Some row has a grammar (structured output): its next mask needs its last token on the host."""
+        return any(state.matcher is not None for state in self.states)
 
     def add(self, rows: list[Row]) -> list[RowState]:
         """New rows join at the end (the next slots)."""
@@ -273,9 +294,26 @@ class RunningBatch:
                 state.speculation.add(len(draft), kept)
         return done, taken
 
+    def launch(self, logits: Tensor) -> Drawn:
+        """Draw the next token of every running row from its logits (rows, vocab), without waiting for the device:
+        the tokens are on their way to the host, and collect() records them. Until then each row counts the draw
+        as pending (min_tokens), and the device already holds the tokens (last, penalties) for the next step."""
+        return self._draw(logits, list(range(len(self.states))))
+
+    def collect(self, drawn: Drawn) -> list[Sample | None]:
+        """Record a launched draw's tokens (waits for them), in the order of drawn.states: each row's Sample if
+        it is done, None if not, or if it had finished before (a row that ended at the step before: its token of
+        this one is dropped)."""
+        return self._record(drawn)
+
     def _sample_at(self, logits: Tensor, slots: list[int]) -> list[Sample | None]:
         """Draw the next token of the rows in these slots from their logits (one row each), append it, and return
         each row's Sample if it is done (None if not)."""
+        return self._record(self._draw(logits, slots))
+
+    def _draw(self, logits: Tensor, slots: list[int]) -> Drawn:
+        """The device's part of a draw for the rows in these slots: the tokens drawn, stored on the device (last,
+        penalties), and on their way to the host with the logprobs asked for."""
         states = [self.states[slot] for slot in slots]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         whole = contiguous and slots[0] == 0 and len(slots) == len(self.states)
@@ -285,7 +323,7 @@ class RunningBatch:
         raw = logits
         if self.bias is not None:  # first, as vLLM and OpenAI apply it
             logits = logits.float() + self.bias[at]
-        young = [len(s.generated) < s.row.params.min_tokens for s in states]
+        young = [len(s.generated) + s.pending < s.row.params.min_tokens for s in states]
         if self.held_back is not None and any(young):  # which rows are young is known here, on the host
             young_rows = torch.tensor(young, dtype=torch.bool).to(self.device, non_blocking=True)
             logits = logits.masked_fill(self.held_back[at] & young_rows[:, None], -torch.inf)
@@ -314,19 +352,34 @@ class RunningBatch:
                 self.counts[index, tokens] += 1
         self.last[at] = tokens
         wanted = [i for i, s in enumerate(states) if s.row.params.logprobs]
-        host = host_read(tokens, *self._logprobs(raw, tokens, wanted, states))
+        for state in states:
+            state.pending += 1
+        return Drawn(states, wanted, start_read(tokens, *self._logprobs(raw, tokens, wanted, states)))
+
+    def _record(self, drawn: Drawn) -> list[Sample | None]:
+        """The host's part of a draw: append each row's token, and return its Sample if it is done (None if not,
+        or if it was done before)."""
+        states, wanted = drawn.states, drawn.wanted
+        host = drawn.read.values()
         generated = host[0]
+        for state in states:
+            state.pending -= 1
         if wanted:
             self._record_logprobs(generated, host[1:], wanted, states)
         finished: list[Sample | None] = []
         for state, token in zip(states, generated):
+            if state.done:
+                finished.append(None)
+                continue
             state.generated.append(token)
             if state.matcher is not None and advance(state.matcher, token, self.eos_ids):
                 sample: Sample | None = Sample(decode(self.tokenizer, state.generated), "stop", len(state.generated), state.row.seed)
             else:
                 sample = finish(self.tokenizer, state.generated, state.row, self.eos_ids)
-            if sample is not None and state.row.params.logprobs:
-                sample.logprobs = state.logprobs[: sample.completion_tokens]
+            if sample is not None:
+                state.done = True
+                if state.row.params.logprobs:
+                    sample.logprobs = state.logprobs[: sample.completion_tokens]
             finished.append(sample)
         return finished
 

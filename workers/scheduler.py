@@ -57,7 +57,7 @@ from workers.decoder import DecoderRunner
 from workers.graphs import DecodeGraphs, SamplingGraphs
 from workers.kv_cache import KVCache
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
-from workers.rows import Row, RunningBatch
+from workers.rows import Drawn, Row, RunningBatch
 from workers.speculation import SpeculationPolicy, SpeculationStats, plan_step, verify_step
 from workers.types import Sample
 
@@ -113,8 +113,10 @@ class Scheduler:
         prefix: PrefixCache | None = None,
         speculation: SpeculationPolicy | None = None,
         graphs: bool | None = None,
+        overlap: bool | None = None,
     ) -> None:
-        """graphs: decode steps through CUDA graphs (workers.graphs); None: when the device is CUDA."""
+        """graphs: decode steps through CUDA graphs (workers.graphs); None: when the device is CUDA.
+        overlap: launch each decode step before recording the last one's tokens (see step()); None: on CUDA."""
         if max_rows < 1 or max_tokens < 1:
             raise ValueError(f"max_rows and max_tokens must be at least 1, got {max_rows} and {max_tokens}")
         self.runner = runner
@@ -142,6 +144,9 @@ class Scheduler:
         """The decode steps' CUDA graphs (workers.graphs); None: every step eager."""
         if self.graphs is not None:
             self.batch.draws = SamplingGraphs(self.graphs.capture)
+        self.overlap = device.type == "cuda" if overlap is None else overlap
+        self.pending: Drawn | None = None
+        """The last decode step's draw, launched and not yet recorded (overlap)."""
         self.on_step: Callable[[int, int], None] | None = None
         """Called after every decode step with (rows running, rows the cache's shape allows): occupancy."""
 
@@ -149,7 +154,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not len(self.batch)
+        return not self.waiting and not len(self.batch) and self.pending is None
 
     @property
     def running(self) -> int:
@@ -186,6 +191,7 @@ class Scheduler:
         rows = [s.row for s in self.batch.states] + list(self.waiting)
         self.waiting.clear()
         self.batch.clear()
+        self.pending = None
         self.budget = 0
         if self.cache is not None:
             self.cache.clear()
@@ -194,15 +200,30 @@ class Scheduler:
         return rows
 
     def step(self) -> list[Finished]:
-        """Admit what fits, decode one token for every running row; the rows that finished."""
+        """Admit what fits, decode one token for every running row; the rows that finished.
+
+        Overlapped (on CUDA): a decode step is launched and its tokens are recorded by the next step(), which
+        first launches its own decode step, so that the device computes step N+1 while the host records step N's
+        tokens (stop strings, finished rows) and admits rows: the device never waits for the host's bookkeeping.
+        A row that ended at step N was in step N+1 too; that token is dropped. Not while a row has a grammar or
+        speculation is on (both need step N's tokens before step N+1): those steps run one after the other."""
         finished: list[Finished] = []
         try:
+            ahead = None
+            if self.pending is not None:
+                if len(self.batch) and self._overlaps():
+                    ahead = self._launch()
+                self._collect(finished)
+                self.pending = ahead
             self._admit(finished)
-            if len(self.batch):
-                rows = len(self.batch)
-                self._retire(finished, self._decode())
-                if self.on_step is not None:
-                    self.on_step(rows, self.slots)
+            if ahead is None and len(self.batch):
+                if self._overlaps():
+                    self.pending = self._launch()
+                else:
+                    rows = len(self.batch)
+                    self._retire(finished, self._decode())
+                    if self.on_step is not None:
+                        self.on_step(rows, self.slots)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -210,6 +231,27 @@ class Scheduler:
         return finished
 
     # --- one token (or more) for every running row ----------------------------------------------------
+
+    def _overlaps(self) -> bool:
+        """Whether the next decode step may run ahead of the host's record of the last one (see step())."""
+        return self.overlap and self.speculation is None and not self.batch.guided
+
+    def _launch(self) -> Drawn:
+        """A decode step whose tokens are recorded later (_collect)."""
+        assert self.cache is not None
+        rows = len(self.batch)
+        decode = self.graphs.decode if self.graphs is not None else self.runner.decode
+        drawn = self.batch.launch(decode(self.cache, self.batch.last_tokens()))
+        if self.on_step is not None:
+            self.on_step(rows, self.slots)
+        return drawn
+
+    def _collect(self, finished: list[Finished]) -> None:
+        """Record the pending step's tokens; the rows that ended leave."""
+        assert self.pending is not None
+        drawn, self.pending = self.pending, None
+        ended = dict(zip(map(id, drawn.states), self.batch.collect(drawn)))
+        self._retire(finished, [ended.get(id(state)) for state in self.batch.states])
 
     def _decode(self) -> list[Sample | None]:
         """A decode step, or a verify step of the rows' drafts when the policy expects it to pay; each row's
@@ -418,6 +460,7 @@ class Scheduler:
         """Out of memory: the running rows start over with fewer rows at once; alone, the row fails."""
         rows = [s.row for s in self.batch.states]
         self.batch.clear()
+        self.pending = None
         self.budget = 0
         self.cache = None
         if self.graphs is not None:

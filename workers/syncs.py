@@ -23,16 +23,46 @@ from torch import Tensor
 def host_read(*tensors: Tensor) -> list[Any]:
     """Each tensor's values as Python lists, in one wait for the device: on CUDA every tensor is copied without
     blocking into pinned memory and one event is waited for; elsewhere they are read as they are."""
-    for counter in _counting:
-        counter.add("host_read")
-    with _inside():
-        if not tensors or tensors[0].device.type != "cuda":
-            return [t.tolist() for t in tensors]
-        copies = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned host memory: the copies run asynchronously
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return [c.tolist() for c in copies]
+    return start_read(*tensors).values()
+
+
+class PendingRead:
+    """Tensors' values on their way to the host (start_read): values() waits for them, once. Meanwhile the host
+    may queue more work for the device (the next decode step): the copies were queued before it, so they hold
+    the values as they were when the read started."""
+
+    def __init__(self, tensors: tuple[Tensor, ...]) -> None:
+        self._lists: list[Any] | None = None
+        self._copies: list[Tensor] = []
+        self._done: torch.cuda.Event | None = None
+        with _inside():
+            if tensors and tensors[0].device.type == "cuda":
+                self._copies = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned memory: asynchronous copies
+                self._done = torch.cuda.Event()
+                self._done.record()
+            else:  # on a CPU there is nothing to wait for, and the tensors may be written again before values()
+                self._lists = [t.tolist() for t in tensors]
+
+    def values(self) -> list[Any]:
+        """Each tensor's values as Python lists (waits for the device the first time)."""
+        if self._lists is None:
+            for counter in _counting:
+                counter.add("host_read")
+            with _inside():
+                assert self._done is not None
+                self._done.synchronize()
+                self._lists = [c.tolist() for c in self._copies]
+        return self._lists
+
+
+def start_read(*tensors: Tensor) -> PendingRead:
+    """Start copying the tensors' values to the host; PendingRead.values() has them. Counted by count_syncs as one
+    host_read, when the values are read (on a CPU: here, where they are)."""
+    pending = PendingRead(tensors)
+    if pending._done is None:
+        for counter in _counting:
+            counter.add("host_read")
+    return pending
 
 
 @dataclass
