@@ -4,7 +4,8 @@ Random-weight Llama models of real shapes (TinyLlama-1.1B, Llama-3-8B; SmolLM2-1
 device in bfloat16, with SmolLM2's tokenizer; every request generates exactly --new-tokens tokens (EOS ignored).
 Steps (--steps, comma-separated), each one JSON line per result, a failing one recorded and the rest run on:
   tput     our Engine, tokens/s, per shape and rows (every request submitted at once, max_batch_rows = rows), with
-           CUDA graphs on and off (--graphs; workers.graphs), and how many graphs it recorded
+           CUDA graphs on and off (--graphs; workers.graphs), and how many graphs it recorded; decode steps
+           overlap the host's bookkeeping on CUDA (workers.scheduler), unless --speculative-tokens is set
   hf       transformers' generate on static batches of `rows` (left padding, min_new_tokens = max_new_tokens)
   profile  torch.profiler over --profile-steps decode steps of the engine with every row running: wall time,
            GPU-busy time (the union of kernel intervals), kernel launches and host synchronisations per step
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,10 +125,23 @@ def free_memory() -> None:
 # --- the steps ---------------------------------------------------------------------------------------------------
 
 
-def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, rows: int, graphs: bool):  # -> Engine
+@dataclass(frozen=True)
+class EngineOptions:
+    """How our engine runs in a measurement: CUDA graphs (workers.graphs) on or off, and speculation's draft tokens
+    (0: off, the default here: its verify passes are eager and keep steps from overlapping; workers.scheduler)."""
+
+    graphs: bool = True
+    speculative_tokens: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return dict(graphs="on" if self.graphs else "off", speculative_tokens=self.speculative_tokens)
+
+
+def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, rows: int, options: EngineOptions):  # -> Engine
     from workers.engine import Engine
 
-    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=rows, cuda_graphs=graphs)
+    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=rows, cuda_graphs=options.graphs,
+                    speculative_tokens=options.speculative_tokens)
     engine.eos_ids = frozenset()  # fixed output lengths: every row runs to max_new_tokens
     return engine
 
@@ -138,13 +153,13 @@ def graph_counts(engine) -> dict[str, Any]:  # engine: Engine
     if graphs is None:
         return {}
     return dict(decode_graphs=graphs.recorded, draw_graphs=draws.recorded if draws is not None else 0,
-                graphs_failed=graphs.failed or (draws.failed if draws is not None else None))
+                graphs_failed=graphs.failed or (draws.failed if draws is not None else None), overlap=scheduler.overlap)
 
 
 def measure_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                   rows: int, graphs: bool) -> dict[str, Any]:
+                   rows: int, options: EngineOptions) -> dict[str, Any]:
     """Our engine on every request at once, after a short warm-up (which records the full batch's graphs)."""
-    engine = engine_of(model, tokenizer, device, rows, graphs)
+    engine = engine_of(model, tokenizer, device, rows, options)
     engine.generate(to_requests([dict(line, max_new_tokens=4) for line in lines[:rows]]))  # warm-up at full width
     sync(device)
     started = time.perf_counter()
@@ -191,9 +206,9 @@ def measure_hf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, devi
 
 
 def fill_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                rows: int, steps: int, graphs: bool):  # -> Engine
+                rows: int, steps: int, options: EngineOptions):  # -> Engine
     """An engine with `rows` rows running and none waiting, each with tokens left for 3 x steps more decode steps."""
-    engine = engine_of(model, tokenizer, device, rows, graphs)
+    engine = engine_of(model, tokenizer, device, rows, options)
     if not engine.continuous:
         raise RuntimeError("the engine runs this model on static batches: no decode steps to profile")
     for i, request in enumerate(to_requests([dict(line, max_new_tokens=3 * steps + 200) for line in lines[:rows]])):
@@ -206,14 +221,14 @@ def fill_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, dev
 
 
 def profile_decode(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                   rows: int, steps: int, graphs: bool) -> dict[str, Any]:
+                   rows: int, steps: int, options: EngineOptions) -> dict[str, Any]:
     """`steps` decode steps timed plainly, `steps` more counting the host's reads of device values (count_syncs), then
     `steps` more under torch.profiler; per-step counts from its events."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from workers.syncs import count_syncs
 
-    engine = fill_engine(model, tokenizer, device, lines, rows, steps, graphs)
+    engine = fill_engine(model, tokenizer, device, lines, rows, steps, options)
     for _ in range(3):
         engine.step()
     sync(device)
@@ -444,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="the workload (JSON lines; default ../shared/bench/prompts.jsonl)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer saved with save_pretrained (default: the bundled GGUF's)")
     parser.add_argument("--graphs", default="on,off", help="our engine with CUDA graphs on, off, or both (workers.graphs; default both)")
+    parser.add_argument("--speculative-tokens", type=int, default=0,
+                        help="our engine's speculative_tokens (default 0: speculation's eager verify passes keep steps from overlapping)")
     parser.add_argument("--out", type=Path, default=None, help="append each JSON line to this file too")
     parser.add_argument("--small", action="store_true", help="tiny shapes (hidden 64, 2 layers), few requests: runs on a CPU in seconds")
     args = parser.parse_args(argv)
@@ -466,8 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def on_off(graphs: bool) -> str:
-    return "on" if graphs else "off"
+def engine_options(args: argparse.Namespace) -> list[EngineOptions]:
+    return [EngineOptions(graphs, args.speculative_tokens) for graphs in args.graphs]
 
 
 def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, lines: list[dict[str, Any]], rec: Recorder) -> None:
@@ -478,9 +495,9 @@ def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     for rows in args.rows:
         where = dict(shape=name, rows=rows, requests=len(lines), new_tokens=args.new_tokens, parameters=parameters)
         if "tput" in args.steps:
-            for graphs in args.graphs:
-                rec.attempt("tput", lambda: measure_engine(model, tokenizer, args.device, lines, rows, graphs),
-                            **where, graphs=on_off(graphs))
+            for options in engine_options(args):
+                rec.attempt("tput", lambda: measure_engine(model, tokenizer, args.device, lines, rows, options),
+                            **where, **options.fields())
         if "hf" in args.steps:
             rec.attempt("hf", lambda: measure_hf(model, tokenizer, args.device, lines, rows), **where)
         if "probe" in args.steps:
@@ -488,9 +505,9 @@ def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     if "profile" in args.steps:
         rows = PROFILE_ROWS if PROFILE_ROWS in args.rows else args.rows[0]
         profile_lines = workload(args.prompts, rows, args.new_tokens)
-        for graphs in args.graphs:
-            rec.attempt("profile", lambda: profile_decode(model, tokenizer, args.device, profile_lines, rows, args.profile_steps, graphs),
-                        shape=name, rows=rows, parameters=parameters, graphs=on_off(graphs))
+        for options in engine_options(args):
+            rec.attempt("profile", lambda: profile_decode(model, tokenizer, args.device, profile_lines, rows, args.profile_steps, options),
+                        shape=name, rows=rows, parameters=parameters, **options.fields())
     del model
     free_memory()
     if "vllm" in args.steps:
