@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from tests.helpers import prefill
 from tests.test_engine import PROMPTS, cache_dir, engine  # noqa: F401
@@ -199,3 +200,13 @@ def test_a_draw_skips_the_filters_no_row_uses_and_draws_the_same(filters: Filter
     uniform = torch.rand(rows, generator=generator, dtype=torch.float64)
     assert torch.equal(sort_free_tokens(logits, params, uniform, filters), sort_free_tokens(logits, params, uniform))
     assert torch.equal(sort_free_tokens(logits, params, uniform, filters), next_tokens(logits, params, None, uniform, sort_free=True))
+
+
+def test_a_rope_that_reads_positions_on_the_host_keeps_decode_steps_eager():
+    """transformers' dynamic rope update reads the step's positions on the host: no graph can hold that step."""
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    )
+    graphs = DecodeGraphs(DecoderRunner(transformers.LlamaForCausalLM(config)), capture=False)
+    assert graphs.failed == "the dynamic rope type reads the step's positions on the host"

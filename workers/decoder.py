@@ -107,6 +107,16 @@ class DecoderRunner:
         self.dtype = self.text.embed_tokens.weight.dtype
         self.qk_norms = [joint_qk_norm(layer.self_attn, self.heads, self.kv_heads) if decoder.qk_norm else None for layer in self.layers]
 
+    @property
+    def host_bound_rope(self) -> str | None:
+        """The rope type whose rotary module reads the step's positions on the host (transformers'
+        dynamic_rope_update: the `dynamic` kinds and LongRoPE), which a CUDA graph cannot hold; None: none does."""
+        kinds = getattr(self.text.rotary_emb, "rope_type", "default")
+        for kind in kinds.values() if isinstance(kinds, dict) else [kinds]:
+            if "dynamic" in kind or kind == "longrope":
+                return kind
+        return None
+
     def aligned(self, n: int) -> int:
         return -(-n // self.align) * self.align
 

@@ -138,6 +138,9 @@ class DecodeGraphs(BucketGraphs):
         super().__init__(runner.model.device.type == "cuda" if capture is None else capture, "decode steps")
         self.runner = runner
         self._cache: weakref.ref[KVCache] | None = None
+        rope = runner.host_bound_rope
+        if rope is not None:
+            self.failed = f"the {rope} rope type reads the step's positions on the host"
 
     @staticmethod
     def eligible(cache: KVCache) -> bool:
