@@ -23,7 +23,7 @@ from workers.grammar import Grammars, advance, grammars_for
 from workers.prefix_cache import BlockKey
 from workers.sampling import RowParams, SamplingGroups, apply_repetition_penalty, draw_uniforms, next_tokens
 from workers.speculation import Acceptance, Drafter, NgramDrafter, SpeculationStats
-from workers.syncs import PendingRead, start_read
+from workers.syncs import PendingRead, sent, start_read
 from workers.types import Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ class RunningBatch:
         if not order:
             self.clear()
             return
-        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        index = sent(torch.tensor(order, dtype=torch.long), self.device)
         self.states = [self.states[i] for i in order]
         self.last = self.last[index]
         self._groups = None
@@ -325,7 +325,7 @@ class RunningBatch:
             logits = logits.float() + self.bias[at]
         young = [len(s.generated) + s.pending < s.row.params.min_tokens for s in states]
         if self.held_back is not None and any(young):  # which rows are young is known here, on the host
-            young_rows = torch.tensor(young, dtype=torch.bool).to(self.device, non_blocking=True)
+            young_rows = sent(torch.tensor(young, dtype=torch.bool), self.device)
             logits = logits.masked_fill(self.held_back[at] & young_rows[:, None], -torch.inf)
         if self.counts is not None:
             counts = self.counts[at]
@@ -345,7 +345,7 @@ class RunningBatch:
             tokens = next_tokens(logits, params, seen, uniform, self.groups if whole else self._groups_of(states), self.sort_free)
         if self.seen is not None or self.counts is not None:
             # (row, token) pairs need an index tensor: a slice beside tokens would pair every row with every token
-            index = at if isinstance(at, Tensor) else torch.tensor(slots, dtype=torch.long, device=self.device)
+            index = at if isinstance(at, Tensor) else sent(torch.tensor(slots, dtype=torch.long), self.device)
             if self.seen is not None:
                 self.seen[index, tokens] = True
             if self.counts is not None:
@@ -411,7 +411,7 @@ class RunningBatch:
         logits, before penalties, temperature and filters, as vLLM reports them); nothing when no row asks."""
         if not wanted:
             return []
-        index = torch.tensor(wanted, dtype=torch.long, device=raw.device)
+        index = sent(torch.tensor(wanted, dtype=torch.long), raw.device)
         logprobs = raw.index_select(0, index).float().log_softmax(dim=-1)
         chosen = logprobs.gather(-1, tokens.index_select(0, index)[:, None]).squeeze(-1)
         width = max(states[i].row.params.top_logprobs for i in wanted)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from workers.syncs import sent
+
 CANDIDATES = 64
 """How many best tokens filter_threshold ranks first (it ranks more when a row needs them)."""
 
@@ -358,7 +360,7 @@ def draw_uniforms(generators: list[torch.Generator | None], device: torch.device
     for i, generator in enumerate(generators):
         if generator is not None:
             draws[i] = torch.rand((), generator=generator, dtype=torch.float64)
-    return draws.to(device, non_blocking=True)
+    return sent(draws, device)
 
 
 def next_tokens(

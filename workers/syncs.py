@@ -26,6 +26,15 @@ def host_read(*tensors: Tensor) -> list[Any]:
     return start_read(*tensors).values()
 
 
+def sent(values: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the device, without waiting for it: on CUDA through pinned memory (a copy from pageable
+    memory may wait for the stream's queued work first, which would stall a step launched ahead; the caching
+    host allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 class PendingRead:
     """Tensors' values on their way to the host (start_read): values() waits for them, once. Meanwhile the host
     may queue more work for the device (the next decode step): the copies were queued before it, so they hold
