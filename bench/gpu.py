@@ -128,7 +128,8 @@ def free_memory() -> None:
 @dataclass(frozen=True)
 class EngineOptions:
     """How our engine runs in a measurement: CUDA graphs (workers.graphs) on or off, and speculation's draft tokens
-    (0: off, the default here: its verify passes are eager and keep steps from overlapping; workers.scheduler)."""
+    (0: off, the default here: the workload's random-weight rows never keep a draft, and until the policy has
+    measured that, its steps run one after the other; workers.scheduler)."""
 
     graphs: bool = True
     speculative_tokens: int = 0
@@ -460,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer saved with save_pretrained (default: the bundled GGUF's)")
     parser.add_argument("--graphs", default="on,off", help="our engine with CUDA graphs on, off, or both (workers.graphs; default both)")
     parser.add_argument("--speculative-tokens", type=int, default=0,
-                        help="our engine's speculative_tokens (default 0: speculation's eager verify passes keep steps from overlapping)")
+                        help="our engine's speculative_tokens (default 0: until it has measured that drafts do not pay, steps do not overlap)")
     parser.add_argument("--out", type=Path, default=None, help="append each JSON line to this file too")
     parser.add_argument("--small", action="store_true", help="tiny shapes (hidden 64, 2 layers), few requests: runs on a CPU in seconds")
     args = parser.parse_args(argv)

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     speculative_tokens: int = 8
     """Most draft tokens a row proposes per step for speculative decoding (prompt lookup: a row that copies its
     prompt takes several tokens per step; exact, and used only when the worker measures that it pays); 0 = off."""
+    cuda_graphs: bool = True
+    """On a GPU: decode steps replay CUDA graphs and are launched before the host records the last step's tokens
+    (workers.graphs, workers.scheduler); false: eager steps, one after the other. No effect on a CPU."""
     draft_model: str | None = None
     """A smaller model with the worker model's tokenizer (a name `--model` takes) that drafts in place of prompt
     lookup; unset: prompt lookup. The worker loads it beside its model, on the same device in the same dtype."""

@@ -12,7 +12,9 @@ from tests.test_engine_batching import Recorder, one_at_a_time, varied_requests
 from tests.test_graphs import more_requests
 from tests.test_sync_free import mixed_requests
 from workers.engine import Engine
+from workers.rows import Row, start_row
 from workers.scheduler import Scheduler
+from workers.speculation import SpeculationPolicy, may_verify
 from workers.syncs import count_syncs
 from workers.types import GenerationRequest, SamplingParams
 
@@ -91,7 +93,8 @@ def test_an_overlapped_step_reads_the_device_once(engine: Engine):  # noqa: F811
 
 
 def test_rows_with_a_grammar_or_drafts_run_steps_one_after_the_other(engine: Engine):  # noqa: F811
-    """A grammar's next mask and a draft both need the last token on the host: no step runs ahead of them."""
+    """A grammar's next mask and a draft both need the last token on the host: no step runs ahead of them. Steps
+    run ahead again once the speculation policy has measured that no verify pass can pay."""
     colours = Constraint(CHOICE, compact(["red", "green", "blue"]))
     requests = [GenerationRequest(SamplingParams(max_new_tokens=8, constraint=colours, seed=3), prompt="Colour:")] + more_requests()[:6]
     expected = make(engine, False, max_batch_rows=8).generate(requests)
@@ -104,9 +107,27 @@ def test_rows_with_a_grammar_or_drafts_run_steps_one_after_the_other(engine: Eng
         scheduler = guided.scheduler
         assert scheduler.pending is None or not scheduler.batch.guided  # type: ignore[attr-defined]
     assert [results[i] for i in range(len(requests))] == expected
-    drafted = make(engine, True, max_batch_rows=8, speculative_tokens=4)
-    results_drafted, in_flight = run_counting_overlaps(drafted, more_requests())
-    assert in_flight == 0 and results_drafted == make(engine, False, max_batch_rows=8).generate(more_requests())
+    requests = more_requests() * 2
+    expected = make(engine, False, max_batch_rows=8).generate(requests)
+    for measured in (False, True):
+        drafted = make(engine, True, max_batch_rows=8, speculative_tokens=4)
+        scheduler = drafted.scheduler
+        verify = scheduler.runner.verify  # type: ignore[attr-defined]
+
+        def verify_alone(cache, chunks, scheduler=scheduler, verify=verify):  # type: ignore[no-untyped-def]
+            assert scheduler.pending is None, "a verify pass while a step is in flight"
+            return verify(cache, chunks)
+
+        scheduler.runner.verify = verify_alone  # type: ignore[attr-defined]
+        if measured:  # a card where a verify pass costs 4x a decode step, and a worker whose drafts were never kept
+            for _ in range(6):
+                scheduler.speculation.record_step(8, 1, 0.010)  # type: ignore[attr-defined]
+                scheduler.speculation.record_step(8, 5, 0.040)  # type: ignore[attr-defined]
+            scheduler.speculation.prior = 0.0  # type: ignore[attr-defined]
+        results_drafted, in_flight = run_counting_overlaps(drafted, requests)
+        assert results_drafted == expected
+        if measured:
+            assert in_flight >= 30 and scheduler.speculated.proposed == 0  # type: ignore[attr-defined]
 
 
 def test_out_of_memory_with_a_step_in_flight_restarts_its_rows(engine: Engine):  # noqa: F811
@@ -116,3 +137,25 @@ def test_out_of_memory_with_a_step_in_flight_restarts_its_rows(engine: Engine): 
     recorder = Recorder(squeezed, fail_above=3)
     assert squeezed.generate(requests) == one_at_a_time(make(engine, False), requests)
     assert recorder.failures >= 1 and max(recorder.decodes) <= 3
+
+
+def test_a_verify_pass_may_pay_until_measured_and_then_as_its_best_case_says():
+    policy = SpeculationPolicy(max_tokens=4)
+    states = [start_row(Row(i, 0, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50, temperature=0), None)) for i in range(8)]
+    assert may_verify(policy, states)  # nothing measured: the policy still probes
+    for _ in range(6):  # a decode step of 8 rows: 10 ms; a verify pass of 8 rows x 4 extra positions: 40 ms
+        policy.record_step(8, 1, 0.010)
+        policy.record_step(8, 5, 0.040)
+    assert policy.cost.known
+    for state in states:  # rows whose drafts were never kept
+        state.acceptance.record(4, 0)
+        state.acceptance.record(4, 0)
+    assert not may_verify(policy, states)
+    for state in states:  # rows that keep every draft token: four more tokens for 4x the time pays with margin
+        for _ in range(20):
+            state.acceptance.record(4, 4)
+    policy.cost = type(policy.cost)()
+    for _ in range(6):  # now a verify pass costs little more than a decode step
+        policy.record_step(8, 1, 0.010)
+        policy.record_step(8, 5, 0.012)
+    assert may_verify(policy, states)

@@ -136,5 +136,6 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
         spec, settings.device, settings.dtype, settings.quantize, settings.batch_size, settings.kv_cache_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         speculative_tokens=settings.speculative_tokens,
+        cuda_graphs=None if settings.cuda_graphs else False, overlap=None if settings.cuda_graphs else False,
         draft_spec=registry.resolve(settings.draft_model) if settings.draft_model else None,
     )

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from workers.batch import Finished, halved, is_out_of_memory, out_of_memory_alone
@@ -58,7 +59,7 @@ from workers.graphs import DecodeGraphs, SamplingGraphs
 from workers.kv_cache import KVCache
 from workers.prefix_cache import BLOCK, BlockKey, PrefixCache, block_keys, reusable_blocks
 from workers.rows import Drawn, Row, RunningBatch
-from workers.speculation import SpeculationPolicy, SpeculationStats, plan_step, verify_step
+from workers.speculation import SpeculationPolicy, SpeculationStats, may_verify, plan_step, verify_step
 from workers.types import Sample
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,9 @@ class Scheduler:
         Overlapped (on CUDA): a decode step is launched and its tokens are recorded by the next step(), which
         first launches its own decode step, so that the device computes step N+1 while the host records step N's
         tokens (stop strings, finished rows) and admits rows: the device never waits for the host's bookkeeping.
-        A row that ended at step N was in step N+1 too; that token is dropped. Not while a row has a grammar or
-        speculation is on (both need step N's tokens before step N+1): those steps run one after the other."""
+        A row that ended at step N was in step N+1 too; that token is dropped. Not while a row has a grammar, or
+        while a verify pass of speculation could pay (both need step N's tokens before step N+1): those steps run
+        one after the other."""
         finished: list[Finished] = []
         try:
             ahead = None
@@ -233,15 +235,22 @@ class Scheduler:
     # --- one token (or more) for every running row ----------------------------------------------------
 
     def _overlaps(self) -> bool:
-        """Whether the next decode step may run ahead of the host's record of the last one (see step())."""
-        return self.overlap and self.speculation is None and not self.batch.guided
+        """Whether the next decode step may run ahead of the host's record of the last one (see step()): not for
+        a row with a grammar, nor while a verify pass could pay (its drafts need the last tokens)."""
+        if not self.overlap or self.batch.guided:
+            return False
+        return self.speculation is None or not may_verify(self.speculation, self.batch.states)
+
+    def _forward(self) -> Tensor:
+        """A decode step's logits for every running row (through the bucket's CUDA graph, when there is one)."""
+        assert self.cache is not None
+        decode = self.graphs.decode if self.graphs is not None else self.runner.decode
+        return decode(self.cache, self.batch.last_tokens())
 
     def _launch(self) -> Drawn:
         """A decode step whose tokens are recorded later (_collect)."""
-        assert self.cache is not None
         rows = len(self.batch)
-        decode = self.graphs.decode if self.graphs is not None else self.runner.decode
-        drawn = self.batch.launch(decode(self.cache, self.batch.last_tokens()))
+        drawn = self.batch.launch(self._forward())
         if self.on_step is not None:
             self.on_step(rows, self.slots)
         return drawn
@@ -261,9 +270,7 @@ class Scheduler:
         started = time.perf_counter()  # drafting counts: a draft model's passes are part of what speculation costs
         plan = plan_step(self.speculation, self.batch.states) if self.speculation is not None else None
         if plan is None:
-            decode = self.graphs.decode if self.graphs is not None else self.runner.decode
-            logits = decode(self.cache, self.batch.last_tokens())
-            ended = self.batch.sample(logits)
+            ended = self.batch.sample(self._forward())
         else:
             assert self.speculation is not None
             ended = verify_step(plan, self.runner, self.cache, self.batch, self.speculation, self.speculated)

@@ -18,7 +18,8 @@ expected tokens per second, given each row's recent acceptance rate. With many r
 cost nearly what rows do and speculation stays off; with few rows (a job's tail, a small job) it pays.
 
 In order: NgramDrafter -> Acceptance -> StepCost -> SpeculationPolicy -> SpeculationStats -> plan_step (the drafts
-of one step) -> verify_step (feed them, keep what matches).
+of one step) -> may_verify (could a step verify at all: else it may run ahead) -> verify_step (feed them, keep what
+matches).
 """
 from __future__ import annotations
 
@@ -258,6 +259,17 @@ def plan_step(policy: SpeculationPolicy, states: list[RowState]) -> Plan | None:
         return None
     drafts = [state.draft(len(draft), policy.drafter) if draft else [] for state, draft in zip(states, ahead.drafts)]
     return Plan(drafts) if any(drafts) else None
+
+
+def may_verify(policy: SpeculationPolicy, states: list[RowState]) -> bool:
+    """Whether this step could verify drafts, before any is made: while the cost of verify passes is not measured,
+    yes (the policy probes); then, whether the plan for rows that each drafted as far as they may (the most a draft
+    can promise) pays. False lets a step run ahead of the host's record of the last one (workers.scheduler): rows
+    whose drafts are rarely kept, or a card where a verify pass costs much more than a decode step, never pay."""
+    if not policy.cost.known or policy.always:
+        return True
+    rates = [state.acceptance.rate(policy.prior) for state in states]
+    return policy.plan_ahead([state.draft_limit(policy.max_tokens) for state in states], rates) is not None
 
 
 def verify_step(
