@@ -35,6 +35,10 @@ when the policy expects more tokens per second from verifying them, the step fee
 draft in one pass (DecoderRunner.verify), keeps each row's tokens while they match what it draws, and truncates the
 rejected drafts' K/V. Either way every row gets at least one token per step, drawn exactly as a decode step draws it.
 
+On CUDA (workers.graphs): each decode step replays the forward pass and the draw from CUDA graphs, and is launched
+before the host records the last step's tokens, so that the card never waits for the host's bookkeeping; see
+step(). Rows with a grammar, and steps where a verify pass could pay, run one after the other.
+
 Out of memory: the rows that were running start over from their prompts (fresh generators, so they give
 exactly what they would have given) with at most half as many rows at once; a row out of memory alone fails.
 """
