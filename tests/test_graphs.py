@@ -9,7 +9,7 @@ import transformers
 
 from tests.helpers import prefill
 from tests.test_engine import PROMPTS, cache_dir, engine  # noqa: F401
-from tests.test_sync_free import mixed_requests
+from tests.test_sync_free import mixed_requests, steps_each_reading_once
 from workers.decoder import DecoderRunner
 from workers.engine import Engine
 from workers.graphs import CAPTURE_AT, DecodeGraphs, SamplingGraphs, row_bucket
@@ -130,15 +130,7 @@ def test_a_static_step_reads_the_device_once_per_step(engine: Engine):  # noqa: 
     busy.eos_ids = frozenset()
     for i in range(8):
         busy.submit(i, GenerationRequest(SamplingParams(max_new_tokens=10 + i, temperature=0.8, top_p=0.9, seed=i), prompt=PROMPTS[i % 4]))
-    with torch.inference_mode():
-        while busy.scheduler.waiting:
-            busy.step()
-        steps = 0
-        while not busy.idle:
-            with count_syncs() as counted:
-                busy.step()
-            assert counted.calls == {"host_read": 1}, f"step {steps}: {counted.calls}"
-            steps += 1
+    steps, _ = steps_each_reading_once(busy)
     assert steps >= 10 and busy.scheduler.graphs is not None and busy.scheduler.graphs.recorded >= 1
 
 

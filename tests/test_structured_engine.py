@@ -12,16 +12,14 @@ from typing import Any
 
 import jsonschema
 import pytest
-import torch
 
 from bench.schemas import LABEL, PERSON, QA_LIST
 from contract.structured import CHOICE, JSON_OBJECT, JSON_SCHEMA, REGEX, Constraint, compact
 from tests.test_engine import cache_dir, engine, needs_smollm2, with_batch_rows  # noqa: F401
-from tests.test_sync_free import sync_free_engine
+from tests.test_sync_free import steps_each_reading_once, sync_free_engine
 from workers.engine import Engine
 from workers.grammar import grammars_for
 from workers.scheduler import Scheduler
-from workers.syncs import count_syncs
 from workers.types import GenerationRequest, SamplingParams
 
 SMALL = {
@@ -137,15 +135,7 @@ def test_a_decode_step_with_constrained_rows_reads_the_device_once(engine: Engin
                 request(Constraint(REGEX, "[a-z ]{30}"), max_new_tokens=40, temperature=0.9, top_p=0.9, seed=2)]
     for i, r in enumerate(requests):
         busy.submit(i, r)
-    steps = 0
-    with torch.inference_mode():
-        while scheduler.waiting:
-            busy.step()
-        while not busy.idle:
-            with count_syncs() as counted:
-                busy.step()
-            assert counted.calls == {"host_read": 1}, f"step {steps}: {counted.calls}"
-            steps += 1
+    steps, _ = steps_each_reading_once(busy)
     assert steps >= 10
 
 

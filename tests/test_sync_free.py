@@ -52,18 +52,12 @@ def sync_free_engine(engine: Engine, batch_invariant: bool) -> Engine:  # noqa: 
     return fresh
 
 
-@pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "cascade"])
-def test_a_decode_step_reads_the_device_once(engine: Engine, batch_invariant: bool):  # noqa: F811
-    busy = sync_free_engine(engine, batch_invariant)
-    scheduler = busy.scheduler
-    assert isinstance(scheduler, Scheduler)
-    for i, request in enumerate(mixed_requests()):
-        busy.submit(i, request)
+def steps_each_reading_once(busy: Engine) -> tuple[int, int]:  # noqa: F811
+    """Step the engine until every submitted row runs (admission prefills read the first tokens), then until idle,
+    asserting that each of those steps reads the device exactly once; (steps counted, rows retired during them)."""
     with torch.inference_mode():
-        while scheduler.waiting:  # admission prefills (not decode steps) until every row runs
+        while busy.scheduler.waiting:  # type: ignore[attr-defined]
             busy.step()
-        if not batch_invariant:
-            assert scheduler.cache is not None and scheduler.cache.uses_base  # the cascade path is the one counted
         steps, retired = 0, 0
         while not busy.idle:
             running = busy.running_rows
@@ -71,6 +65,22 @@ def test_a_decode_step_reads_the_device_once(engine: Engine, batch_invariant: bo
                 busy.step()
             assert counted.calls == {"host_read": 1}, f"step {steps}: {counted.calls}"
             steps, retired = steps + 1, retired + (running - busy.running_rows)
+    return steps, retired
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "cascade"])
+def test_a_decode_step_reads_the_device_once(engine: Engine, batch_invariant: bool):  # noqa: F811
+    busy = sync_free_engine(engine, batch_invariant)
+    scheduler = busy.scheduler
+    assert isinstance(scheduler, Scheduler)
+    for i, request in enumerate(mixed_requests()):
+        busy.submit(i, request)
+    if not batch_invariant:
+        with torch.inference_mode():
+            while scheduler.waiting:
+                busy.step()
+        assert scheduler.cache is not None and scheduler.cache.uses_base  # the cascade path is the one counted
+    steps, retired = steps_each_reading_once(busy)
     assert steps >= 20 and retired == 14  # every row left the batch during a counted step: retirement is counted too
 
 
