@@ -130,12 +130,13 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
     from workers.engine import Engine
 
     children = int(os.environ.get("BULKGEN_POOL_SIZE", "1"))
+    graphed = None if settings.cuda_graphs else False  # None: on CUDA (Engine's default); False: eager steps
     if settings.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, children)))
     return Engine.load(
         spec, settings.device, settings.dtype, settings.quantize, settings.batch_size, settings.kv_cache_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         speculative_tokens=settings.speculative_tokens,
-        cuda_graphs=None if settings.cuda_graphs else False, overlap=None if settings.cuda_graphs else False,
+        cuda_graphs=graphed, overlap=graphed,
         draft_spec=registry.resolve(settings.draft_model) if settings.draft_model else None,
     )

@@ -107,7 +107,7 @@ class SamplingGroups:
     without_k: Tensor | None
     """The filtered rows without one (top-p, min-p): a flat row keeps thousands of tokens."""
     filters: Filters = EVERY_FILTER
-    """The filters some row of the batch uses."""
+    """The filters some filtered row uses (greedy and plain rows use none)."""
 
     @classmethod
     def of(
@@ -124,11 +124,10 @@ class SamplingGroups:
         def index(rows: list[int]) -> Tensor | None:
             return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
 
-        sampled = [i for i, t in enumerate(temperature) if t != 0]
         return cls(
             index(greedy), index(filtered), index(plain), max((top_k[i] for i in filtered), default=0),
             index([i for i in filtered if top_k[i] > 0]), index([i for i in filtered if top_k[i] <= 0]),
-            Filters.of([top_k[i] for i in sampled], [top_p[i] for i in sampled], [min_p[i] for i in sampled]),
+            Filters.of([top_k[i] for i in filtered], [top_p[i] for i in filtered], [min_p[i] for i in filtered]),
         )
 
     @classmethod

@@ -44,19 +44,21 @@ class PendingRead:
         self._lists: list[Any] | None = None
         self._copies: list[Tensor] = []
         self._done: torch.cuda.Event | None = None
-        with _inside():
-            if tensors and tensors[0].device.type == "cuda":
-                self._copies = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned memory: asynchronous copies
-                self._done = torch.cuda.Event()
-                self._done.record()
-            else:  # on a CPU there is nothing to wait for, and the tensors may be written again before values()
+        if not tensors or tensors[0].device.type != "cuda":
+            # on a CPU there is nothing to wait for, and the tensors may be written again before values()
+            _count_read()
+            with _inside():
                 self._lists = [t.tolist() for t in tensors]
+            return
+        with _inside():
+            self._copies = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned memory: asynchronous copies
+            self._done = torch.cuda.Event()
+            self._done.record()
 
     def values(self) -> list[Any]:
         """Each tensor's values as Python lists (waits for the device the first time)."""
         if self._lists is None:
-            for counter in _counting:
-                counter.add("host_read")
+            _count_read()
             with _inside():
                 assert self._done is not None
                 self._done.synchronize()
@@ -67,11 +69,12 @@ class PendingRead:
 def start_read(*tensors: Tensor) -> PendingRead:
     """Start copying the tensors' values to the host; PendingRead.values() has them. Counted by count_syncs as one
     host_read, when the values are read (on a CPU: here, where they are)."""
-    pending = PendingRead(tensors)
-    if pending._done is None:
-        for counter in _counting:
-            counter.add("host_read")
-    return pending
+    return PendingRead(tensors)
+
+
+def _count_read() -> None:
+    for counter in _counting:
+        counter.add("host_read")
 
 
 @dataclass
