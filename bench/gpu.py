@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -148,13 +149,21 @@ def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, devic
 
 
 def graph_counts(engine) -> dict[str, Any]:  # engine: Engine
-    """How many decode and draw graphs the engine recorded, and why recording failed, if it did (workers.graphs)."""
+    """How many decode and draw graphs the engine recorded, and why recording failed, if it did (workers.graphs);
+    how its attention runs (workers.attention: SDPA or the products; the cascade's fused kernel, if it passed its
+    check on this device)."""
+    from workers.attention import KERNEL_DEVICES, lse_kernel_works
+
     scheduler = engine.scheduler
     graphs, draws = getattr(scheduler, "graphs", None), getattr(getattr(scheduler, "batch", None), "draws", None)
     if graphs is None:
         return {}
+    device = torch.device(engine.device)
+    kernels = device.type in KERNEL_DEVICES and not engine.batch_invariant
     return dict(decode_graphs=graphs.recorded, draw_graphs=draws.recorded if draws is not None else 0,
-                graphs_failed=graphs.failed or (draws.failed if draws is not None else None), overlap=scheduler.overlap)
+                graphs_failed=graphs.failed or (draws.failed if draws is not None else None), overlap=scheduler.overlap,
+                attention="sdpa" if kernels else "products",
+                cascade="fused" if kernels and lse_kernel_works(device, engine.model.dtype) else "products")
 
 
 def measure_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
@@ -271,6 +280,9 @@ def event_counts(events: list[Any], steps: int, plain_wall: float, cuda: bool) -
                      and not getattr(e, "is_user_annotation", False)]
     kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
     busy = union_seconds([(e.time_range.start, e.time_range.end) for e in kernels])
+    time_by_kernel: Counter[str] = Counter()
+    for e in kernels:
+        time_by_kernel[e.name[:100]] += e.time_range.end - e.time_range.start
     calls = {name: sum(e.name.startswith(name) for e in in_window) for name in SYNC_CALLS}
     return out | dict(
         gpu_busy_s=round(busy, 6), gpu_busy_fraction=round(min(1.0, busy / plain_wall), 3),
@@ -279,6 +291,7 @@ def event_counts(events: list[Any], steps: int, plain_wall: float, cuda: bool) -
         syncs_per_step=round(sum(calls.values()) / steps, 2),
         memcpy_dtoh_per_step=round(sum(e.name.startswith("Memcpy DtoH") for e in device_events) / steps, 2),
         sync_calls={k: v for k, v in calls.items() if v},
+        top_kernels_ms_per_step={name: round(us / steps / 1e3, 3) for name, us in time_by_kernel.most_common(10)},
     )
 
 

@@ -21,7 +21,10 @@ from tests.helpers import prefill
 from tests.test_engine import PROMPTS, _smollm2_available, cache_dir, reference_generate, text_of  # noqa: F401
 from tests.test_prefix_cache import QUESTIONS, chat, texts
 from tests.test_speculation import COPY_ME
+import workers.attention
+import workers.kv_cache
 from workers import loader
+from workers.decoder import DecoderRunner
 from workers.engine import Engine
 from workers.graphs import DecodeGraphs
 from workers.types import GenerationRequest, SamplingParams
@@ -122,17 +125,24 @@ def forward_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_logits_are_transformers_on_the_prefill_and_every_decode_step(engine: Engine, static: bool) -> None:
+@pytest.mark.parametrize("path", ["eager", "static", "kernels"])
+def test_logits_are_transformers_on_the_prefill_and_every_decode_step(engine: Engine, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """static: the decode steps in the shapes a CUDA graph records (workers.graphs: attention over the cache's
-    whole capacity, every sliding window masked), run eagerly."""
+    whole capacity, every sliding window masked), run eagerly. kernels: those steps as a CUDA engine runs them
+    (not batch-invariant, keys stored by position, scaled_dot_product_attention but where a soft cap needs the
+    products), on the CPU."""
     runner, model = engine.runner, engine.model
     assert runner is not None
-    decode = DecodeGraphs(runner, capture=False).decode if static else runner.decode
+    if path == "kernels":
+        monkeypatch.setattr(workers.attention, "KERNEL_DEVICES", frozenset({"cpu"}))
+        monkeypatch.setattr(workers.kv_cache, "KEYS_BY_POSITION", frozenset({"cpu"}))
+        runner = DecoderRunner(model, batch_invariant=False)
+    decode = runner.decode if path == "eager" else DecodeGraphs(runner, capture=False).decode
     prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     assert max(map(len, prompts)) > WINDOW
     sequences = [list(p) for p in prompts]
     cache = runner.new_cache(len(prompts), 64, engine.device)
+    assert cache.keys_by_position == (path == "kernels")
     with torch.inference_mode():
         logits = prefill(runner, cache, prompts)
         for step in range(12):  # every row's sequence grows past the window

@@ -44,6 +44,7 @@ def test_profile_counts_come_from_the_decode_window_and_the_kernels():
     assert counts["kernels_per_step"] == 1 and counts["launches_per_step"] == 1 and counts["aten_ops_per_step"] == 0.5
     assert counts["syncs_per_step"] == 0.5 and counts["sync_calls"] == {"cudaStreamSynchronize": 1}
     assert counts["memcpy_dtoh_per_step"] == 0.5
+    assert counts["top_kernels_ms_per_step"] == {"gemm_kernel": 0.02, "softmax_kernel": 0.01}  # where the GPU's time goes
     assert event_counts(events, steps=2, plain_wall=1.0, cuda=False)["syncs_per_step"] is None  # no GPU: not measured
 
 
@@ -83,6 +84,7 @@ def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path
     ]
     graphed = [r for r in lines if r.get("graphs") == "on"]
     assert all(r["decode_graphs"] >= 1 and r["graphs_failed"] is None for r in graphed), graphed  # static steps, run eagerly
+    assert {(r["attention"], r["cascade"]) for r in lines if "attention" in r} == {("products", "products")}  # a CPU's
     records = {r["step"]: r for r in lines if r.get("graphs") != "on"}
     assert records["env"]["skipped"] == "no CUDA device"
     assert all("error" not in r for r in records.values()), [r.get("error") for r in records.values()]

@@ -1,14 +1,29 @@
 """Attention over the slot KV cache's layout (workers.kv_cache): every row's own keys, and the cascade form that reads
 a prefix all rows share once. Pure tensor functions; workers.decoder calls them for every layer.
 
-In order: padded_matmul (batch invariance) -> attention -> the fused CPU kernel -> cascade_attention.
+Two ways to compute each: the products (scores in float32, a softmax, then values: exact, and shaped for batch
+invariance when asked), and fused kernels that hold no scores tensor: on CUDA PyTorch's scaled_dot_product_attention
+(its flash / memory-efficient / cuDNN kernels; KERNEL_DEVICES), on a CPU its flash-attention kernel for the cascade's
+half-precision parts (fused).
+
+In order: padded_matmul (batch invariance) -> attention (products or SDPA) -> the kernels that also return each
+query's log-sum-exp, checked once per device -> cascade_attention.
 """
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL_DEVICES = frozenset({"cuda"})
+"""Device types whose attention runs as scaled_dot_product_attention (workers.kv_cache.KEYS_BY_POSITION stores
+their keys as its kernels read them), unless batch invariance or a soft cap asks for the products."""
 
 
 def padded_matmul(a: Tensor, b: Tensor, rows: int) -> Tensor:
@@ -35,11 +50,16 @@ def attention(
     Grouped-query heads are matched by a reshape (query head h uses key head h // group, as transformers'
     repeat_kv does), not by copying K and V. Scores and softmax are in float32. min_queries: pad each product's
     query rows to at least this many (batch invariance: a decode step's few rows round as a verify pass's do).
+    Where kernel() says so, one scaled_dot_product_attention over the same grouped shapes (K read by position:
+    k_t is then a transposed view of position-major storage, and no copy is made).
     """
     rows, heads, tokens, d = q.shape
     kv_heads = k_t.shape[1]
     group = heads // kv_heads
     q = q.reshape(rows, kv_heads, group * tokens, d)
+    if kernel(q, min_queries, softcap):
+        mask = visible[:, :, None].expand(rows, 1, group, tokens, -1).reshape(rows, 1, group * tokens, -1)
+        return F.scaled_dot_product_attention(q, k_t.transpose(-1, -2), v, attn_mask=mask, scale=scale).view(rows, heads, tokens, d)
     scores = softcapped(padded_matmul(q, k_t, min_queries).float() * scale, softcap)  # (rows, kv_heads, group * tokens, keys)
     scores = scores.view(rows, kv_heads, group, tokens, -1).masked_fill(~visible[:, :, None], -math.inf)
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(rows, kv_heads, group * tokens, -1)
@@ -51,29 +71,109 @@ FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 points also returns each query's log-sum-exp: what merging two parts of one softmax needs. Private (torch pinned)."""
 
 
+def kernel(q: Tensor, min_queries: int = 1, softcap: float | None = None) -> bool:
+    """Whether attention on q runs as scaled_dot_product_attention: a KERNEL_DEVICES device, not batch-invariant
+    (the kernels' tiling follows the batch's shape), no soft cap (they have none)."""
+    return q.device.type in KERNEL_DEVICES and min_queries == 1 and softcap is None
+
+
 def fused(q: Tensor, min_queries: int = 1, softcap: float | None = None) -> bool:
-    """Whether attention on q runs as FLASH_CPU: half-precision CPU tensors, not batch-invariant, no soft cap (the
-    kernel has none). The kernel's exp is an approximation (relative error ~1e-7, far below bfloat16's 4e-3 steps),
-    so float32 and float64, where tests and batch invariance ask for exact softmax numbers, keep the unfused products."""
-    return (
-        FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-        and min_queries == 1 and softcap is None
-    )
+    """Whether cascade_attention on q runs its two parts as fused kernels merged by log-sum-exp: on a CPU, FLASH_CPU
+    for half-precision tensors (its exp is an approximation, relative error ~1e-7, far below bfloat16's 4e-3 steps,
+    so float32 and float64, where tests and batch invariance ask for exact softmax numbers, keep the products); on a
+    KERNEL_DEVICES device, the memory-efficient kernel, once lse_kernel_works has checked it there. Never when
+    batch-invariant or soft-capped."""
+    if min_queries != 1 or softcap is not None:
+        return False
+    if q.device.type in KERNEL_DEVICES:
+        return lse_kernel_works(q.device, q.dtype)
+    return FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
 
 
-def _flash(q: Tensor, k_t: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """softmax(q k * scale) v over the keys `visible` (bool, (batch, 1, queries, keys), or None: all) marks, in q's
-    dtype, and each query's log-sum-exp (batch, heads, queries), -inf where it sees no key; q (batch, heads,
-    queries, d), k_t (batch, heads, d, keys), v (batch, heads, keys, d)."""
-    mask = None
-    if visible is not None:
-        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     # K must be laid out (keys, d) with d contiguous: given the cache's transposed view, the kernel returns wrong
     # numbers without an error (torch 2.13; the public scaled_dot_product_attention copes).
-    out, lse = FLASH_CPU(q, k_t.transpose(-1, -2).contiguous(), v, attn_mask=mask, scale=scale)
-    if visible is not None:  # the kernel reports 0, not -inf, for a query that sees nothing
-        lse = lse.masked_fill(~visible.any(-1), -math.inf)
+    out, lse = FLASH_CPU(q, k.contiguous(), v, attn_mask=bias, scale=scale)
     return out, lse
+
+
+def _efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    # The kernel wants the bias's rows aligned to 16 elements (what scaled_dot_product_attention's own
+    # preprocessing does: pad, then slice) and its log-sum-exp may come padded past the queries.
+    batch, heads, queries, _ = q.shape
+    if bias is not None:
+        keys = bias.shape[-1]
+        padded = q.new_zeros(*bias.shape[:-1], -(-keys // 16) * 16)
+        padded[..., :keys] = bias
+        bias = padded[..., :keys].expand(batch, heads, queries, keys)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+    return out, lse[..., :queries]
+
+
+LSE_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]]] = {
+    "cpu": _flash_cpu, "cuda": _efficient,
+}
+"""By device type: fused attention (q, k, v, additive bias or None, scale) -> (out in q's dtype, each query's
+log-sum-exp in float32). Private ATen entry points (torch is pinned), so each is checked before use."""
+
+
+def lse_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale) v over the keys `visible` (bool, (batch, 1, queries, keys), or None: all) marks, in q's
+    dtype, and each query's log-sum-exp (batch, heads, queries), -inf where it sees no key (its output is then 0);
+    q (batch, heads, queries, d), k and v (batch, heads, keys, d), by LSE_KERNELS."""
+    bias = None
+    if visible is not None:
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+    out, lse = LSE_KERNELS[q.device.type](q, k, v, bias, scale)
+    if visible is not None:  # kernels report 0 (or nan) for a query that sees nothing
+        unseen = ~visible.any(-1)
+        lse = lse.masked_fill(unseen, -math.inf)
+        out = out.masked_fill(unseen[..., None], 0)
+    return out, lse
+
+
+_LSE_CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+def lse_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether lse_attention gives attention's numbers on this device in this dtype, checked once (a small random
+    problem against float64 on the host: GQA-free, keys not a multiple of 16, one query seeing nothing); when it
+    does not (or raises), why is logged once and cascade_attention keeps its products there."""
+    key = (device.type, device.index, dtype)
+    if key not in _LSE_CHECKED:
+        _LSE_CHECKED[key] = _check_lse_kernel(device, dtype)
+    return _LSE_CHECKED[key]
+
+
+def check_kernels(device: torch.device, dtype: torch.dtype) -> None:
+    """Run lse_kernel_works' one-off check now where the device would use it (a model's load), not in a step."""
+    if device.type in KERNEL_DEVICES:
+        lse_kernel_works(device, dtype)
+
+
+def _check_lse_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 64, generator=generator, dtype=torch.float64) for n in (3, 21, 21))
+    visible = torch.rand(2, 1, 3, 21, generator=generator) < 0.6
+    visible[..., 0] = True
+    visible[1, :, 2] = False
+    scale = 0.125
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, -math.inf)
+    want_lse = torch.logsumexp(scores, -1)
+    want = torch.nan_to_num(torch.softmax(scores, -1)) @ v
+    try:
+        out, lse = lse_attention(*(t.to(device, dtype) for t in (q, k, v)), visible.to(device), scale)
+        out, lse = out.double().cpu(), lse.double().cpu()
+    except Exception as error:  # a kernel this build or card lacks: keep the products
+        log.warning("fused cascade attention is not available on %s in %s (%s); cascades use the products", device, dtype, error)
+        return False
+    tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
+    worst = max(float((out - want).abs().max()), float((lse - want_lse).nan_to_num(posinf=1e9, neginf=0.0).abs().max()))
+    if not (torch.isinf(lse[1, :, 2]).all() and worst <= tolerance):
+        log.warning("fused cascade attention gives wrong numbers on %s in %s (off by %.3g); cascades use the products",
+                    device, dtype, worst)
+        return False
+    return True
 
 
 def cascade_attention(
@@ -89,7 +189,7 @@ def cascade_attention(
     The same function as attention() over the full keys, but the prefix's K/V are read once for all rows, not
     once per row, and its products have rows x heads x tokens rows instead of heads x tokens.
 
-    When fused() (bfloat16 on CPU), each part is one fused attention (FLASH_CPU) and the two are merged by their
+    When fused() (bfloat16 on CPU; CUDA), each part is one fused attention (lse_attention) and the two are merged by their
     log-sum-exps: out = (o_prefix e^lse_prefix + o_own e^lse_own) / (e^lse_prefix + e^lse_own), as vLLM's
     merge_attn_states does; otherwise the two parts' scores are concatenated in float32 for one softmax.
     """
@@ -107,8 +207,8 @@ def cascade_attention(
         prefix_visible = None
         if shared_visible is not None:
             prefix_visible = shared_visible.reshape(1, 1, rows * width, shared)
-        from_prefix, prefix_lse = _flash(stacked[None], shared_k_t[None], shared_v[None], prefix_visible, scale)
-        from_own, own_lse = _flash(q, k_t, v, own_visible, scale)
+        from_prefix, prefix_lse = lse_attention(stacked[None], shared_k_t.transpose(-1, -2)[None], shared_v[None], prefix_visible, scale)
+        from_own, own_lse = lse_attention(q, k_t.transpose(-1, -2), v, own_visible, scale)
         from_prefix = from_prefix[0].view(kv_heads, rows, width, d).transpose(0, 1)
         prefix_lse = prefix_lse[0].view(kv_heads, rows, width).transpose(0, 1)
         top = torch.maximum(prefix_lse, own_lse)

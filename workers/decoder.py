@@ -27,7 +27,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from workers.architectures import describe, layer_types, layer_windows, text_config
-from workers.attention import attention, cascade_attention, softcapped
+from workers.attention import attention, cascade_attention, check_kernels, softcapped
 from workers.kv_cache import KVCache
 
 ALIGN = 16
@@ -106,6 +106,9 @@ class DecoderRunner:
         self.min_queries = QUERY_ROWS if batch_invariant else 1
         self.dtype = self.text.embed_tokens.weight.dtype
         self.qk_norms = [joint_qk_norm(layer.self_attn, self.heads, self.kv_heads) if decoder.qk_norm else None for layer in self.layers]
+        device = self.text.embed_tokens.weight.device
+        if not batch_invariant and self.attention_softcap is None:
+            check_kernels(device, self.dtype)  # at load, not inside the first cascade step
 
     @property
     def host_bound_rope(self) -> str | None:

@@ -20,6 +20,10 @@ CPU_BUDGET_BYTES = 1 << 30
 a bfloat16 one's: the budget follows bytes, so a worker's memory does not double with its dtype)."""
 GPU_MEMORY_FRACTION = 0.9
 """Of a GPU's memory still free once the model is loaded, the share the KV cache may take."""
+KEYS_BY_POSITION = frozenset({"cuda"})
+"""Device types whose cache stores each head's keys position by position (keys, head_dim), as fused attention
+kernels read them (workers.attention); elsewhere (a CPU) transposed (head_dim, keys), which the query-key product
+reads in place."""
 
 
 def kv_budget_tokens(device: torch.device, bytes_per_token: int | None, requested: int | None = None) -> int:
@@ -59,9 +63,11 @@ def compaction(rows: int, leaving: list[int]) -> tuple[list[int], list[tuple[int
 class KVCache:
     """K and V of every layer for up to `slots` rows of up to `capacity` tokens each.
 
-    keys: (layers, slots, kv_heads, head_dim, capacity), stored transposed so that a step's query-key product
-    reads them in place (in bfloat16 a product over the other layout copies them first, 3x slower);
-    values: (layers, slots, kv_heads, capacity, head_dim). The running batch occupies slots 0..rows-1, with
+    keys: (layers, slots, kv_heads, head_dim, capacity), indexed transposed. How they are stored depends on who
+    reads them: on a CPU transposed too, so that a step's query-key product reads them in place (in bfloat16 a
+    product over the other layout copies them first, 3x slower); where fused attention kernels read them
+    (KEYS_BY_POSITION: CUDA), position by position, as values are, and `keys` is a transposed view of that storage.
+    Every verb indexes `keys` the same way either way. values: (layers, slots, kv_heads, capacity, head_dim). The running batch occupies slots 0..rows-1, with
     no gaps: when rows leave, the last rows move into their slots (release), so that every step reads one
     contiguous view. lengths[r] is how many tokens slot r holds; row r's next token goes to position lengths[r].
 
@@ -76,13 +82,17 @@ class KVCache:
     """
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
+        self, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int, dtype: torch.dtype, device: torch.device,
+        keys_by_position: bool | None = None,
     ) -> None:
-        self.keys = torch.zeros((layers, slots, kv_heads, head_dim, capacity), dtype=dtype, device=device)
+        """keys_by_position: how keys are stored (see the class); None: as KEYS_BY_POSITION says for the device."""
+        device = torch.device(device)
+        self.keys_by_position = device.type in KEYS_BY_POSITION if keys_by_position is None else keys_by_position
+        self.keys = self._keys_tensor((layers, slots, kv_heads, head_dim, capacity), dtype, device)
         self.values = torch.zeros((layers, slots, kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.offsets = torch.zeros(slots, dtype=torch.long, device=device)
-        self.base_keys = torch.zeros((layers, kv_heads, head_dim, 0), dtype=dtype, device=device)
+        self.base_keys = self._keys_tensor((layers, kv_heads, head_dim, 0), dtype, device)
         self.base_values = torch.zeros((layers, kv_heads, 0, head_dim), dtype=dtype, device=device)
         self._rows = 0
         self.host_lengths: list[int] = []
@@ -128,6 +138,20 @@ class KVCache:
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """K and V of one token in every layer."""
         return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def _keys_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Zeros of `shape` (..., head_dim, positions), stored as this cache stores keys."""
+        if not self.keys_by_position:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return torch.zeros((*shape[:-2], shape[-1], shape[-2]), dtype=dtype, device=device).transpose(-1, -2)
+
+    def _laid_out(self, keys: Tensor) -> Tensor:
+        """keys (..., head_dim, positions) stored as this cache stores keys (a copy when they are not)."""
+        if self.keys_by_position and keys.stride(-2) != 1:
+            return keys.transpose(-1, -2).contiguous().transpose(-1, -2)
+        if not self.keys_by_position and keys.stride(-1) != 1:
+            return keys.contiguous()
+        return keys
 
     # --- the verbs ---------------------------------------------------------------------------------
 
@@ -195,10 +219,10 @@ class KVCache:
         self.host_lengths, self.host_offsets = [], []
 
     def set_base(self, keys: Tensor, values: Tensor) -> None:
-        """Hold keys (layers, kv_heads, head_dim, P) and values (layers, kv_heads, P, head_dim) as the base; only
-        while no row uses the old one."""
+        """Hold keys (layers, kv_heads, head_dim, P) and values (layers, kv_heads, P, head_dim) as the base (keys
+        stored as the cache stores its own: a copy when they are not); only while no row uses the old one."""
         assert not self.uses_base, "replacing the base while rows read it"
-        self.base_keys, self.base_values = keys, values
+        self.base_keys, self.base_values = self._laid_out(keys), values
 
     def rebase(self, slot: int, offset: int) -> None:
         """Slot's first `offset` tokens equal the base's (the caller knows by their prefix-cache keys): drop them
@@ -235,7 +259,7 @@ class KVCache:
         longest = self.longest
         assert longest <= capacity, f"a row of {longest} tokens does not fit a capacity of {capacity}"
         layers, _, kv_heads, head_dim, _ = self.keys.shape
-        other = KVCache(layers, kv_heads, head_dim, slots, capacity, self.keys.dtype, self.keys.device)
+        other = KVCache(layers, kv_heads, head_dim, slots, capacity, self.keys.dtype, self.keys.device, self.keys_by_position)
         if self._rows:
             n = min(capacity, self.capacity)
             other.keys[:, : self._rows, :, :, :n] = self.keys[:, : self._rows, :, :, :n]
@@ -267,5 +291,5 @@ class KVCache:
 
     def view(self, layer: int, first: int, rows: int, length: int) -> tuple[Tensor, Tensor]:
         """K transposed (rows, kv_heads, head_dim, length) and V (rows, kv_heads, length, head_dim) of slots
-        first..first+rows-1, positions 0..length-1: views, no copy."""
+        first..first+rows-1, positions 0..length-1: views, no copy (K's strides as the cache stores it)."""
         return self.keys[layer, first : first + rows, :, :, :length], self.values[layer, first : first + rows, :, :length]
