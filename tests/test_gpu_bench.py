@@ -49,16 +49,26 @@ def test_profile_counts_come_from_the_decode_window_and_the_kernels():
 
 
 def test_the_summary_judges_only_what_was_measured():
-    records = [{"step": "tput", "shape": "1b", "rows": 256, "tok_s": 6_000.0, "graphs": "off"},
-               {"step": "tput", "shape": "1b", "rows": 256, "tok_s": 41_000.0, "graphs": "on"},
+    records = [{"step": "tput", "shape": "1b", "rows": 256, "tok_s": 6_000.0, "graphs": "off", "quantize": "none"},
+               {"step": "tput", "shape": "1b", "rows": 256, "tok_s": 41_000.0, "graphs": "on", "quantize": "none"},
                {"step": "hf", "shape": "1b", "rows": 256, "tok_s": 5_000.0},
                {"step": "tput", "shape": "8b", "rows": 256, "error": "OutOfMemoryError: ..."},
-               {"step": "profile", "shape": "1b", "rows": 256, "gpu_busy_fraction": 0.5, "syncs_per_step": 1.0, "graphs": "on"}]
+               {"step": "profile", "shape": "1b", "rows": 256, "gpu_busy_fraction": 0.5, "syncs_per_step": 1.0, "graphs": "on"},
+               {"step": "tput", "shape": "1b", "rows": 256, "tok_s": 40_000.0, "graphs": "on", "quantize": "int8"},
+               {"step": "tput", "shape": "1b", "rows": 256, "graphs": "on", "quantize": "int4", "error": "RuntimeError: ..."},
+               {"step": "pipeline", "shape": "1b", "rows": 256, "tok_s": 39_360.0, "status": "completed", "failed": 0}]
     table = {target: (figure, verdict) for target, figure, verdict in verdicts(records, small=False)}
     assert table["1b at 256 rows ≥ 40,000 tokens/s"] == ("41,000 tokens/s (graphs); eager 6,000; generate 5,000", "met")
     assert table["8b at 256 rows ≥ 20,000 tokens/s"][1] == "not measured"
     assert table["GPU busy ≥ 85% of decode wall time (1b at 256 rows, graphs on)"] == ("50%", "not met")
     assert table["≤ 1 host synchronisation per decode step (1b at 256 rows, graphs on)"] == ("1.00", "met")
+    assert table["whole pipeline ≥ 0.95× the engine alone (1b at 256 rows)"] == (
+        "39,360 tokens/s = 0.96× the engine alone (41,000)", "met")
+    assert table["int8 faster than bfloat16 (1b at 256 rows)"] == ("40,000 tokens/s; bfloat16 41,000", "not met")
+    assert table["int4 faster than bfloat16 (1b at 256 rows)"] == ("–", "not measured")  # it failed: no figure
+    failed_pipeline = dict(records[-1], failed=3)
+    assert verdicts(records[:-1] + [failed_pipeline], small=False)[-3][1:] == (
+        "39,360 tokens/s = 0.96× the engine alone (41,000); job completed, 3 requests failed", "not met")
     eager_only = verdicts([dict(records[0]), dict(records[2])], small=False)
     assert eager_only[0][1:] == ("6,000 tokens/s; generate 5,000", "not met")  # without a graphed run, the eager one is judged
 
@@ -73,15 +83,22 @@ def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path
         for i in range(12)
     ))
     done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--small", "--device", "cpu", "--shapes", "1b", "--steps", "tput,hf,profile",
-         "--prompts", str(prompts), "--out", str(out)],
+        [sys.executable, "-m", "bench.gpu", "--small", "--device", "cpu", "--shapes", "1b", "--steps", "tput,hf,profile,pipeline",
+         "--quantize", "int8,int4", "--prompts", str(prompts), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["step"], r.get("graphs")) for r in lines] == [
-        ("env", None), ("tput", "on"), ("tput", "off"), ("hf", None), ("profile", "on"), ("profile", "off")
+    assert [(r["step"], r.get("graphs"), r.get("quantize")) for r in lines] == [
+        ("env", None, None), ("tput", "on", "none"), ("tput", "off", "none"), ("hf", None, None), ("tput", "on", "int8"),
+        ("tput", "on", "int4"), ("pipeline", None, None), ("profile", "on", None), ("profile", "off", None)
     ]
+    int8, int4, pipeline = lines[4:7]
+    assert int8["tok_s"] > 0 and int8["every_row_full"] and "error" not in int8
+    assert "does not run on the CPU" in int4["skipped"]  # workers.quantize's refusal, said as the worker says it
+    # the whole path: a real worker, an embedded Redis, SQLite; every request exactly --new-tokens tokens
+    assert (pipeline["status"], pipeline["failed"], pipeline["requests_done"], pipeline["tokens"]) == ("completed", 0, 16, 16 * 8)
+    lines = [r for r in lines if r.get("quantize") in (None, "none") and r["step"] != "pipeline"]
     graphed = [r for r in lines if r.get("graphs") == "on"]
     assert all(r["decode_graphs"] >= 1 and r["graphs_failed"] is None for r in graphed), graphed  # static steps, run eagerly
     assert {(r["attention"], r["cascade"]) for r in lines if "attention" in r} == {("products", "products")}  # a CPU's
@@ -97,3 +114,5 @@ def test_the_small_gpu_benchmark_runs_on_the_cpu_and_records_every_step(tmp_path
     assert profile["host_reads_per_step"] >= 1 and "host_read" in profile["host_reads"]  # counted on any device
     assert records["tput"]["device"] == "cpu" and records["tput"]["command"].startswith("python -m bench.gpu --small")
     assert "| 1b at 256 rows ≥ 40,000 tokens/s | – | not measured (--small) |" in done.stdout
+    assert "| whole pipeline ≥ 0.95× the engine alone (1b at 8 rows) |" in done.stdout
+    assert "| int8 faster than bfloat16 (1b at 8 rows) |" in done.stdout
