@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     """On a GPU: decode steps replay CUDA graphs and are launched before the host records the last step's tokens
     (workers.graphs, workers.scheduler); false: eager steps, one after the other. No effect on a CPU."""
+    compile_decode: bool = False
+    """On a GPU with cuda_graphs: the graphed decode step through torch.compile first (fused elementwise kernels;
+    each batch size compiles at its first step, minutes for a large model). Off until measured to pay on a GPU."""
     draft_model: str | None = None
     """A smaller model with the worker model's tokenizer (a name `--model` takes) that drafts in place of prompt
     lookup; unset: prompt lookup. The worker loads it beside its model, on the same device in the same dtype."""

@@ -152,6 +152,43 @@ def test_a_step_that_cannot_be_recorded_leaves_every_later_step_eager(engine: En
     ]
 
 
+@pytest.mark.slow
+def test_a_compiled_static_step_gives_the_eager_steps_texts(engine: Engine):  # noqa: F811
+    """torch.compile of the static step (inductor on the CPU here; on CUDA its kernels are what the graphs record):
+    rows ending at different steps, so several buckets compile; the same texts as eager steps, within float32
+    rounding of fused elementwise work."""
+    from tests.test_attention_kernels import assert_same_up_to_rounding
+
+    requests = more_requests()
+    expected = fresh(engine, False, max_batch_rows=32, speculative_tokens=0, batch_invariant=False).generate(requests)
+    compiled = fresh(engine, True, max_batch_rows=32, speculative_tokens=0, batch_invariant=False, compile_decode=True)
+    assert_same_up_to_rounding(compiled.generate(requests), expected)
+    graphs = compiled.scheduler.graphs  # type: ignore[attr-defined]
+    assert graphs.compiled is not None and graphs.compile_failed is None and graphs.recorded >= 3
+
+
+def test_a_step_that_cannot_be_compiled_runs_uncompiled(engine: Engine, caplog):  # noqa: F811
+    """torch.compile fails (no C++ compiler, an op inductor lacks): the same texts, said once, never retried."""
+    calls = []
+
+    def cannot(cache, tokens):
+        calls.append(1)
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    requests = more_requests()
+    expected = fresh(engine, False, max_batch_rows=32, speculative_tokens=0).generate(requests)
+    static = fresh(engine, True, max_batch_rows=32, speculative_tokens=0, compile_decode=True)
+    graphs = static.scheduler.graphs  # type: ignore[attr-defined]
+    graphs.compiled = cannot
+    with caplog.at_level("WARNING", logger="workers.graphs"):
+        assert static.generate(requests) == expected
+    assert graphs.compile_failed == "RuntimeError: InductorError: no working C++ compiler found" and calls == [1]
+    assert graphs.compiled is None and graphs.recorded >= 1  # the graphs go on, uncompiled
+    assert [r.getMessage() for r in caplog.records if "uncompiled" in r.getMessage()] == [
+        "decode steps run uncompiled: torch.compile failed (RuntimeError: InductorError: no working C++ compiler found)"
+    ]
+
+
 def test_sort_free_tokens_draw_as_next_tokens_does():
     """One fixed-shape draw for every row (greedy, plain, top-k, top-p, min-p, penalised; flat and peaked logits)
     gives next_tokens' sort-free tokens exactly, and a row's token does not depend on the bucket's padding."""

@@ -81,6 +81,7 @@ class Engine:
         static_batches: bool = False,
         cuda_graphs: bool | None = None,
         overlap: bool | None = None,
+        compile_decode: bool = False,
     ) -> None:
         """max_batch_rows: most rows decoded together; max_batch_tokens: the KV cache's size in tokens, which
         the running rows' prompt + max_new_tokens stay within (a longer single row still runs alone). None:
@@ -108,6 +109,9 @@ class Engine:
 
         overlap: launch each decode step before recording the last one's tokens, so that the device computes while
         the host does its bookkeeping (workers.scheduler.Scheduler.step); None: on CUDA. Fast-engine architectures only.
+
+        compile_decode: the graphed decode step through torch.compile first (workers.graphs.DecodeGraphs; only where
+        cuda_graphs is on). Off by default: on our CPU compiled steps were slower, on a GPU it is unmeasured.
         """
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -138,7 +142,7 @@ class Engine:
                 runner, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens,
                 prefix=PrefixCache(prefix_cache_tokens), speculation=SpeculationPolicy(
                     speculative_tokens, drafter=draft_model.drafter if draft_model is not None else None
-                ), graphs=cuda_graphs, overlap=overlap,
+                ), graphs=cuda_graphs, overlap=overlap, compile_decode=compile_decode,
             )
         else:
             self.scheduler = StaticScheduler(model, tokenizer, self._eos_ids, self.device, max_batch_rows, self.max_batch_tokens)
@@ -160,6 +164,7 @@ class Engine:
         static_batches: bool = False,
         cuda_graphs: bool | None = None,
         overlap: bool | None = None,
+        compile_decode: bool = False,
     ) -> Engine:
         """draft_spec: the draft model (Engine's draft_model), loaded on the same device in the same dtype."""
         problem = check_combination(device, dtype, quantize)  # before the slow load
@@ -173,7 +178,7 @@ class Engine:
         return cls(
             model, tokenizer, device, spec.name, dtype, quantize, max_batch_rows, max_batch_tokens,
             prefix_cache_tokens=prefix_cache_tokens, speculative_tokens=speculative_tokens, draft_model=draft,
-            static_batches=static_batches, cuda_graphs=cuda_graphs, overlap=overlap,
+            static_batches=static_batches, cuda_graphs=cuda_graphs, overlap=overlap, compile_decode=compile_decode,
         )
 
     @property

@@ -133,14 +133,36 @@ class BucketGraphs:
 class DecodeGraphs(BucketGraphs):
     """The decode steps of one DecoderRunner through CUDA graphs, by row bucket, for the cache in use."""
 
-    def __init__(self, runner: DecoderRunner, capture: bool | None = None) -> None:
-        """capture: record CUDA graphs (default: when the model is on CUDA); False runs the same static step eagerly."""
+    def __init__(self, runner: DecoderRunner, capture: bool | None = None, compile: bool = False) -> None:
+        """capture: record CUDA graphs (default: when the model is on CUDA); False runs the same static step eagerly.
+        compile: the static step through torch.compile first (inductor fuses the elementwise work between the
+        products into fewer kernels; the graphs then record those), compiled at a bucket's first, eager run."""
         super().__init__(runner.model.device.type == "cuda" if capture is None else capture, "decode steps")
         self.runner = runner
         self._cache: weakref.ref[KVCache] | None = None
         rope = runner.host_bound_rope
         if rope is not None:
             self.failed = f"the {rope} rope type reads the step's positions on the host"
+        self.compiled: Callable[[KVCache, Tensor], Tensor] | None = None
+        if compile:
+            # The default mode: no CUDA graphs of its own ("reduce-overhead": ours record the step, the draw beside
+            # it) and no autotuning of the products ("max-autotune": minutes per shape, against cuBLAS's choice).
+            self.compiled = torch.compile(runner.decode_graphable)
+        self.compile_failed: str | None = None
+        """Why torch.compile could not compile the step, if it could not: steps run uncompiled from then on."""
+
+    def forward(self, cache: KVCache, tokens: Tensor) -> Tensor:
+        """runner.decode_graphable, compiled when asked and compiling works; a compilation that fails says why once
+        and leaves the step uncompiled (out of memory propagates)."""
+        if self.compiled is not None:
+            try:
+                return self.compiled(cache, tokens)
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise
+                self.compile_failed, self.compiled = f"{type(exc).__name__}: {exc}"[:2000], None
+                log.warning("decode steps run uncompiled: torch.compile failed (%s)", self.compile_failed)
+        return self.runner.decode_graphable(cache, tokens)
 
     @staticmethod
     def eligible(cache: KVCache) -> bool:
@@ -158,11 +180,11 @@ class DecodeGraphs(BucketGraphs):
         rows = tokens.shape[0]
         assert rows == cache.rows, f"decode feeds {rows} tokens to a batch of {cache.rows} rows"
         bucket = row_bucket(rows, cache.slots, self.runner.min_rows)
-        runner, held = self.runner, self._cache  # a weak reference: a cache the scheduler dropped is freed at once
+        held = self._cache  # a weak reference: a cache the scheduler dropped is freed at once
 
         def make() -> Graph:
             inputs = {"tokens": torch.zeros(bucket, dtype=torch.long, device=tokens.device)}
-            return Graph(inputs, lambda: runner.decode_graphable(_alive(held), inputs["tokens"]))
+            return Graph(inputs, lambda: self.forward(_alive(held), inputs["tokens"]))
 
         def fill(graph: Graph) -> None:
             graph.inputs["tokens"][:rows].copy_(tokens)

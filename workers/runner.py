@@ -137,6 +137,6 @@ def _load_engine(spec: registry.ModelSpec, settings: Settings) -> "Engine | Stan
         spec, settings.device, settings.dtype, settings.quantize, settings.batch_size, settings.kv_cache_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         speculative_tokens=settings.speculative_tokens,
-        cuda_graphs=graphed, overlap=graphed,
+        cuda_graphs=graphed, overlap=graphed, compile_decode=settings.compile_decode,
         draft_spec=registry.resolve(settings.draft_model) if settings.draft_model else None,
     )

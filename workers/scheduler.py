@@ -119,8 +119,10 @@ class Scheduler:
         speculation: SpeculationPolicy | None = None,
         graphs: bool | None = None,
         overlap: bool | None = None,
+        compile_decode: bool = False,
     ) -> None:
         """graphs: decode steps through CUDA graphs (workers.graphs); None: when the device is CUDA.
+        compile_decode: those steps through torch.compile too (DecodeGraphs' compile).
         overlap: launch each decode step before recording the last one's tokens (see step()); None: on CUDA."""
         if max_rows < 1 or max_tokens < 1:
             raise ValueError(f"max_rows and max_tokens must be at least 1, got {max_rows} and {max_tokens}")
@@ -145,7 +147,7 @@ class Scheduler:
         self.base_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.speculated = SpeculationStats()
         """Draft tokens proposed and kept over the scheduler's life."""
-        self.graphs = DecodeGraphs(runner) if (device.type == "cuda" if graphs is None else graphs) else None
+        self.graphs = DecodeGraphs(runner, compile=compile_decode) if (device.type == "cuda" if graphs is None else graphs) else None
         """The decode steps' CUDA graphs (workers.graphs); None: every step eager."""
         if self.graphs is not None:
             self.batch.draws = SamplingGraphs(self.graphs.capture)
