@@ -16,7 +16,7 @@ import workers.attention
 import workers.kv_cache
 from tests.test_engine import PROMPTS, cache_dir, engine  # noqa: F401
 from tests.test_prefix_cache import QUESTIONS, chat
-from tests.test_sync_free import mixed_requests
+from tests.test_sync_free import mixed_requests, steps_each_reading_once
 from workers.attention import LSE_KERNELS, attention, cascade_attention, fused, kernel, lse_kernel_works
 from workers.engine import Engine
 from workers.kv_cache import KVCache
@@ -227,3 +227,17 @@ def test_the_cuda_path_gives_the_products_texts(engine: Engine, cuda_path, monke
         assert made.scheduler.cache is None or made.scheduler.cache.keys_by_position  # type: ignore[attr-defined]
         assert_same_up_to_rounding(made.generate(requests), expected)
         assert calls["sdpa"] > 0 and calls["lse"] > 0, calls
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
+def test_the_cuda_path_reads_the_device_once_per_decode_step(engine: Engine, cuda_path, graphs: bool) -> None:  # noqa: F811
+    """SDPA and the fused cascade read nothing on the host: every decode step still reads the device once (the
+    cascade's rows share a system prompt; static: the graphed steps' shapes, after the cascade ends)."""
+    busy = Engine(engine.model, engine.tokenizer, "cpu", engine.model_name, engine.dtype, max_batch_rows=16,
+                  speculative_tokens=0, batch_invariant=False, cuda_graphs=graphs)
+    busy.scheduler.batch.sort_free = True  # type: ignore[attr-defined]
+    busy.eos_ids = frozenset()
+    for i, request in enumerate(mixed_requests()):
+        busy.submit(i, request)
+    steps, _ = steps_each_reading_once(busy)
+    assert steps >= 20 and workers.attention._LSE_CHECKED == {("cpu", None, torch.float32): True}
