@@ -107,28 +107,27 @@ def _efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: floa
         padded[..., :keys] = bias
         bias = padded[..., :keys].expand(batch, heads, queries, keys)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
-    return out, lse[..., :queries]
+    return out.nan_to_num(0.0), lse[..., :queries]  # a query that sees nothing: 0 (as FLASH_CPU gives), not nan
 
 
 LSE_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]]] = {
     "cpu": _flash_cpu, "cuda": _efficient,
 }
-"""By device type: fused attention (q, k, v, additive bias or None, scale) -> (out in q's dtype, each query's
-log-sum-exp in float32). Private ATen entry points (torch is pinned), so each is checked before use."""
+"""By device type: fused attention (q, k, v, additive bias or None, scale) -> (out in q's dtype, 0 for a query that
+sees nothing; each query's log-sum-exp in float32). Private ATen entry points (torch is pinned), so each is checked
+before use (lse_kernel_works: the check includes a query that sees nothing)."""
 
 
 def lse_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """softmax(q k^T * scale) v over the keys `visible` (bool, (batch, 1, queries, keys), or None: all) marks, in q's
-    dtype, and each query's log-sum-exp (batch, heads, queries), -inf where it sees no key (its output is then 0);
+    dtype, and each query's log-sum-exp (batch, heads, queries), -inf where it sees no key (its output is 0);
     q (batch, heads, queries, d), k and v (batch, heads, keys, d), by LSE_KERNELS."""
     bias = None
     if visible is not None:
         bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
     out, lse = LSE_KERNELS[q.device.type](q, k, v, bias, scale)
-    if visible is not None:  # kernels report 0 (or nan) for a query that sees nothing
-        unseen = ~visible.any(-1)
-        lse = lse.masked_fill(unseen, -math.inf)
-        out = out.masked_fill(unseen[..., None], 0)
+    if visible is not None:  # the kernels report 0, not -inf, for a query that sees nothing
+        lse = lse.masked_fill(~visible.any(-1), -math.inf)
     return out, lse
 
 
