@@ -116,11 +116,11 @@ def test_a_log_sum_exp_kernel_that_is_wrong_or_missing_is_never_used(cuda_path, 
     the cascade keeps the products (and still gives attention's numbers)."""
     real = LSE_KERNELS["cpu"]
 
-    def off_by_one(q, k, v, bias, scale):
-        out, lse = real(q, k, v, bias, scale)
+    def off_by_one(q, k, v, visible, scale):
+        out, lse = real(q, k, v, visible, scale)
         return out, lse + 1
 
-    def missing(q, k, v, bias, scale):
+    def missing(q, k, v, visible, scale):
         raise NotImplementedError("no kernel for this backend")
 
     q = torch.randn(2, 4, 1, 16)
@@ -241,3 +241,12 @@ def test_the_cuda_path_reads_the_device_once_per_decode_step(engine: Engine, cud
         busy.submit(i, request)
     steps, _ = steps_each_reading_once(busy)
     assert steps >= 20 and workers.attention._LSE_CHECKED == {("cpu", None, torch.float32): True}
+
+
+def test_a_mask_for_a_kernel_that_wants_aligned_rows_is_the_mask_with_its_rows_16_apart() -> None:
+    """What the CUDA log-sum-exp kernel is given (its rows aligned as scaled_dot_product_attention's preprocessing
+    aligns them): the same additive mask, its rows stored 16 elements apart."""
+    visible = torch.rand(2, 1, 3, 21, generator=torch.Generator().manual_seed(0)) < 0.5
+    plain, aligned = workers.attention._bias(visible, torch.bfloat16), workers.attention._bias(visible, torch.bfloat16, 32)
+    assert torch.equal(plain, aligned) and aligned.stride(-2) == 32 and plain.is_contiguous()
+    assert torch.equal(plain == 0, visible) and bool(torch.isinf(plain[~visible]).all())

@@ -90,22 +90,29 @@ def fused(q: Tensor, min_queries: int = 1, softcap: float | None = None) -> bool
     return FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
 
 
-def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _bias(visible: Tensor, dtype: torch.dtype, keys_stride: int | None = None) -> Tensor:
+    """visible (bool) as an additive mask of dtype: 0 where visible, -inf elsewhere; keys_stride: its rows stored
+    that many elements apart (at least the keys), as a kernel that wants aligned rows reads them."""
+    keys = visible.shape[-1]
+    bias = torch.zeros((*visible.shape[:-1], keys_stride or keys), dtype=dtype, device=visible.device)
+    return (bias[..., :keys] if keys_stride else bias).masked_fill_(~visible, -math.inf)
+
+
+def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     # K must be laid out (keys, d) with d contiguous: given the cache's transposed view, the kernel returns wrong
     # numbers without an error (torch 2.13; the public scaled_dot_product_attention copes).
+    bias = None if visible is None else _bias(visible, q.dtype)
     out, lse = FLASH_CPU(q, k.contiguous(), v, attn_mask=bias, scale=scale)
     return out, lse
 
 
-def _efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _efficient(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     # The kernel wants the bias's rows aligned to 16 elements (what scaled_dot_product_attention's own
     # preprocessing does: pad, then slice) and its log-sum-exp may come padded past the queries.
-    batch, heads, queries, _ = q.shape
-    if bias is not None:
-        keys = bias.shape[-1]
-        padded = q.new_zeros(*bias.shape[:-1], -(-keys // 16) * 16)
-        padded[..., :keys] = bias
-        bias = padded[..., :keys].expand(batch, heads, queries, keys)
+    batch, heads, queries, keys = *q.shape[:3], k.shape[-2]
+    bias = None
+    if visible is not None:
+        bias = _bias(visible, q.dtype, -(-keys // 16) * 16).expand(batch, heads, queries, keys)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
     return out.nan_to_num(0.0), lse[..., :queries]  # a query that sees nothing: 0 (as FLASH_CPU gives), not nan
 
@@ -113,19 +120,17 @@ def _efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: floa
 LSE_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]]] = {
     "cpu": _flash_cpu, "cuda": _efficient,
 }
-"""By device type: fused attention (q, k, v, additive bias or None, scale) -> (out in q's dtype, 0 for a query that
-sees nothing; each query's log-sum-exp in float32). Private ATen entry points (torch is pinned), so each is checked
-before use (lse_kernel_works: the check includes a query that sees nothing)."""
+"""By device type: fused attention (q, k, v, visible (bool, (batch, 1, queries, keys)) or None, scale) -> (out in
+q's dtype, 0 for a query that sees nothing; each query's log-sum-exp in float32), each kernel building the mask it
+wants. Private ATen entry points (torch is pinned), so each is checked before use (lse_kernel_works: the check
+includes a query that sees nothing)."""
 
 
 def lse_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """softmax(q k^T * scale) v over the keys `visible` (bool, (batch, 1, queries, keys), or None: all) marks, in q's
     dtype, and each query's log-sum-exp (batch, heads, queries), -inf where it sees no key (its output is 0);
     q (batch, heads, queries, d), k and v (batch, heads, keys, d), by LSE_KERNELS."""
-    bias = None
-    if visible is not None:
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
-    out, lse = LSE_KERNELS[q.device.type](q, k, v, bias, scale)
+    out, lse = LSE_KERNELS[q.device.type](q, k, v, visible, scale)
     if visible is not None:  # the kernels report 0, not -inf, for a query that sees nothing
         lse = lse.masked_fill(~visible.any(-1), -math.inf)
     return out, lse
