@@ -13,7 +13,7 @@ from tests.test_sync_free import mixed_requests, steps_each_reading_once
 from workers.engine import Engine
 from workers.rows import Row, start_row
 from workers.scheduler import Scheduler
-from workers.speculation import SpeculationPolicy, may_verify
+from workers.speculation import EXPLORE_EVERY, EXPLORE_WIDTH, SpeculationPolicy, may_verify
 from workers.types import GenerationRequest, SamplingParams
 
 
@@ -104,8 +104,11 @@ def test_rows_with_a_grammar_or_drafts_run_steps_one_after_the_other(engine: Eng
         scheduler = drafted.scheduler
         verify = scheduler.runner.verify  # type: ignore[attr-defined]
 
+        widths: list[int] = []
+
         def verify_alone(cache, chunks, scheduler=scheduler, verify=verify):  # type: ignore[no-untyped-def]
             assert scheduler.pending is None, "a verify pass while a step is in flight"
+            widths.append(max(map(len, chunks)))
             return verify(cache, chunks)
 
         scheduler.runner.verify = verify_alone  # type: ignore[attr-defined]
@@ -116,8 +119,9 @@ def test_rows_with_a_grammar_or_drafts_run_steps_one_after_the_other(engine: Eng
             scheduler.speculation.prior = 0.0  # type: ignore[attr-defined]
         results_drafted, in_flight = run_counting_overlaps(drafted, requests)
         assert results_drafted == expected
-        if measured:
-            assert in_flight >= 30 and scheduler.speculated.proposed == 0  # type: ignore[attr-defined]
+        if measured:  # nearly every step runs ahead; the rest explore (one short verify step in EXPLORE_EVERY)
+            assert in_flight >= 30 and 1 <= len(widths) <= in_flight // EXPLORE_EVERY + 1
+            assert max(widths) <= 1 + EXPLORE_WIDTH
 
 
 def test_out_of_memory_with_a_step_in_flight_restarts_its_rows(engine: Engine):  # noqa: F811

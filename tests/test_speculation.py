@@ -9,8 +9,8 @@ import torch
 from tests.helpers import prefill
 from tests.test_engine import cache_dir, engine  # noqa: F401
 from workers.engine import Engine
-from workers.rows import Row, RunningBatch
-from workers.speculation import NgramDrafter, SpeculationPolicy, StepCost
+from workers.rows import Row, RunningBatch, start_row
+from workers.speculation import EXPLORE_EVERY, EXPLORE_WIDTH, NgramDrafter, SpeculationPolicy, StepCost, may_verify
 from workers.types import GenerationRequest, SamplingParams
 
 COPY_ME = (
@@ -88,6 +88,45 @@ def test_until_the_cost_is_measured_a_step_in_a_few_probes_it() -> None:
     probes = [p for p in plans if p is not None]
     assert 1 <= len(probes) <= 3 and all(p.width == 5 for p in probes)
     assert SpeculationPolicy(max_tokens=0).enabled is False
+
+
+def test_the_prior_is_the_rate_rows_estimate_not_tokens_kept_over_proposed() -> None:
+    """A draft of 8 whose first 3 tokens are kept says a token after a kept one is kept 3 times in 4, not 3 in 8:
+    the 5 tokens after the rejection were never checked."""
+    policy = SpeculationPolicy(max_tokens=8)
+    for _ in range(200):
+        policy.record_verify(kept=3, rejected=1)
+    assert policy.prior == pytest.approx(0.75, abs=1e-3)
+
+
+def test_a_policy_that_stopped_verifying_explores_now_and_then_and_learns_rows_copy_later() -> None:
+    """Rows whose first drafts failed (a reply's opening words) still get a short verify step every EXPLORE_EVERY
+    steps; once their drafts are kept, the policy verifies wider on its own. Without drafts, nothing is verified
+    and the count starts over."""
+    policy = policy_with(lambda rows, extra: 0.040 + 0.0013 * rows + 0.0006 * extra)
+    policy.prior = 0.1
+    drafts = [[1, 2, 3, 4, 5, 6]] * 64
+    rows = [start_row(Row(i, 0, [1, 2, 3, 4, 5, 6, 1], SamplingParams(max_new_tokens=50, temperature=0), None)) for i in range(64)]
+    plans = []
+    for _ in range(2 * EXPLORE_EVERY):
+        rates = [row.acceptance.rate(policy.prior) for row in rows]
+        plan = policy.plan(drafts, rates)
+        plans.append(plan)
+        policy.record_step(64, 1 if plan is None else plan.width, 0.1)
+        if plan is not None:  # every draft token kept
+            for row in rows:
+                row.acceptance.record(EXPLORE_WIDTH, EXPLORE_WIDTH)
+            policy.record_verify(kept=64 * EXPLORE_WIDTH, rejected=0)
+    explored = plans.index(next(p for p in plans if p is not None))
+    assert explored == EXPLORE_EVERY and plans[explored].width == 1 + EXPLORE_WIDTH  # type: ignore[union-attr]
+    assert plans[explored + 1] is not None  # what the exploring step learnt makes verifying pay by itself
+    # Rows with nothing to draft: the due step verifies nothing, and the next EXPLORE_EVERY steps are plain again.
+    quiet = policy_with(lambda rows, extra: 0.040 + 0.0013 * rows + 0.0006 * extra)
+    quiet.prior = 0.1
+    for _ in range(EXPLORE_EVERY):
+        quiet.record_step(64, 1, 0.1)
+    assert quiet.explore_due and may_verify(quiet, rows)  # the step after may verify: it must not run ahead
+    assert quiet.plan([[]] * 64, [0.1] * 64) is None and not quiet.explore_due
 
 
 # --- exactness -----------------------------------------------------------------------------------------

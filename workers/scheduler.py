@@ -257,6 +257,8 @@ class Scheduler:
         """A decode step whose tokens are recorded later (_collect)."""
         rows = len(self.batch)
         drawn = self.batch.launch(self._forward())
+        if self.speculation is not None:
+            self.speculation.ran_ahead()
         if self.on_step is not None:
             self.on_step(rows, self.slots)
         return drawn

@@ -15,7 +15,9 @@ The policy (SpeculationPolicy): a verify pass over `rows` rows of `width` positi
 step; it learns how much more on this machine from the steps it times (a least-squares fit of step time on
 rows and extra positions, recent steps weighing most) and, for each step, picks the width that maximises
 expected tokens per second, given each row's recent acceptance rate. With many rows on a CPU, extra positions
-cost nearly what rows do and speculation stays off; with few rows (a job's tail, a small job) it pays.
+cost nearly what rows do and speculation pays only for rows that copy well; with few rows (a job's tail, a small
+job) it pays more often. Since acceptance is learnt only from verify steps, a step now and then verifies short
+drafts anyway (EXPLORE_EVERY), so that rows which start to copy late are noticed.
 
 In order: NgramDrafter -> Acceptance -> StepCost -> SpeculationPolicy -> SpeculationStats -> plan_step (the drafts
 of one step) -> may_verify (could a step verify at all: else it may run ahead) -> verify_step (feed them, keep what
@@ -45,6 +47,14 @@ PROBE_EVERY = 8
 """While the cost of a wider pass is not measured yet, one step in this many speculates to measure it."""
 MARGIN = 0.03
 """A verify step must be expected to beat a decode step by this much (the cost fit is an estimate)."""
+EXPLORE_EVERY = 16
+"""Once the costs are measured, a step this many steps after the last verify step verifies short drafts even where
+the estimates say a decode step pays: rows' acceptance is learnt only from verify steps, so estimates made on a
+job's first tokens (a reply's opening words, rarely found in the prompt) would otherwise keep speculation off for
+the rest of the job, however well the rows copy later. Costs at most one pass of EXPLORE_WIDTH extra positions per
+row in this many steps (~2% at 64 rows on a CPU, less where the drafts are kept)."""
+EXPLORE_WIDTH = 2
+"""Draft tokens per row verified by an exploring step."""
 
 
 class Drafter(Protocol):
@@ -185,6 +195,8 @@ class SpeculationPolicy:
         self.prior = 0.5
         """The worker-wide acceptance rate (exponentially weighted over verify steps)."""
         self._since_probe = 0
+        self.since_verify = 0
+        """Steps since the last verify step (or since an exploring step found no draft): EXPLORE_EVERY."""
 
     @property
     def enabled(self) -> bool:
@@ -196,6 +208,8 @@ class SpeculationPolicy:
         rows = len(drafts)
         longest = max((len(d) for d in drafts), default=0)
         if longest == 0:
+            if self.explore_due:  # nothing to explore now: look again EXPLORE_EVERY steps on
+                self.since_verify = 0
             return None
         if self.always:
             return Plan(drafts)
@@ -211,8 +225,13 @@ class SpeculationPolicy:
             if rate > best_rate:
                 best, best_rate = width, rate
         if best == 0:
-            return None
+            return Plan([d[:EXPLORE_WIDTH] for d in drafts]) if self.explore_due else None
         return Plan([d[:best] for d in drafts])
+
+    @property
+    def explore_due(self) -> bool:
+        """Whether the next step that has drafts verifies some even if a decode step is expected to pay more."""
+        return self.cost.known and not self.always and self.since_verify >= EXPLORE_EVERY
 
     def plan_ahead(self, limits: list[int], rates: list[float]) -> Plan | None:
         """For drafts that cost time to make: the plan for rows that could each draft up to limits[r] tokens, as if
@@ -231,10 +250,19 @@ class SpeculationPolicy:
 
     def record_step(self, rows: int, width: int, seconds: float) -> None:
         self.cost.record(rows, rows * (width - 1), seconds)
+        self.since_verify = 0 if width > 1 else self.since_verify + 1
 
-    def record_verify(self, proposed: int, kept: int) -> None:
-        if proposed:
-            self.prior = 0.9 * self.prior + 0.1 * (kept / proposed)
+    def ran_ahead(self) -> None:
+        """A decode step ran without being planned (launched ahead of the last one's record: workers.scheduler)."""
+        self.since_verify += 1
+
+    def record_verify(self, kept: int, rejected: int) -> None:
+        """A verify step's draft tokens kept and its drafts cut short (a row's draft ends at its first rejected
+        token), folded into the prior as Acceptance estimates a row's rate: the chance a draft token is kept given
+        the one before it was. (Kept over proposed would count the tokens after a rejection, never checked, as
+        rejected too, and set every new row's rate too low: on rewriting prompts, ~0.5 against ~0.85.)"""
+        if kept + rejected:
+            self.prior = 0.9 * self.prior + 0.1 * (kept / (kept + rejected))
 
 
 @dataclass
@@ -266,7 +294,7 @@ def may_verify(policy: SpeculationPolicy, states: list[RowState]) -> bool:
     yes (the policy probes); then, whether the plan for rows that each drafted as far as they may (the most a draft
     can promise) pays. False lets a step run ahead of the host's record of the last one (workers.scheduler): rows
     whose drafts are rarely kept, or a card where a verify pass costs much more than a decode step, never pay."""
-    if not policy.cost.known or policy.always:
+    if not policy.cost.known or policy.always or policy.explore_due:
         return True
     rates = [state.acceptance.rate(policy.prior) for state in states]
     return policy.plan_ahead([state.draft_limit(policy.max_tokens) for state in states], rates) is not None
@@ -281,12 +309,13 @@ def verify_step(
     before = cache.host_lengths[: len(chunks)]
     logits = runner.verify(cache, chunks)
     ended, taken = batch.accept(logits, plan.drafts)
-    proposed = kept = 0
+    proposed = kept = rejected = 0
     for slot, (chunk, count) in enumerate(zip(chunks, taken)):
         if count < len(chunk):
             cache.truncate(slot, before[slot] + count)  # the rejected drafts' K/V
+            rejected += 1
         if len(chunk) > 1:
             proposed, kept = proposed + len(chunk) - 1, kept + count - 1
     stats.add(proposed, kept)
-    policy.record_verify(proposed, kept)
+    policy.record_verify(kept, rejected)
     return ended
