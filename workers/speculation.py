@@ -52,7 +52,8 @@ EXPLORE_EVERY = 16
 the estimates say a decode step pays: rows' acceptance is learnt only from verify steps, so estimates made on a
 job's first tokens (a reply's opening words, rarely found in the prompt) would otherwise keep speculation off for
 the rest of the job, however well the rows copy later. Costs at most one pass of EXPLORE_WIDTH extra positions per
-row in this many steps (~2% at 64 rows on a CPU, less where the drafts are kept)."""
+row in this many steps (by the cost fit, ~2% at 64 rows on a CPU where no draft is kept; the bench workload, which
+copies little, measured level: docs/benchmarks.md)."""
 EXPLORE_WIDTH = 2
 """Draft tokens per row verified by an exploring step."""
 
