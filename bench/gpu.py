@@ -517,19 +517,22 @@ def verdicts(records: list[dict[str, Any]], small: bool) -> list[tuple[str, str,
         return "not measured" if value is None else ("met" if ok else "not met")
 
     out = []
+    def graphed_runs(shape: str, rows: int, quantize: str = "none") -> list[dict[str, Any]]:
+        """The measured tput runs with graphs on (compiled and not)."""
+        return [r for r in records if r["step"] == "tput" and r.get("shape") == shape and r.get("rows") == rows
+                and r.get("graphs") == "on" and r.get("quantize") == quantize and "tok_s" in r]
+
     def engine_alone(shape: str, rows: int, quantize: str = "none") -> dict[str, Any] | None:
         """The fastest graphed run (compiled or not), else any run."""
-        graphed = [r for r in records if r["step"] == "tput" and r.get("shape") == shape and r.get("rows") == rows
-                   and r.get("graphs") == "on" and r.get("quantize") == quantize and "tok_s" in r]
-        return max(graphed, key=lambda r: r["tok_s"], default=None) or find("tput", shape=shape, rows=rows, quantize=quantize)
+        return (max(graphed_runs(shape, rows, quantize), key=lambda r: r["tok_s"], default=None)
+                or find("tput", shape=shape, rows=rows, quantize=quantize))
 
     for (shape, rows), target in TOKENS_TARGETS.items():
         ours = engine_alone(shape, rows)
         value = ours["tok_s"] if ours else None
-        how = {"on": " (graphs, compiled)", "off": " (graphs)"}.get(ours.get("compile", "off")) if ours and ours.get("graphs") == "on" else ""
+        how = "" if not ours or ours.get("graphs") != "on" else " (graphs, compiled)" if ours.get("compile") == "on" else " (graphs)"
         figure = "–" if value is None else f"{value:,.0f} tokens/s" + how
-        for other in (r for r in records if r["step"] == "tput" and r.get("shape") == shape and r.get("rows") == rows
-                      and r.get("graphs") == "on" and r.get("quantize") == "none" and "tok_s" in r and r is not ours):
+        for other in (r for r in graphed_runs(shape, rows) if r is not ours):
             figure += f"; {'compiled' if other.get('compile') == 'on' else 'not compiled'} {other['tok_s']:,.0f}"
         eager = find("tput", shape=shape, rows=rows, graphs="off", quantize="none")
         figure += f"; eager {eager['tok_s']:,.0f}" if eager and eager is not ours else ""
